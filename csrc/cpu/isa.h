@@ -1,0 +1,17 @@
+// Run-time choice of the CPU instruction set used by the float32 kernels.
+#pragma once
+#include <string>
+#include <vector>
+
+namespace sparsekern::cpu {
+// Instruction sets this CPU can run, best first; "scalar" is always last.
+std::vector<std::string> available_isas();
+std::string active_isa();
+// Select one of available_isas(); throws on anything else. Initial value: SPARSEKERN_ISA or best.
+void set_isa(const std::string& name);
+
+template <class T>
+struct KernelTable;
+// The float32 kernels of the active instruction set.
+const KernelTable<float>* float_kernels();
+}  // namespace sparsekern::cpu

@@ -1,0 +1,75 @@
+"""Builds sparsekern._C from csrc/: the op library, the CPU kernels and, when a CUDA toolkit
+matching torch is found (or SPARSEKERN_CUDA=1), the CUDA kernels in csrc/cuda/.
+
+Portable by construction: no -march=native, no -ffast-math. SIMD kernels are compiled per
+instruction set with `#pragma GCC target` and chosen at run time (csrc/cpu/isa.cpp).
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+
+def find_cuda_home():
+    """The CUDA toolkit root: $CUDA_HOME / $CUDA_PATH, else the toolkit nvcc belongs to.
+
+    `nvcc` on PATH may be a wrapper script (e.g. /usr/local/bin/nvcc exec'ing the real one), so
+    torch's guess (the parent of nvcc's directory) can be wrong; a root must hold
+    include/cuda_runtime.h and bin/nvcc to count.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        with open(nvcc, "rb") as f:  # a wrapper script names the real nvcc
+            for word in f.read(4096).decode("utf-8", "replace").split():
+                if word.endswith("/bin/nvcc"):
+                    candidates.append(os.path.dirname(os.path.dirname(word)))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for root in candidates:
+        if root and os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")) and \
+                os.path.isfile(os.path.join(root, "bin", "nvcc")):
+            return os.path.realpath(root)
+    return None
+
+
+def build_with_cuda(cu_sources):
+    import torch
+
+    setting = os.environ.get("SPARSEKERN_CUDA", "auto").lower()
+    if setting in ("0", "false", "no") or not cu_sources:
+        return False
+    cuda_home = find_cuda_home()
+    possible = torch.version.cuda is not None and cuda_home is not None
+    if setting in ("1", "true", "yes") and not possible:
+        raise RuntimeError(
+            "SPARSEKERN_CUDA=1 but no CUDA build is possible: torch.version.cuda="
+            f"{torch.version.cuda!r}, CUDA toolkit found at {cuda_home!r}")
+    if possible:
+        os.environ["CUDA_HOME"] = cuda_home  # read by cpp_extension at import
+    return possible
+
+
+def extensions():
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cu_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    with_cuda = build_with_cuda(cu_sources)
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    cxx = ["-O3", "-std=c++20", "-Wall", "-Wno-unknown-pragmas"]
+    if with_cuda:
+        return [CUDAExtension(
+            "sparsekern._C", cpp_sources + cu_sources,
+            define_macros=[("SPARSEKERN_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]})]
+    return [CppExtension("sparsekern._C", cpp_sources, extra_compile_args={"cxx": cxx})]
+
+
+def build_ext_class():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": build_ext_class()})

@@ -1,0 +1,6 @@
+"""sparsekern: sparse (block and unstructured) linear kernels for PyTorch."""
+from sparsekern import _extension
+from sparsekern.formats import CSR, BlockSparse
+from sparsekern.ops import linear
+
+__all__ = ["BlockSparse", "CSR", "linear"]

@@ -1,0 +1,288 @@
+"""Sparse weight formats: what a pruned [out_features, in_features] weight is packed into.
+
+BlockSparse (BSR)
+    Only blocks holding at least one kept weight are stored. ``values[nnz_blocks, bk, bn]`` holds
+    each block *transposed* (K-major): the forward microkernel multiplies one input feature by a
+    contiguous run of output features, so the block is read row by row without a per-call
+    transpose (a departure from DESIGN.md's ``[nnz_blocks, bn, bk]``, see README). Block-CSR index
+    over block rows: ``block_row_ptr[Nb+1]``, ``block_col_idx[nnz_blocks]``; the transposed index
+    that dX needs, built once: ``block_col_ptr[Kb+1]``, ``block_row_idx``, ``block_perm`` (stored
+    block id of the i-th block in column order). Ragged weights are padded to whole blocks.
+
+CSR (unstructured)
+    ``values[nnz]``, ``row_ptr[N+1]``, ``col_idx[nnz]``; transposed index ``col_ptr[K+1]``,
+    ``row_idx[nnz]``, ``perm[nnz]`` (value position of the i-th entry in column order).
+
+All indices are int32. ``values`` is what a module trains; the indices never change.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+BLOCK_SIZES = (8, 16, 32, 64)
+
+
+def _check_weight_and_mask(weight: torch.Tensor, mask: torch.Tensor | None, who: str):
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{who}: weight must be a 2-D tensor [out_features, in_features], got "
+                         f"{getattr(weight, 'shape', type(weight).__name__)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"{who}: weight must be floating point, got dtype {weight.dtype}")
+    if mask is None:
+        return weight.detach(), weight.detach() != 0
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise ValueError(f"{who}: mask must be a bool tensor, got "
+                         f"{getattr(mask, 'dtype', type(mask).__name__)}")
+    if mask.shape != weight.shape:
+        raise ValueError(f"{who}: mask shape {tuple(mask.shape)} does not match weight shape "
+                         f"{tuple(weight.shape)}")
+    if mask.device != weight.device:
+        raise ValueError(f"{who}: mask is on {mask.device} but weight is on {weight.device}")
+    return weight.detach(), mask
+
+
+def _ptr(counts: torch.Tensor) -> torch.Tensor:
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+
+
+def _transposed_index(present: torch.Tensor):
+    """For a [R, C] bool pattern stored in row-major order: (col_ptr, row_idx, perm)."""
+    rows, cols = present.nonzero(as_tuple=True)
+    position = torch.full(present.shape, -1, dtype=torch.int64, device=present.device)
+    position[rows, cols] = torch.arange(rows.numel(), device=present.device)
+    cols_t, rows_t = present.t().nonzero(as_tuple=True)
+    perm = position[rows_t, cols_t]
+    return _ptr(present.sum(0)), rows_t.to(torch.int32), perm.to(torch.int32)
+
+
+class _Format:
+    """Shared behaviour: a tensor bundle with a logical dense shape."""
+
+    _tensor_names: tuple[str, ...] = ()
+
+    shape: tuple[int, int]
+    values: torch.Tensor
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self._tensor_names}
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the weight's positions that are not stored."""
+        total = self.shape[0] * self.shape[1]
+        return 1.0 - self.nnz / total if total else 0.0
+
+    def to(self, *args, **kwargs):
+        """Like Tensor.to: a dtype applies to values only, a device to every tensor."""
+        moved = {}
+        for name, t in self.tensors().items():
+            if name == "values":
+                moved[name] = t.to(*args, **kwargs)
+            else:
+                target = torch.empty(0).to(*args, **kwargs).device
+                moved[name] = t.to(target)
+        return self._replace(moved)
+
+    def _replace(self, tensors):
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.__dict__.update(tensors)
+        return other
+
+    def state_dict(self) -> dict:
+        state = {name: t.detach().clone() for name, t in self.tensors().items()}
+        state["shape"] = torch.tensor(self.shape, dtype=torch.int64)
+        return state
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(shape={tuple(self.shape)}, nnz={self.nnz}, "
+                f"sparsity={self.sparsity:.3f}, dtype={self.dtype}, device={self.device})")
+
+
+class BlockSparse(_Format):
+    _tensor_names = ("values", "block_row_ptr", "block_col_idx", "block_col_ptr",
+                     "block_row_idx", "block_perm")
+
+    def __init__(self, values, block_row_ptr, block_col_idx, shape, block_col_ptr=None,
+                 block_row_idx=None, block_perm=None):
+        if values.dim() != 3:
+            raise ValueError(f"BlockSparse: values must be [nnz_blocks, bk, bn], got "
+                             f"{tuple(values.shape)}")
+        self.values = values
+        self.shape = (int(shape[0]), int(shape[1]))
+        bk, bn = values.shape[1], values.shape[2]
+        if bn not in BLOCK_SIZES or bk not in BLOCK_SIZES:
+            raise ValueError(f"BlockSparse: block dims must be in {BLOCK_SIZES}, got "
+                             f"block=({bn}, {bk})")
+        nb, kb = math.ceil(self.shape[0] / bn), math.ceil(self.shape[1] / bk)
+        self.block_row_ptr, self.block_col_idx = block_row_ptr, block_col_idx
+        _validate_compressed("BlockSparse", "block_row_ptr", "block_col_idx", block_row_ptr,
+                             block_col_idx, nb, kb, values.shape[0])
+        if block_col_ptr is None:
+            present = self.block_pattern()
+            block_col_ptr, block_row_idx, block_perm = _transposed_index(present)
+        self.block_col_ptr, self.block_row_idx, self.block_perm = (
+            block_col_ptr, block_row_idx, block_perm)
+
+    @property
+    def block(self) -> tuple[int, int]:
+        """(bn, bk): block rows (output features) x block columns (input features)."""
+        return self.values.shape[2], self.values.shape[1]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        bn, bk = self.block
+        return math.ceil(self.shape[0] / bn), math.ceil(self.shape[1] / bk)
+
+    @property
+    def nnz(self) -> int:
+        """Stored positions inside the weight's shape (padding of ragged edges excluded)."""
+        return int(self.mask().sum())
+
+    @classmethod
+    def from_dense(cls, weight, mask=None, block=(32, 32)) -> "BlockSparse":
+        """Packs the blocks of `weight` that hold at least one kept weight.
+
+        Weights masked out inside a kept block are stored as zeros (and would train): the
+        effective mask of a block format is the block closure of `mask`, see `mask()`.
+        """
+        weight, mask = _check_weight_and_mask(weight, mask, "BlockSparse.from_dense")
+        bn, bk = _check_block(block)
+        n, k = weight.shape
+        nb, kb = math.ceil(n / bn), math.ceil(k / bk)
+        padded = weight.new_zeros(nb * bn, kb * bk)
+        padded[:n, :k] = torch.where(mask, weight, torch.zeros_like(weight))
+        kept = torch.zeros(nb * bn, kb * bk, dtype=torch.bool, device=weight.device)
+        kept[:n, :k] = mask
+        present = kept.view(nb, bn, kb, bk).any(dim=3).any(dim=1)
+        rows, cols = present.nonzero(as_tuple=True)
+        blocks = padded.view(nb, bn, kb, bk).permute(0, 2, 3, 1)  # [Nb, Kb, bk, bn]
+        values = blocks[rows, cols].contiguous()
+        col_ptr, row_idx, perm = _transposed_index(present)
+        return cls(values, _ptr(present.sum(1)), cols.to(torch.int32), (n, k), col_ptr,
+                   row_idx, perm)
+
+    def block_pattern(self) -> torch.Tensor:
+        """[Nb, Kb] bool: which blocks are stored."""
+        nb, kb = self.grid
+        rows = self._block_rows()
+        present = torch.zeros(nb, kb, dtype=torch.bool, device=self.device)
+        present[rows, self.block_col_idx.long()] = True
+        return present
+
+    def _block_rows(self) -> torch.Tensor:
+        nb = self.block_row_ptr.numel() - 1
+        counts = (self.block_row_ptr[1:] - self.block_row_ptr[:-1]).long()
+        return torch.repeat_interleave(torch.arange(nb, device=self.device), counts)
+
+    def _expand(self, blocks: torch.Tensor) -> torch.Tensor:
+        """[Nb, Kb, ...] per-block -> [N, K] per-weight (cropping the padding)."""
+        bn, bk = self.block
+        nb, kb = self.grid
+        return blocks.permute(0, 3, 1, 2).reshape(nb * bn, kb * bk)[: self.shape[0], : self.shape[1]]
+
+    def to_dense(self) -> torch.Tensor:
+        bn, bk = self.block
+        nb, kb = self.grid
+        grid = self.values.new_zeros(nb, kb, bk, bn)
+        grid[self._block_rows(), self.block_col_idx.long()] = self.values
+        return self._expand(grid)
+
+    def mask(self) -> torch.Tensor:
+        """[N, K] bool: positions stored (the block closure of the mask it was made from)."""
+        bn, bk = self.block
+        grid = self.block_pattern()[:, :, None, None].expand(-1, -1, bk, bn)
+        return self._expand(grid).contiguous()
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "BlockSparse":
+        return cls(state["values"], state["block_row_ptr"], state["block_col_idx"],
+                   tuple(state["shape"].tolist()), state["block_col_ptr"],
+                   state["block_row_idx"], state["block_perm"])
+
+
+class CSR(_Format):
+    _tensor_names = ("values", "row_ptr", "col_idx", "col_ptr", "row_idx", "perm")
+
+    def __init__(self, values, row_ptr, col_idx, shape, col_ptr=None, row_idx=None, perm=None):
+        if values.dim() != 1:
+            raise ValueError(f"CSR: values must be 1-D [nnz], got {tuple(values.shape)}")
+        self.values = values
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.row_ptr, self.col_idx = row_ptr, col_idx
+        _validate_compressed("CSR", "row_ptr", "col_idx", row_ptr, col_idx, self.shape[0],
+                             self.shape[1], values.shape[0])
+        if col_ptr is None:
+            col_ptr, row_idx, perm = _transposed_index(self.mask())
+        self.col_ptr, self.row_idx, self.perm = col_ptr, row_idx, perm
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @classmethod
+    def from_dense(cls, weight, mask=None) -> "CSR":
+        weight, mask = _check_weight_and_mask(weight, mask, "CSR.from_dense")
+        rows, cols = mask.nonzero(as_tuple=True)
+        col_ptr, row_idx, perm = _transposed_index(mask)
+        return cls(weight[rows, cols].contiguous(), _ptr(mask.sum(1)), cols.to(torch.int32),
+                   tuple(weight.shape), col_ptr, row_idx, perm)
+
+    def _rows(self) -> torch.Tensor:
+        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.device), counts)
+
+    def to_dense(self) -> torch.Tensor:
+        dense = self.values.new_zeros(self.shape)
+        dense[self._rows(), self.col_idx.long()] = self.values
+        return dense
+
+    def mask(self) -> torch.Tensor:
+        present = torch.zeros(self.shape, dtype=torch.bool, device=self.device)
+        present[self._rows(), self.col_idx.long()] = True
+        return present
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "CSR":
+        return cls(state["values"], state["row_ptr"], state["col_idx"],
+                   tuple(state["shape"].tolist()), state["col_ptr"], state["row_idx"],
+                   state["perm"])
+
+
+def _check_block(block) -> tuple[int, int]:
+    try:
+        bn, bk = (int(b) for b in block)
+    except (TypeError, ValueError):
+        raise ValueError(f"block must be a pair (bn, bk), got {block!r}") from None
+    if bn not in BLOCK_SIZES or bk not in BLOCK_SIZES:
+        raise ValueError(f"block=({bn}, {bk}): each dim must be one of {BLOCK_SIZES}")
+    return bn, bk
+
+
+def _validate_compressed(who, ptr_name, idx_name, ptr, idx, rows, cols, nnz):
+    """Index tensors of a compressed format: dtype, lengths, monotone pointers, in-range indices."""
+    for name, t in ((ptr_name, ptr), (idx_name, idx)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1:
+            raise ValueError(f"{who}: {name} must be a 1-D int32 tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} "
+                             f"{tuple(getattr(t, 'shape', ()))}")
+    if ptr.numel() != rows + 1:
+        raise ValueError(f"{who}: {ptr_name} must have {rows + 1} entries, got {ptr.numel()}")
+    if idx.numel() != nnz:
+        raise ValueError(f"{who}: {idx_name} must have {nnz} entries (one per stored "
+                         f"value/block), got {idx.numel()}")
+    if int(ptr[0]) != 0 or int(ptr[-1]) != nnz or bool((ptr[1:] < ptr[:-1]).any()):
+        raise ValueError(f"{who}: {ptr_name} must start at 0, never decrease and end at {nnz}")
+    if nnz and (int(idx.min()) < 0 or int(idx.max()) >= cols):
+        raise ValueError(f"{who}: {idx_name} entries must lie in [0, {cols}), got "
+                         f"[{int(idx.min())}, {int(idx.max())}]")
