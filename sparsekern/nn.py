@@ -1,0 +1,219 @@
+"""Modules over the sparse ops, and model-level conversion: sparsify / densify.
+
+A SparseLinear trains its packed `values` (an nn.Parameter holding only the kept weights), so
+gradients and optimizer state exist only for kept weights; the index tensors are buffers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsekern.formats import BLOCK_SIZES, CSR, BlockSparse
+from sparsekern.ops import sparse_linear
+from sparsekern.timing import interleaved_medians
+
+FORMATS = ("auto", "bsr", "csr")
+POLICIES = ("auto", "sparse", "dense")
+
+
+def _aligned_block(mask: torch.Tensor) -> int | None:
+    """Largest square block size whose block closure of `mask` is `mask` itself, if any."""
+    for b in sorted(BLOCK_SIZES, reverse=True):
+        if BlockSparse.from_dense(mask.float(), mask, block=(b, b)).nnz == int(mask.sum()):
+            return b
+    return None
+
+
+def pack(weight: torch.Tensor, mask: torch.Tensor | None, format: str = "auto",
+         block=None) -> BlockSparse | CSR:
+    """Packs a dense weight. format="auto": BSR when the mask is made of whole square blocks
+    (largest such block), else CSR."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    mask = weight.detach() != 0 if mask is None else mask
+    if format == "auto":
+        if block is None:
+            aligned = _aligned_block(mask) if mask.shape == weight.shape else None
+            block = (aligned, aligned) if aligned else None
+        format = "bsr" if block is not None else "csr"
+    if format == "bsr":
+        return BlockSparse.from_dense(weight, mask, block=block or (32, 32))
+    return CSR.from_dense(weight, mask)
+
+
+class SparseLinear(nn.Module):
+    """y = x W^T + b with W stored as BlockSparse or CSR."""
+
+    def __init__(self, weight: BlockSparse | CSR, bias: torch.Tensor | None = None):
+        super().__init__()
+        if not isinstance(weight, (BlockSparse, CSR)):
+            raise TypeError(f"SparseLinear: weight must be BlockSparse or CSR, got "
+                            f"{type(weight).__name__}")
+        self.out_features, self.in_features = weight.shape
+        self.format = "bsr" if isinstance(weight, BlockSparse) else "csr"
+        self.values = nn.Parameter(weight.values.detach().clone())
+        self._index_names = tuple(n for n in weight.tensors() if n != "values")
+        for name in self._index_names:
+            self.register_buffer(name, getattr(weight, name).clone())
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"SparseLinear: bias must have shape ({self.out_features},), got "
+                             f"{tuple(bias.shape)}")
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None,
+                   format: str = "bsr", block=(32, 32)) -> "SparseLinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SparseLinear.from_dense: linear must be nn.Linear, got "
+                            f"{type(linear).__name__}")
+        block = None if format == "auto" else block
+        return cls(pack(linear.weight, mask, format, block), linear.bias)
+
+    def index(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self._index_names}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_linear(x, self.values, self.index(),
+                             (self.out_features, self.in_features), self.bias)
+
+    def weight_format(self) -> BlockSparse | CSR:
+        """The current weight as a format object (sharing this module's tensors)."""
+        cls = BlockSparse if self.format == "bsr" else CSR
+        return cls(self.values.detach(), shape=(self.out_features, self.in_features),
+                   **self.index())
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight_format().to_dense()
+
+    def mask(self) -> torch.Tensor:
+        return self.weight_format().mask()
+
+    def to_linear(self) -> nn.Linear:
+        return _linear_like(self, self.dense_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        w = self.weight_format()
+        block = f", block={w.block}" if self.format == "bsr" else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"format={self.format}{block}, sparsity={w.sparsity:.3f}, "
+                f"bias={self.bias is not None}")
+
+
+class MaskedLinear(nn.Linear):
+    """Dense kernels with a fixed mask: what `sparsify` keeps where sparse is not faster.
+    Pruned weights take no part in the output, so they get no gradient from the loss."""
+
+    def __init__(self, linear: nn.Linear, mask: torch.Tensor):
+        super().__init__(linear.in_features, linear.out_features, linear.bias is not None,
+                         device=linear.weight.device, dtype=linear.weight.dtype)
+        self.register_buffer("weight_mask", mask.clone())
+        with torch.no_grad():
+            self.weight.copy_(linear.weight * mask)
+            if linear.bias is not None:
+                self.bias.copy_(linear.bias)
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.weight_mask, self.bias)
+
+    def mask(self) -> torch.Tensor:
+        return self.weight_mask
+
+    def to_linear(self) -> nn.Linear:
+        return _linear_like(self, self.weight.detach() * self.weight_mask, self.bias)
+
+
+def _linear_like(module, weight, bias) -> nn.Linear:
+    out = nn.Linear(module.in_features, module.out_features, bias is not None,
+                    device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)
+    return out
+
+
+def _train_step_fn(module: nn.Module, x: torch.Tensor):
+    def step():
+        module.zero_grad(set_to_none=True)
+        module(x).sum().backward()
+    return step
+
+
+def _choose(linear: nn.Linear, sparse: SparseLinear, mask, batch_size, repeats):
+    x = torch.randn(batch_size, linear.in_features, device=linear.weight.device,
+                    dtype=linear.weight.dtype)
+    dense = MaskedLinear(linear, mask)
+    times = interleaved_medians({"dense": _train_step_fn(dense, x),
+                                 "sparse": _train_step_fn(sparse, x)}, warmup=2,
+                                repeats=repeats)
+    chosen = "sparse" if times["sparse"] < times["dense"] else "dense"
+    return chosen, dense, times
+
+
+def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None,
+             format: str = "auto", policy: str = "auto", block=None, batch_size: int = 256,
+             repeats: int = 7) -> nn.Module:
+    """Replaces the pruned nn.Linear layers of `model` (in place) and returns it.
+
+    masks: {"<layer>.weight": bool tensor}; layers not named stay as they are. None: every Linear
+    with zeros in its weight is pruned where it is zero. policy="auto" times a training step of
+    each layer both ways (batch_size rows, interleaved, median) and keeps the faster; "sparse" /
+    "dense" force the choice. Each decision is readable afterwards via `decisions(model)`.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if masks is not None:
+        names = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        unknown = sorted(set(masks) - names)
+        if unknown:
+            raise ValueError(f"masks: no nn.Linear weight named {unknown}; known: {sorted(names)}")
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        if masks is None:
+            mask = module.weight.detach() != 0
+            if bool(mask.all()):
+                continue
+        elif f"{name}.weight" in masks:
+            mask = masks[f"{name}.weight"]
+        else:
+            continue
+        sparse = SparseLinear.from_dense(module, mask, format=format,
+                                         block=block or (32, 32))
+        decision = {"format": sparse.format, "sparsity": sparse.weight_format().sparsity}
+        if policy == "auto":
+            chosen, dense, times = _choose(module, sparse, mask, batch_size, repeats)
+            decision.update(dense_ms=times["dense"] * 1e3, sparse_ms=times["sparse"] * 1e3)
+        else:
+            chosen, dense = policy, MaskedLinear(module, mask) if policy == "dense" else None
+        decision["chosen"] = chosen
+        replacement = sparse if chosen == "sparse" else dense
+        replacement.sparsekern_decision = decision
+        _set_submodule(model, name, replacement)
+    return model
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Replaces every SparseLinear / MaskedLinear (in place) by an nn.Linear with zeros where
+    pruned, and returns the model."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (SparseLinear, MaskedLinear)):
+            _set_submodule(model, name, module.to_linear())
+    return model
+
+
+def decisions(model: nn.Module) -> dict[str, dict]:
+    """{layer name: what sparsify decided and measured} for every converted layer."""
+    return {name: dict(m.sparsekern_decision) for name, m in model.named_modules()
+            if hasattr(m, "sparsekern_decision")}
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module):
+    if not name:
+        raise ValueError("sparsify/densify: the model itself is a Linear layer; wrap it in a "
+                         "container (e.g. nn.Sequential) to convert it in place")
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
