@@ -5,6 +5,8 @@ the ops fall back to the pure-torch implementations in reference.py.
 """
 import warnings
 
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
 try:
     from sparsekern import _C  # noqa: F401  (registers torch.ops.sparsekern.*)
 

@@ -14,9 +14,6 @@ struct BsrArgs {
   int64_t bn, bk;             // block shape
   const int32_t* row_ptr;     // [Nb+1]
   const int32_t* col_idx;     // [nnzb]  block column of each stored block
-  const int32_t* col_ptr;     // [Kb+1]  transposed index (for dX)
-  const int32_t* row_idx;     // [nnzb]  block row of the i-th block in column order
-  const int32_t* perm;        // [nnzb]  stored-block id of the i-th block in column order
   const T* values;
 };
 
@@ -24,10 +21,11 @@ struct BsrArgs {
 template <class T>
 using bsr_forward_fn = void (*)(const BsrArgs<T>&, const T* x, int64_t ldx, const T* bias,
                                 T* y, int64_t ldy, int64_t i0, int64_t i1, int64_t m0, int64_t m1);
-// dx[M, Kb*bk] = dy[M, Nb*bn] W, for block columns [j0, j1) and rows [m0, m1).
+// out[q] = values[perm[q]]^T ([bk][bn] -> [bn][bk]) for q in [q0, q1): with it, the forward
+// kernel over the transposed index computes dx = dy W.
 template <class T>
-using bsr_grad_input_fn = void (*)(const BsrArgs<T>&, const T* dy, int64_t lddy, T* dx,
-                                   int64_t lddx, int64_t j0, int64_t j1, int64_t m0, int64_t m1);
+using bsr_transpose_blocks_fn = void (*)(const T* values, const int32_t* perm, int64_t bk,
+                                         int64_t bn, T* out, int64_t q0, int64_t q1);
 // dw[nnzb][bk][bn] = (dy^T x) sampled at the stored blocks of block rows [i0, i1).
 template <class T>
 using bsr_grad_weight_fn = void (*)(const BsrArgs<T>&, const T* dy, int64_t lddy, const T* x,
@@ -65,15 +63,21 @@ struct CsrSddmmArgs {
 template <class T>
 using csr_sddmm_fn = void (*)(const CsrSddmmArgs<T>&, int64_t r0, int64_t r1);
 
+// Packs rows of a row-major [M, C] operand (leading dim ld) into panel chunks [c0, c1).
+template <class T>
+using pack_panels_fn = void (*)(const T* src, int64_t M, int64_t C, int64_t ld, T* dst,
+                                int64_t c0, int64_t c1);
+
 template <class T>
 struct KernelTable {
   const char* name;
   int panel;  // CSR panel width in batch rows; 0 = kernels read row-major operands
   bsr_forward_fn<T> bsr_forward;
-  bsr_grad_input_fn<T> bsr_grad_input;
+  bsr_transpose_blocks_fn<T> bsr_transpose_blocks;
   bsr_grad_weight_fn<T> bsr_grad_weight;
   csr_spmm_fn<T> csr_spmm;
   csr_sddmm_fn<T> csr_sddmm;
+  pack_panels_fn<T> pack_panels;  // null when panel == 0
 };
 
 // Each returns null when the instruction set was not compiled in.

@@ -89,10 +89,15 @@ Tensor unpadded_cols(const Tensor& t, int64_t cols) {
 }
 
 // [M, C] row-major -> [ceil(M/P)][C][P] batch panels (zero rows past M), see kernels.h.
-Tensor to_panels(const Tensor& t, int64_t P) {
-  const int64_t M = t.size(0), chunks = ceil_div(M, P);
-  Tensor padded = M == chunks * P ? t : at::constant_pad_nd(t, {0, 0, 0, chunks * P - M});
-  return padded.view({chunks, P, t.size(1)}).transpose(1, 2).contiguous();
+template <class T>
+Tensor to_panels(const KernelTable<T>* k, const Tensor& t) {
+  const int64_t M = t.size(0), C = t.size(1), P = k->panel, chunks = ceil_div(M, P);
+  const Tensor src = t.contiguous();
+  Tensor panels = at::empty({chunks, C, P}, t.options());
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    k->pack_panels(src.data_ptr<T>(), M, C, C, panels.data_ptr<T>(), c0, c1);
+  });
+  return panels;
 }
 
 // Splits [0, M) into chunks so that (outer units x chunks) keeps every thread busy.
@@ -156,9 +161,8 @@ Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& block_row
   Tensor y = at::empty({M, Nb * bn}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
-    const BsrArgs<scalar_t> args{M,       bn,      bk,      block_row_ptr.data_ptr<int32_t>(),
-                                 block_col_idx.data_ptr<int32_t>(), nullptr, nullptr, nullptr,
-                                 vals.data_ptr<scalar_t>()};
+    const BsrArgs<scalar_t> args{M, bn, bk, block_row_ptr.data_ptr<int32_t>(),
+                                 block_col_idx.data_ptr<int32_t>(), vals.data_ptr<scalar_t>()};
     const scalar_t* b = bias ? bias_padded.data_ptr<scalar_t>() : nullptr;
     parallel_units_rows(Nb, M, [&](int64_t I, int64_t m0, int64_t m1) {
       k->bsr_forward(args, xp.data_ptr<scalar_t>(), xp.size(1), b, y.data_ptr<scalar_t>(),
@@ -185,16 +189,21 @@ Tensor bsr_linear_grad_input(const Tensor& grad_out, const Tensor& values,
   check_range(block_perm, op, "block_perm", nnzb);
   const Tensor dy = padded_cols(grad_out, Nb * bn);
   const Tensor vals = values.contiguous();
+  Tensor t_vals = at::empty({nnzb, bn, bk}, vals.options());
   Tensor dx = at::empty({M, Kb * bk}, grad_out.options());
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), op, [&] {
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
-    const BsrArgs<scalar_t> args{M,       bn,      bk,      nullptr, nullptr,
-                                 block_col_ptr.data_ptr<int32_t>(),
+    at::parallel_for(0, nnzb, 16, [&](int64_t q0, int64_t q1) {
+      k->bsr_transpose_blocks(vals.data_ptr<scalar_t>(), block_perm.data_ptr<int32_t>(), bk, bn,
+                              t_vals.data_ptr<scalar_t>(), q0, q1);
+    });
+    // W^T as a block-sparse matrix: block rows = W's block columns, blocks [bn][bk].
+    const BsrArgs<scalar_t> args{M, bk, bn, block_col_ptr.data_ptr<int32_t>(),
                                  block_row_idx.data_ptr<int32_t>(),
-                                 block_perm.data_ptr<int32_t>(), vals.data_ptr<scalar_t>()};
+                                 t_vals.data_ptr<scalar_t>()};
     parallel_units_rows(Kb, M, [&](int64_t J, int64_t m0, int64_t m1) {
-      k->bsr_grad_input(args, dy.data_ptr<scalar_t>(), dy.size(1), dx.data_ptr<scalar_t>(),
-                        dx.size(1), J, J + 1, m0, m1);
+      k->bsr_forward(args, dy.data_ptr<scalar_t>(), dy.size(1), nullptr,
+                     dx.data_ptr<scalar_t>(), dx.size(1), J, J + 1, m0, m1);
     });
   });
   return unpadded_cols(dx, K);
@@ -224,9 +233,8 @@ Tensor bsr_linear_grad_weight(const Tensor& grad_out, const Tensor& x,
   Tensor dw = at::empty({nnzb, bk, bn}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
-    const BsrArgs<scalar_t> args{M,       bn,      bk,      block_row_ptr.data_ptr<int32_t>(),
-                                 block_col_idx.data_ptr<int32_t>(), nullptr, nullptr, nullptr,
-                                 nullptr};
+    const BsrArgs<scalar_t> args{M, bn, bk, block_row_ptr.data_ptr<int32_t>(),
+                                 block_col_idx.data_ptr<int32_t>(), nullptr};
     at::parallel_for(0, Nb, 1, [&](int64_t i0, int64_t i1) {
       k->bsr_grad_weight(args, dy.data_ptr<scalar_t>(), dy.size(1), xp.data_ptr<scalar_t>(),
                          xp.size(1), dw.data_ptr<scalar_t>(), i0, i1);
@@ -242,7 +250,7 @@ template <class T>
 void csr_spmm_into(const Tensor& dense, const int32_t* row_ptr, const int32_t* col_idx,
                    const T* vals, const T* bias, int64_t R, Tensor& out) {
   const KernelTable<T>* k = kernels_for<T>();
-  const Tensor panels = k->panel > 0 ? to_panels(dense, k->panel) : Tensor();
+  const Tensor panels = k->panel > 0 ? to_panels(k, dense) : Tensor();
   const CsrSpmmArgs<T> args{dense.size(0),
                             dense.size(1),
                             row_ptr,
@@ -327,8 +335,8 @@ Tensor csr_linear_grad_weight(const Tensor& grad_out, const Tensor& x, const Ten
   Tensor dw = at::empty({nnz}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
-    const Tensor dy = k->panel > 0 ? to_panels(grad_out, k->panel) : grad_out.contiguous();
-    const Tensor xs = k->panel > 0 ? to_panels(x, k->panel) : x.contiguous();
+    const Tensor dy = k->panel > 0 ? to_panels(k, grad_out) : grad_out.contiguous();
+    const Tensor xs = k->panel > 0 ? to_panels(k, x) : x.contiguous();
     if (M == 0) {
       dw.zero_();
       return;

@@ -23,20 +23,12 @@ void bsr_forward(const BsrArgs<T>& a, const T* x, int64_t ldx, const T* bias, T*
 }
 
 template <class T>
-void bsr_grad_input(const BsrArgs<T>& a, const T* dy, int64_t lddy, T* dx, int64_t lddx,
-                    int64_t j0, int64_t j1, int64_t m0, int64_t m1) {
-  const int64_t bn = a.bn, bk = a.bk;
-  for (int64_t J = j0; J < j1; ++J)
-    for (int64_t m = m0; m < m1; ++m)
-      for (int64_t kk = 0; kk < bk; ++kk) {
-        T acc = 0;
-        for (int64_t q = a.col_ptr[J]; q < a.col_ptr[J + 1]; ++q) {
-          const T* d = dy + m * lddy + a.row_idx[q] * bn;
-          const T* w = a.values + a.perm[q] * bn * bk + kk * bn;
-          for (int64_t n = 0; n < bn; ++n) acc += d[n] * w[n];
-        }
-        dx[m * lddx + J * bk + kk] = acc;
-      }
+void bsr_transpose_blocks(const T* values, const int32_t* perm, int64_t bk, int64_t bn, T* out,
+                          int64_t q0, int64_t q1) {
+  for (int64_t q = q0; q < q1; ++q)
+    for (int64_t kk = 0; kk < bk; ++kk)
+      for (int64_t n = 0; n < bn; ++n)
+        out[(q * bn + n) * bk + kk] = values[(int64_t(perm[q]) * bk + kk) * bn + n];
 }
 
 template <class T>
@@ -84,10 +76,11 @@ const KernelTable<T>* scalar_kernels() {
   static constexpr KernelTable<T> table{"scalar",
                                         0,
                                         &bsr_forward<T>,
-                                        &bsr_grad_input<T>,
+                                        &bsr_transpose_blocks<T>,
                                         &bsr_grad_weight<T>,
                                         &csr_spmm<T>,
-                                        &csr_sddmm<T>};
+                                        &csr_sddmm<T>,
+                                        nullptr};
   return &table;
 }
 

@@ -2,12 +2,11 @@
 // isa_avx2.cpp / isa_avx512.cpp (each under its own `#pragma GCC target`). Include nothing here
 // but <immintrin.h> and kernels.h: see kernels.h for why.
 //
-// Two register-tile shapes cover every product:
-//  * rank-1 form  C[r][v] += A[r, t] * B[t, v-th vector]   (broadcast A, vector loads of B):
-//    BSR forward (A = x rows, B = stored block, contraction over kk) and BSR dW (A = x columns,
-//    B = dy rows, contraction over the batch). Accumulators live across a whole block row.
-//  * dot form     C[r][j] += <A row r, B row j>            (vector loads of both, reduced once):
-//    BSR dX, whose stored blocks are contiguous along n, the contraction axis.
+// One register-tile shape covers the BSR products: the rank-1 form
+//   C[r][v] += A[r, t] * B[t, v-th vector]   (broadcast A, vector loads of B),
+// for the forward (A = x rows, B = stored block, contraction over kk; accumulators live across
+// a whole block row), dX (the forward over the transposed index and transposed blocks) and dW
+// (A = x columns, B = dy rows, contraction over the batch).
 // CSR products read operands as batch panels (kernels.h): one stored scalar times a contiguous
 // run of batch rows, two sparse rows interleaved so eight independent FMA chains are in flight.
 
@@ -83,6 +82,39 @@ SK_INLINE float hsum1(typename V::reg a) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// In-register 8x8 transpose: r[j] (row j) -> r[i] (column i).
+SK_INLINE void transpose8(__m256 (&r)[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols (rows, cols <= 8).
+SK_INLINE void transpose_block(const float* src, int64_t ld_src, int64_t rows, int64_t cols,
+                               float* dst, int64_t ld_dst) {
+  if (rows == 8 && cols == 8) {
+    __m256 r[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld_src);
+    transpose8(r);
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + j * ld_dst, r[j]);
+    return;
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
 }
 
 // acc[r][v] += sum_{t<T} A[r*a_rs + t*a_ts] * B[t*b_s + v*L]
@@ -173,53 +205,6 @@ void bsr_grad_weight_impl(const sparsekern::cpu::BsrArgs<float>& a, const float*
   }
 }
 
-// Dot-form tile rows: KR=4 outputs per row, MR rows, plus MR operand registers and one spare.
-template <class V>
-constexpr int dot_rows() {
-  return V::L == 16 ? 6 : 3;
-}
-
-template <class V>
-void bsr_grad_input_impl(const sparsekern::cpu::BsrArgs<float>& a, const float* dy,
-                         int64_t lddy, float* dx, int64_t lddx, int64_t j0, int64_t j1,
-                         int64_t m0, int64_t m1) {
-  constexpr int MR = dot_rows<V>();
-  constexpr int KR = 4;
-  const int64_t bn = a.bn, bk = a.bk, block = bn * bk;
-  for (int64_t J = j0; J < j1; ++J) {
-    const int64_t q0 = a.col_ptr[J], q1 = a.col_ptr[J + 1];
-    for (int64_t kk = 0; kk < bk; kk += KR) {
-      for (int64_t m = m0; m < m1; m += MR) {
-        with_rows<MR>(m1 - m, [&](auto R) {
-          constexpr int rows = decltype(R)::value;
-          typename V::reg acc[rows][KR];
-          for (int r = 0; r < rows; ++r)
-            for (int j = 0; j < KR; ++j) acc[r][j] = V::zero();
-          for (int64_t q = q0; q < q1; ++q) {
-            const float* w = a.values + a.perm[q] * block + kk * bn;
-            const float* d = dy + m * lddy + a.row_idx[q] * bn;
-            for (int64_t n = 0; n < bn; n += V::L) {
-              typename V::reg dv[rows];
-#pragma GCC unroll 16
-              for (int r = 0; r < rows; ++r) dv[r] = V::load(d + r * lddy + n);
-#pragma GCC unroll 4
-              for (int j = 0; j < KR; ++j) {
-                const typename V::reg wv = V::load(w + j * bn + n);
-#pragma GCC unroll 16
-                for (int r = 0; r < rows; ++r) acc[r][j] = V::fma(dv[r], wv, acc[r][j]);
-              }
-            }
-          }
-          float* dx_tile = dx + m * lddx + J * bk + kk;
-          for (int r = 0; r < rows; ++r)
-            _mm_storeu_ps(dx_tile + r * lddx,
-                          hsum4<V>(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
-        });
-      }
-    }
-  }
-}
-
 // Widest vector type whose lane count divides `width` gets the work; 8 always does (bn, bk >= 8).
 template <class Vw, template <class, int> class Fn, class... Args>
 SK_INLINE void by_width(int64_t width, Args... args) {
@@ -256,13 +241,17 @@ void bsr_grad_weight(const sparsekern::cpu::BsrArgs<float>& a, const float* dy, 
   by_width<Vw, GradWeightFn>(a.bn, a, dy, lddy, x, ldx, dw, i0, i1);
 }
 
+// out[q] = values[perm[q]] transposed ([bk][bn] -> [bn][bk]) for q in [q0, q1): W^T in block
+// form, so that dX = dY W runs on the forward kernel over the transposed index.
 template <class Vw>
-void bsr_grad_input(const sparsekern::cpu::BsrArgs<float>& a, const float* dy, int64_t lddy,
-                    float* dx, int64_t lddx, int64_t j0, int64_t j1, int64_t m0, int64_t m1) {
-  if (a.bn % Vw::L == 0) {
-    bsr_grad_input_impl<Vw>(a, dy, lddy, dx, lddx, j0, j1, m0, m1);
-  } else {
-    bsr_grad_input_impl<V8>(a, dy, lddy, dx, lddx, j0, j1, m0, m1);
+void bsr_transpose_blocks(const float* values, const int32_t* perm, int64_t bk, int64_t bn,
+                          float* out, int64_t q0, int64_t q1) {
+  for (int64_t q = q0; q < q1; ++q) {
+    const float* src = values + int64_t(perm[q]) * bk * bn;
+    float* dst = out + q * bk * bn;
+    for (int64_t kk = 0; kk < bk; kk += 8)
+      for (int64_t n = 0; n < bn; n += 8)
+        transpose_block(src + kk * bn + n, bn, 8, 8, dst + n * bk + kk, bk);
   }
 }
 
@@ -285,52 +274,82 @@ SK_INLINE void spmm_accumulate(typename V::reg (&acc)[4], const float* panel, co
   }
 }
 
+// Rows r0..r1 of out = dense S^T, eight sparse rows at a time: the [8][MB] result tile is
+// transposed in registers into out's row-major layout.
 template <class V>
 void csr_spmm(const sparsekern::cpu::CsrSpmmArgs<float>& a, int64_t r0, int64_t r1) {
   constexpr int MB = panel_width<V>();
   const int32_t* rp = a.row_ptr;
   const int32_t* cols = a.col_idx;
   const float* vals = a.values;
-  alignas(64) float tile[2][MB];
+  alignas(64) float tile[8][MB];
   for (int64_t c = 0; c * MB < a.M; ++c) {
     const float* panel = a.panels + c * a.C * MB;
     const int64_t m0 = c * MB, mv = min64(MB, a.M - m0);
     float* out = a.out + m0 * a.ldo;
-    for (int64_t r = r0; r < r1; r += 2) {
-      const bool pair = r + 1 < r1;
-      typename V::reg acc0[4], acc1[4];
-      const typename V::reg b0 = a.bias ? V::bcast(a.bias + r) : V::zero();
-      const typename V::reg b1 = a.bias && pair ? V::bcast(a.bias + r + 1) : V::zero();
-      for (int i = 0; i < 4; ++i) {
-        acc0[i] = b0;
-        acc1[i] = b1;
-      }
-      int64_t j0 = rp[r];
-      const int64_t e0 = rp[r + 1];
-      int64_t j1 = pair ? rp[r + 1] : 0;
-      const int64_t e1 = pair ? rp[r + 2] : 0;
-      const int64_t common = min64(e0 - j0, e1 - j1);
-      for (int64_t t = 0; t < common; ++t, ++j0, ++j1) {
-        const typename V::reg v0 = V::bcast(vals + j0);
-        const typename V::reg v1 = V::bcast(vals + j1);
-        const float* p0 = panel + int64_t(cols[j0]) * MB;
-        const float* p1 = panel + int64_t(cols[j1]) * MB;
-#pragma GCC unroll 4
+    for (int64_t g = r0; g < r1; g += 8) {
+      const int64_t rows = min64(8, r1 - g);
+      for (int64_t r = g; r < g + rows; r += 2) {
+        const bool pair = r + 1 < g + rows;
+        typename V::reg acc0[4], acc1[4];
+        const typename V::reg b0 = a.bias ? V::bcast(a.bias + r) : V::zero();
+        const typename V::reg b1 = a.bias && pair ? V::bcast(a.bias + r + 1) : V::zero();
         for (int i = 0; i < 4; ++i) {
-          acc0[i] = V::fma(v0, V::load(p0 + i * V::L), acc0[i]);
-          acc1[i] = V::fma(v1, V::load(p1 + i * V::L), acc1[i]);
+          acc0[i] = b0;
+          acc1[i] = b1;
+        }
+        int64_t j0 = rp[r];
+        const int64_t e0 = rp[r + 1];
+        int64_t j1 = pair ? rp[r + 1] : 0;
+        const int64_t e1 = pair ? rp[r + 2] : 0;
+        const int64_t common = min64(e0 - j0, e1 - j1);
+        for (int64_t t = 0; t < common; ++t, ++j0, ++j1) {
+          const typename V::reg v0 = V::bcast(vals + j0);
+          const typename V::reg v1 = V::bcast(vals + j1);
+          const float* p0 = panel + int64_t(cols[j0]) * MB;
+          const float* p1 = panel + int64_t(cols[j1]) * MB;
+#pragma GCC unroll 4
+          for (int i = 0; i < 4; ++i) {
+            acc0[i] = V::fma(v0, V::load(p0 + i * V::L), acc0[i]);
+            acc1[i] = V::fma(v1, V::load(p1 + i * V::L), acc1[i]);
+          }
+        }
+        spmm_accumulate<V>(acc0, panel, vals, cols, j0, e0);
+        spmm_accumulate<V>(acc1, panel, vals, cols, j1, e1);
+        for (int i = 0; i < 4; ++i) {
+          V::store(tile[r - g] + i * V::L, acc0[i]);
+          if (pair) V::store(tile[r - g + 1] + i * V::L, acc1[i]);
         }
       }
-      spmm_accumulate<V>(acc0, panel, vals, cols, j0, e0);
-      spmm_accumulate<V>(acc1, panel, vals, cols, j1, e1);
-      for (int i = 0; i < 4; ++i) {
-        V::store(tile[0] + i * V::L, acc0[i]);
-        V::store(tile[1] + i * V::L, acc1[i]);
+      for (int64_t i = 0; i < mv; i += 8)
+        transpose_block(tile[0] + i, MB, rows, min64(8, mv - i), out + i * a.ldo + g, a.ldo);
+    }
+  }
+}
+
+// dst[c][k][i] = src[(c*P + i) * ld + k] for chunks [c0, c1), zero past row M (kernels.h).
+template <class V>
+void pack_panels(const float* src, int64_t M, int64_t C, int64_t ld, float* dst, int64_t c0,
+                 int64_t c1) {
+  constexpr int P = panel_width<V>();
+  alignas(32) float zeros[8 * 8] = {};
+  for (int64_t c = c0; c < c1; ++c) {
+    float* panel = dst + c * C * P;
+    for (int64_t k = 0; k < C; k += 8) {
+      const int64_t cols = min64(8, C - k);
+      for (int64_t i = 0; i < P; i += 8) {
+        const int64_t m = c * P + i, rows = min64(8, M - m);
+        if (rows <= 0) {
+          transpose_block(zeros, 8, 8, cols, panel + k * P + i, P);
+        } else if (rows == 8) {
+          transpose_block(src + m * ld + k, ld, 8, cols, panel + k * P + i, P);
+        } else {  // last rows of the batch: pad to 8 with zeros
+          alignas(32) float block[8 * 8] = {};
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t j = 0; j < cols; ++j) block[r * 8 + j] = src[(m + r) * ld + k + j];
+          transpose_block(block, 8, 8, cols, panel + k * P + i, P);
+        }
       }
-      // The tile is [rows r, r+1] x [MB batch rows]: written as columns of the row-major output.
-      for (int64_t i = 0; i < mv; ++i) out[i * a.ldo + r] = tile[0][i];
-      if (pair)
-        for (int64_t i = 0; i < mv; ++i) out[i * a.ldo + r + 1] = tile[1][i];
     }
   }
 }
@@ -380,10 +399,11 @@ constexpr sparsekern::cpu::KernelTable<float> make_table(const char* name) {
   return {name,
           panel_width<Vw>(),
           &bsr_forward<Vw>,
-          &bsr_grad_input<Vw>,
+          &bsr_transpose_blocks<Vw>,
           &bsr_grad_weight<Vw>,
           &csr_spmm<Vw>,
-          &csr_sddmm<Vw>};
+          &csr_sddmm<Vw>,
+          &pack_panels<Vw>};
 }
 
 }  // namespace

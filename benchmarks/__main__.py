@@ -1,0 +1,18 @@
+"""`python -m benchmarks <benchmark> [options]`; see benchmarks/__init__.py."""
+import sys
+
+from benchmarks import linear
+
+BENCHMARKS = {"linear": linear.main}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in BENCHMARKS:
+        print(f"usage: python -m benchmarks {{{','.join(BENCHMARKS)}}} [options]\n"
+              f"       python -m benchmarks linear --help", file=sys.stderr)
+        return 2
+    return BENCHMARKS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
