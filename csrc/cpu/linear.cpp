@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <algorithm>
 #include <optional>
+#include <vector>
 
 #include "isa.h"
 #include "kernels.h"
@@ -100,22 +101,44 @@ Tensor to_panels(const KernelTable<T>* k, const Tensor& t) {
   return panels;
 }
 
-// Splits [0, M) into chunks so that (outer units x chunks) keeps every thread busy.
-int64_t row_chunk(int64_t M, int64_t outer) {
-  const int64_t want = 4 * at::get_num_threads();
-  if (outer >= want || M == 0) return std::max<int64_t>(M, 1);
-  const int64_t pieces = ceil_div(want, std::max<int64_t>(outer, 1));
-  return std::max<int64_t>(ceil_div(M, pieces), 24);
+// Runs fn(u0, u1) in parallel over consecutive ranges of units [0, units) of near-equal cost,
+// cost(u) = ptr[u+1] - ptr[u] + base_cost: pruned rows vary a lot in how much they kept
+// (magnitude pruning leaves some neurons dense), so equal unit counts would leave threads idle.
+template <class F>
+void parallel_by_cost(const int32_t* ptr, int64_t units, int64_t base_cost, F fn) {
+  const int64_t pieces = std::min<int64_t>(units, 4 * at::get_num_threads());
+  if (pieces <= 0) return;
+  const auto cost_before = [&](int64_t u) { return int64_t(ptr[u]) + base_cost * u; };
+  std::vector<int64_t> bounds(pieces + 1, units);
+  bounds[0] = 0;
+  int64_t u = 0;
+  for (int64_t p = 1; p < pieces; ++p) {
+    const int64_t target = cost_before(units) * p / pieces;
+    while (u < units && cost_before(u) < target) ++u;
+    bounds[p] = u;
+  }
+  at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      if (bounds[p] < bounds[p + 1]) fn(bounds[p], bounds[p + 1]);
+  });
 }
 
-// Runs fn(unit, m0, m1) over units x row chunks in parallel.
+// fn(u0, u1, m0, m1) over block rows x batch rows: by cost over block rows when there are
+// enough of them to feed every thread, else also splitting the batch.
 template <class F>
-void parallel_units_rows(int64_t units, int64_t M, F fn) {
-  const int64_t chunk = row_chunk(M, units), chunks = ceil_div(M, chunk);
+void parallel_blocks_rows(const int32_t* ptr, int64_t units, int64_t M, F fn) {
+  const int64_t want = 4 * at::get_num_threads();
+  if (M == 0) return;
+  if (units >= want) {
+    parallel_by_cost(ptr, units, 1, [&](int64_t u0, int64_t u1) { fn(u0, u1, 0, M); });
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(ceil_div(M, ceil_div(want, std::max<int64_t>(units, 1))), 24);
+  const int64_t chunks = ceil_div(M, chunk);
   at::parallel_for(0, units * chunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t w = b; w < e; ++w) {
       const int64_t u = w / chunks, m0 = (w % chunks) * chunk;
-      fn(u, m0, std::min(M, m0 + chunk));
+      fn(u, u + 1, m0, std::min(M, m0 + chunk));
     }
   });
 }
@@ -164,9 +187,9 @@ Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& block_row
     const BsrArgs<scalar_t> args{M, bn, bk, block_row_ptr.data_ptr<int32_t>(),
                                  block_col_idx.data_ptr<int32_t>(), vals.data_ptr<scalar_t>()};
     const scalar_t* b = bias ? bias_padded.data_ptr<scalar_t>() : nullptr;
-    parallel_units_rows(Nb, M, [&](int64_t I, int64_t m0, int64_t m1) {
+    parallel_blocks_rows(args.row_ptr, Nb, M, [&](int64_t i0, int64_t i1, int64_t m0, int64_t m1) {
       k->bsr_forward(args, xp.data_ptr<scalar_t>(), xp.size(1), b, y.data_ptr<scalar_t>(),
-                     y.size(1), I, I + 1, m0, m1);
+                     y.size(1), i0, i1, m0, m1);
     });
   });
   return unpadded_cols(y, N);
@@ -201,9 +224,9 @@ Tensor bsr_linear_grad_input(const Tensor& grad_out, const Tensor& values,
     const BsrArgs<scalar_t> args{M, bk, bn, block_col_ptr.data_ptr<int32_t>(),
                                  block_row_idx.data_ptr<int32_t>(),
                                  t_vals.data_ptr<scalar_t>()};
-    parallel_units_rows(Kb, M, [&](int64_t J, int64_t m0, int64_t m1) {
+    parallel_blocks_rows(args.row_ptr, Kb, M, [&](int64_t j0, int64_t j1, int64_t m0, int64_t m1) {
       k->bsr_forward(args, dy.data_ptr<scalar_t>(), dy.size(1), nullptr,
-                     dx.data_ptr<scalar_t>(), dx.size(1), J, J + 1, m0, m1);
+                     dx.data_ptr<scalar_t>(), dx.size(1), j0, j1, m0, m1);
     });
   });
   return unpadded_cols(dx, K);
@@ -235,7 +258,7 @@ Tensor bsr_linear_grad_weight(const Tensor& grad_out, const Tensor& x,
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
     const BsrArgs<scalar_t> args{M, bn, bk, block_row_ptr.data_ptr<int32_t>(),
                                  block_col_idx.data_ptr<int32_t>(), nullptr};
-    at::parallel_for(0, Nb, 1, [&](int64_t i0, int64_t i1) {
+    parallel_by_cost(args.row_ptr, Nb, 0, [&](int64_t i0, int64_t i1) {
       k->bsr_grad_weight(args, dy.data_ptr<scalar_t>(), dy.size(1), xp.data_ptr<scalar_t>(),
                          xp.size(1), dw.data_ptr<scalar_t>(), i0, i1);
     });
@@ -261,7 +284,7 @@ void csr_spmm_into(const Tensor& dense, const int32_t* row_ptr, const int32_t* c
                             bias,
                             out.data_ptr<T>(),
                             out.size(1)};
-  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) { k->csr_spmm(args, r0, r1); });
+  parallel_by_cost(row_ptr, R, 4, [&](int64_t r0, int64_t r1) { k->csr_spmm(args, r0, r1); });
 }
 
 void check_csr_values(const Tensor& values, const char* op) {
@@ -344,7 +367,7 @@ Tensor csr_linear_grad_weight(const Tensor& grad_out, const Tensor& x, const Ten
     const CsrSddmmArgs<scalar_t> args{M,   R,   C,   row_ptr.data_ptr<int32_t>(),
                                       col_idx.data_ptr<int32_t>(), dy.data_ptr<scalar_t>(),
                                       xs.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>()};
-    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) { k->csr_sddmm(args, r0, r1); });
+    parallel_by_cost(args.row_ptr, R, 4, [&](int64_t r0, int64_t r1) { k->csr_sddmm(args, r0, r1); });
   });
   return dw;
 }

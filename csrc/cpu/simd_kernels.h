@@ -35,6 +35,20 @@ SK_INLINE void with_rows(int64_t rows, F&& f) {
 
 SK_INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// Calls body(start, rows) over [begin, end) in the fewest tiles of at most MAX rows, all of
+// nearly equal height: 32 rows with MAX=6 become 6,6,5,5,5,5 rather than 6,6,6,6,6,2, whose
+// last tile would have too few accumulators to hide the FMA latency.
+template <int MAX, class F>
+SK_INLINE void balanced_tiles(int64_t begin, int64_t end, F&& body) {
+  const int64_t total = end - begin;
+  int64_t tiles = (total + MAX - 1) / MAX;
+  for (int64_t start = begin; tiles > 0; --tiles) {
+    const int64_t rows = (end - start + tiles - 1) / tiles;
+    body(start, rows);
+    start += rows;
+  }
+}
+
 struct V8 {
   using reg = __m256;
   static constexpr int L = 8;
@@ -155,8 +169,8 @@ void bsr_forward_impl(const sparsekern::cpu::BsrArgs<float>& a, const float* x, 
     for (int64_t n0 = 0; n0 < bn; n0 += NT) {
       const float* bias_tile = bias ? bias + I * bn + n0 : nullptr;
       const float* w_tile = a.values + n0;
-      for (int64_t m = m0; m < m1; m += MR) {
-        with_rows<MR>(m1 - m, [&](auto R) {
+      balanced_tiles<MR>(m0, m1, [&](int64_t m, int64_t tile_rows) {
+        with_rows<MR>(tile_rows, [&](auto R) {
           constexpr int rows = decltype(R)::value;
           typename V::reg acc[rows][NV];
           for (int r = 0; r < rows; ++r)
@@ -170,7 +184,7 @@ void bsr_forward_impl(const sparsekern::cpu::BsrArgs<float>& a, const float* x, 
           for (int r = 0; r < rows; ++r)
             for (int v = 0; v < NV; ++v) V::store(y_tile + r * ldy + v * V::L, acc[r][v]);
         });
-      }
+      });
     }
   }
 }
@@ -188,8 +202,8 @@ void bsr_grad_weight_impl(const sparsekern::cpu::BsrArgs<float>& a, const float*
       float* dw_block = dw + p * block;
       for (int64_t n0 = 0; n0 < bn; n0 += NT) {
         const float* dy_tile = dy + I * bn + n0;
-        for (int64_t kk = 0; kk < bk; kk += MR) {
-          with_rows<MR>(bk - kk, [&](auto R) {
+        balanced_tiles<MR>(0, bk, [&](int64_t kk, int64_t tile_rows) {
+          with_rows<MR>(tile_rows, [&](auto R) {
             constexpr int rows = decltype(R)::value;
             typename V::reg acc[rows][NV];
             for (int r = 0; r < rows; ++r)
@@ -199,7 +213,7 @@ void bsr_grad_weight_impl(const sparsekern::cpu::BsrArgs<float>& a, const float*
               for (int v = 0; v < NV; ++v)
                 V::store(dw_block + (kk + r) * bn + n0 + v * V::L, acc[r][v]);
           });
-        }
+        });
       }
     }
   }
