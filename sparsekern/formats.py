@@ -84,13 +84,10 @@ class _Format:
 
     def to(self, *args, **kwargs):
         """Like Tensor.to: a dtype applies to values only, a device to every tensor."""
-        moved = {}
-        for name, t in self.tensors().items():
-            if name == "values":
-                moved[name] = t.to(*args, **kwargs)
-            else:
-                target = torch.empty(0).to(*args, **kwargs).device
-                moved[name] = t.to(target)
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        moved = {name: t.to(device) if device is not None else t
+                 for name, t in self.tensors().items()}
+        moved["values"] = self.values.to(device=device, dtype=dtype)
         return self._replace(moved)
 
     def _replace(self, tensors):
