@@ -105,21 +105,33 @@ def randn(*shape, dtype=torch.float32, generator=None) -> torch.Tensor:
 
 def unstructured_mask(n: int, k: int, sparsity: float, empty_rows=(), empty_cols=(),
                       generator=None) -> torch.Tensor:
-    """Bool [n, k]: each position kept with probability 1 - sparsity; listed rows/cols empty."""
+    """Bool [n, k]: each position kept with probability 1 - sparsity; listed rows/cols empty.
+    Unless sparsity is 1, at least one position is kept."""
     mask = torch.rand(n, k, generator=generator) >= sparsity  # rand < 1: 1.0 prunes all
-    mask[list(empty_rows)] = False
-    mask[:, list(empty_cols)] = False
-    return mask
+    return _apply_empty(mask, sparsity, empty_rows, empty_cols, generator)
+
+
+def _apply_empty(pattern, sparsity, empty_rows, empty_cols, generator):
+    """Empties the listed rows/cols; keeps one allowed entry if sparsity < 1 left none."""
+    allowed = torch.ones_like(pattern)
+    allowed[list(empty_rows)] = False
+    allowed[:, list(empty_cols)] = False
+    pattern &= allowed
+    if sparsity < 1.0 and not bool(pattern.any()) and bool(allowed.any()):
+        candidates = allowed.flatten().nonzero().flatten()
+        pick = candidates[torch.randint(candidates.numel(), (1,), generator=generator)]
+        pattern.view(-1)[pick] = True
+    return pattern
 
 
 def block_mask(n: int, k: int, block, sparsity: float, empty_block_rows=(),
                empty_block_cols=(), generator=None) -> torch.Tensor:
     """Bool [n, k] made of whole (bn, bk) blocks (cropped at ragged edges): each block kept with
-    probability 1 - sparsity; the listed block rows / block columns are empty."""
+    probability 1 - sparsity; the listed block rows / block columns are empty. Unless sparsity
+    is 1, at least one block is kept."""
     bn, bk = block
     present = block_pattern(math.ceil(n / bn), math.ceil(k / bk), sparsity, generator)
-    present[list(empty_block_rows)] = False
-    present[:, list(empty_block_cols)] = False
+    present = _apply_empty(present, sparsity, empty_block_rows, empty_block_cols, generator)
     return expand_pattern(present, block, n, k)
 
 
