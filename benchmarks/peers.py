@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,10 +34,14 @@ def torch_sparse_prepare(dense_weight: torch.Tensor, block: int | None, train: b
     F.linear(x, W_sparse) and x @ W_sparse.t() were 2-6x slower (they convert the layout on
     every call), so this is the fastest legitimate torch spelling.
     """
-    if block is None:
-        weight = dense_weight.to_sparse_csr()
-    else:
-        weight = dense_weight.to_sparse_bsr((block, block))
+    with warnings.catch_warnings():
+        # torch warns on every CSR/BSR construction that the layouts are beta: known, and it
+        # would drown the progress table.
+        warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
+        if block is None:
+            weight = dense_weight.to_sparse_csr()
+        else:
+            weight = dense_weight.to_sparse_bsr((block, block))
     weight.requires_grad_(train)
     return (lambda x: torch.sparse.mm(weight, x.t()).t()), [weight]
 

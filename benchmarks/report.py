@@ -1,0 +1,358 @@
+"""What a run is (command, machine, ISA, versions), the issue's targets, and the generated
+outputs: progress lines, RESULTS.md and results.json. Only numbers measured by the harness
+flow in here; nothing is typed by hand."""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import sparsekern as sk
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# The issue's speed targets: (format, mode, sparsity, minimum speedup of sparsekern vs dense).
+SPEED_TARGETS = (
+    ("bsr32", "forward", 0.80, 4.0),
+    ("bsr32", "forward", 0.90, 8.5),
+    ("bsr32", "forward", 0.95, 17.0),
+    ("bsr32", "train", 0.90, 7.0),
+    ("bsr16", "forward", 0.90, 6.0),
+    ("csr", "forward", 0.90, 4.5),
+    ("csr", "train", 0.90, 3.5),
+)
+# sparsekern must beat this peer: (format, mode, sparsity, peer).
+PEER_TARGETS = (("csr", "forward", 0.90, "sparseprop"),)
+# Parameter + optimizer-state bytes of a sparse layer vs nn.Linear, at this sparsity.
+MEMORY_TARGET_SPARSITY, MEMORY_TARGET_RATIO = 0.90, 0.15
+TARGET_BATCH = 256  # targets are stated for the default M
+
+MODE_TITLES = {"forward": "Forward (y = x W^T)",
+               "train": "Training step (forward + dX + dW; sparse dW at kept weights only)"}
+
+
+# --- what this run is --------------------------------------------------------------------------
+
+def cpu_description() -> dict:
+    """CPU model and the SIMD flags that matter here, from /proc/cpuinfo (Linux)."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    return {"model_name": fields.get("model name", platform.processor() or "unknown"),
+            "cpu_family": fields.get("cpu family"), "model": fields.get("model"),
+            "logical_cpus": os.cpu_count(),
+            "simd_flags": [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl")
+                           if f in flags]}
+
+
+def isa_description() -> dict:
+    if not sk._extension.available():
+        return {"extension_loaded": False, "active": "reference (pure torch)",
+                "available": [], "load_error": str(sk._extension.LOAD_ERROR)}
+    c = sk._extension._C
+    built = datetime.datetime.fromtimestamp(Path(c.__file__).stat().st_mtime,
+                                            datetime.timezone.utc)
+    return {"extension_loaded": True, "active": c.active_isa(),
+            "available": list(c.available_isas()),
+            "extension_built": built.isoformat(timespec="seconds")}
+
+
+def git_revision() -> str:
+    """HEAD plus a flag when the kernels differ from it: the numbers belong to the working tree."""
+    def git(*cmd):
+        return subprocess.run(["git", "-C", str(REPO_ROOT), *cmd], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "csrc", "sparsekern", "setup.py")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + (" + uncommitted changes in csrc/sparsekern" if dirty else "")
+
+
+def load_average() -> float | None:
+    """1-minute load average: other processes on a 2-core machine slow the 2-thread runs."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def run_metadata(command: list[str], args, all_peers) -> dict:
+    return {
+        "command": shlex.join(command),
+        "python": sys.executable,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": cpu_description(),
+        "isa": isa_description(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "git": git_revision(),
+        "load_average_start": load_average(),
+        "dtype": "float32",
+        "in_features": args.in_features, "out_features": args.out_features,
+        "batch_sizes": list(args.batch_sizes), "formats": list(args.formats),
+        "sparsities": list(args.sparsities),
+        "timing": {"warmup": args.warmup, "max_repeats": args.repeats,
+                   "group_budget_s": args.group_budget, "seed": args.seed},
+        "peers": {p.name: {"label": p.label, "available": p.prepare is not None,
+                           "version": p.version, "reason_absent": p.unavailable}
+                  for p in all_peers},
+    }
+
+
+# --- targets -----------------------------------------------------------------------------------
+
+def _find_row(rows, fmt, mode, sparsity, batch):
+    for row in rows:
+        if (row["format"], row["mode"], row["batch"]) == (fmt, mode, batch) and math.isclose(
+                row["sparsity"], sparsity):
+            return row
+    return None
+
+
+def target_batch(batch_sizes: list[int]) -> int:
+    return TARGET_BATCH if TARGET_BATCH in batch_sizes else batch_sizes[0]
+
+
+def _status(measured, ok) -> str:
+    return "not measured" if measured is None else ("pass" if ok else "MISS")
+
+
+def speed_targets(rows, batch) -> list[dict]:
+    out = []
+    for fmt, mode, sparsity, minimum in SPEED_TARGETS:
+        row = _find_row(rows, fmt, mode, sparsity, batch)
+        measured = row["speedup"]["sparsekern"] if row else None
+        out.append({"target": f"{fmt.upper()} {mode} >= {minimum:g}x at {sparsity:.0%}",
+                    "kind": "speedup", "format": fmt, "mode": mode, "sparsity": sparsity,
+                    "batch": batch, "threshold": minimum, "measured": measured,
+                    "status": _status(measured, measured is not None and measured >= minimum)})
+    return out
+
+
+def peer_targets(rows, batch, peers_meta) -> list[dict]:
+    out = []
+    for fmt, mode, sparsity, peer in PEER_TARGETS:
+        row = _find_row(rows, fmt, mode, sparsity, batch)
+        measured = None
+        if row and peer in row["ms"]:
+            measured = row["ms"][peer] / row["ms"]["sparsekern"]  # > 1: sparsekern is faster
+        why = None if measured is not None else (peers_meta.get(peer, {}).get("reason_absent")
+                                                 or "case not in this sweep")
+        out.append({"target": f"{fmt.upper()} {mode} faster than {peers_meta[peer]['label']} "
+                              f"at {sparsity:.0%} ({peer} ms / sparsekern ms > 1)",
+                    "kind": "vs_peer", "format": fmt, "mode": mode, "sparsity": sparsity,
+                    "batch": batch, "peer": peer, "threshold": 1.0, "measured": measured,
+                    "status": _status(measured, measured is not None and measured > 1.0),
+                    "note": why})
+    return out
+
+
+def memory_targets(memory_rows) -> list[dict]:
+    out = []
+    for row in memory_rows:
+        if row["layer"] == "dense":
+            continue
+        at_target = math.isclose(row["sparsity"], MEMORY_TARGET_SPARSITY)
+        measured = row["ratio"] if at_target else None
+        out.append({"target": f"memory {row['layer'].upper()} {row['optimizer']} <= "
+                              f"{MEMORY_TARGET_RATIO:g}x at {MEMORY_TARGET_SPARSITY:.0%} "
+                              f"(params + optimizer state)",
+                    "kind": "memory", "format": row["layer"], "optimizer": row["optimizer"],
+                    "sparsity": row["sparsity"], "threshold": MEMORY_TARGET_RATIO,
+                    "measured": measured,
+                    "status": _status(measured, measured is not None
+                                      and measured <= MEMORY_TARGET_RATIO),
+                    "with_index": row["ratio_with_index"]})
+    return out
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    batch = target_batch(results["batch_sizes"])
+    rows = results["linear"]
+    return (speed_targets(rows, batch) + peer_targets(rows, batch, results["peers"])
+            + memory_targets(results["memory"]))
+
+
+# --- text ---------------------------------------------------------------------------------------
+
+def fmt_ms(ms: float) -> str:
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}"
+
+
+def peer_cell(row: dict, name: str) -> str:
+    """'12.3 (2.9x)' when measured, 'n/a' when it rejected the case, '-' when not its row."""
+    if name in row["ms"]:
+        return f"{fmt_ms(row['ms'][name])} ({row['speedup'][name]:.2f}x)"
+    return "n/a" if name in row["peer_notes"] else "-"
+
+
+def progress_header(active_peers) -> str:
+    peer_cols = "".join(f"  {p.label + ' ms (x)':>22s}" for p in active_peers)
+    return (f"{'mode':7s} {'format':6s} {'sparsity':>8s} {'M':>5s} {'dense ms':>9s} "
+            f"{'sparsekern ms':>13s} {'speedup':>8s} {'ideal':>6s}{peer_cols}")
+
+
+def progress_line(row: dict, active_peers) -> str:
+    peer_cols = "".join(f"  {peer_cell(row, p.name):>22s}" for p in active_peers)
+    return (f"{row['mode']:7s} {row['format']:6s} {row['sparsity']:8.0%} {row['batch']:5d} "
+            f"{fmt_ms(row['ms']['dense']):>9s} {fmt_ms(row['ms']['sparsekern']):>13s} "
+            f"{row['speedup']['sparsekern']:7.2f}x {row['ideal']:5.1f}x{peer_cols}")
+
+
+def header_text(meta: dict) -> str:
+    m, isa = meta["machine"], meta["isa"]
+    return (f"sparsekern linear benchmark: {meta['command']}\n"
+            f"  {m['model_name']} (family {m['cpu_family']} model {m['model']}), "
+            f"{m['logical_cpus']} logical CPUs, flags {' '.join(m['simd_flags'])}\n"
+            f"  sparsekern ISA {isa['active']}; torch {meta['torch']}; threads "
+            f"{meta['threads']}; W [{meta['out_features']}, {meta['in_features']}] "
+            f"{meta['dtype']}")
+
+
+def memory_text(rows: list[dict]) -> str:
+    lines = ["memory (bytes after one optimizer step)"]
+    for r in rows:
+        lines.append(f"  {r['optimizer']:12s} {r['layer']:6s} params+state "
+                     f"{r['params_and_state_bytes']:>11,d} ({r['ratio']:.3f}x)  with index "
+                     f"{r['with_index_bytes']:>11,d} ({r['ratio_with_index']:.3f}x)")
+    return "\n".join(lines)
+
+
+def _measured_text(t: dict) -> str:
+    if t["measured"] is None:
+        return "-"
+    return f"{t['measured']:.3f}x" if t["kind"] == "memory" else f"{t['measured']:.2f}x"
+
+
+def targets_text(targets: list[dict]) -> str:
+    return "\n".join(["issue targets"] + [f"  {t['status']:12s} {_measured_text(t):>9s}  "
+                                          f"{t['target']}" for t in targets])
+
+
+# --- RESULTS.md / results.json --------------------------------------------------------------------
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _num(value) -> str:
+    return "unknown" if value is None else f"{value:.2f}"
+
+
+def md_header(results: dict) -> list[str]:
+    m, isa, t = results["machine"], results["isa"], results["timing"]
+    peers_line = "; ".join(
+        f"{p['label']} {p['version']}" if p["available"] else
+        f"{p['label']}: column absent, {p['reason_absent']}"
+        for p in results["peers"].values())
+    isa_text = isa["active"] + (f" (available: {', '.join(isa['available'])}; extension built "
+                                f"{isa['extension_built']})" if isa["extension_loaded"] else
+                                f" -- extension not loaded: {isa.get('load_error')}")
+    facts = [
+        ("command", f"`{results['command']}`"),
+        ("date (UTC)", results["date"]),
+        ("machine", f"{m['model_name']} (cpu family {m['cpu_family']}, model {m['model']}), "
+                    f"{m['logical_cpus']} logical CPUs, flags: {' '.join(m['simd_flags'])}"),
+        ("sparsekern ISA used", isa_text),
+        ("torch", f"{results['torch']} (dense = F.linear, MKL)"),
+        ("threads", str(results["threads"])),
+        ("shape", f"x [M, {results['in_features']}], W [{results['out_features']}, "
+                  f"{results['in_features']}], {results['dtype']}; M in "
+                  f"{', '.join(map(str, results['batch_sizes']))}"),
+        ("timing", f"one interleaved group per row (sparsekern.timing.interleaved_medians), "
+                   f"warm-up {t['warmup']} rounds, median of up to {t['max_repeats']} rounds "
+                   f"(slow groups: as many as fit {t['group_budget_s']:g} s, at least "
+                   f"min(9, max)); seed {t['seed']}"),
+        ("peers", peers_line),
+        ("source", results["git"]),
+        ("runtime", f"{results['runtime_s']:.0f} s"),
+        ("load average (1 min)", f"{_num(results['load_average_start'])} at start, "
+                                 f"{_num(results['load_average_end'])} at end (other processes "
+                                 f"share the {m['logical_cpus']} CPUs)"),
+    ]
+    return (["# sparsekern benchmark results: linear", "",
+             "Generated by `python -m benchmarks linear`; do not edit by hand, rerun it.", ""]
+            + _table(["", ""], [[k, v] for k, v in facts]))
+
+
+def md_targets(results: dict) -> list[str]:
+    targets = results["targets"]
+    batch = target_batch(results["batch_sizes"])
+    rows = [[t["target"], _measured_text(t), t["status"]] for t in targets]
+    lines = ["", f"## Issue targets (M={batch})", ""] + _table(["target", "measured", "result"],
+                                                                 rows)
+    notes = [f"- {t['target']}: {t['note']}" for t in targets if t.get("note")]
+    with_index = [f"{t['format'].upper()} {t['optimizer']} {t['with_index']:.3f}x"
+                  for t in targets if t["kind"] == "memory"]
+    if with_index:
+        notes.append("- memory including index buffers (not part of the target): "
+                     + ", ".join(with_index))
+    return lines + ([""] + notes if notes else [])
+
+
+def md_speed_table(results: dict, mode: str, batch: int) -> list[str]:
+    rows = [r for r in results["linear"] if r["mode"] == mode and r["batch"] == batch]
+    if not rows:
+        return []
+    peer_meta = [(name, p["label"]) for name, p in results["peers"].items() if p["available"]]
+    header = (["format", "sparsity", "dense ms", "dense GFLOP/s", "sparsekern ms", "speedup",
+               "ideal"]
+              + [f"{label} ms (speedup)" for _, label in peer_meta])
+    body = [[r["format"], f"{r['sparsity']:.0%}", fmt_ms(r["ms"]["dense"]),
+             f"{r['dense_gflops']:.0f}", fmt_ms(r["ms"]["sparsekern"]), f"**{r['speedup']['sparsekern']:.2f}x**",
+             f"{r['ideal']:.1f}x"] + [peer_cell(r, name) for name, _ in peer_meta]
+            for r in rows]
+    reasons = sorted({f"{results['peers'][name]['label']}: {note}"
+                      for r in rows for name, note in r["peer_notes"].items()})
+    lines = ["", f"## {MODE_TITLES[mode]}, M={batch}", ""] + _table(header, body)
+    if reasons:
+        lines += ["", "n/a = the peer rejected this case:"] + [f"- {why}" for why in reasons]
+    return lines
+
+
+def md_memory(results: dict) -> list[str]:
+    header = ["optimizer", "layer", "sparsity", "params B", "optimizer state B",
+              "params + state B", "ratio vs dense", "index buffers B", "total with index B",
+              "ratio with index"]
+    body = [[r["optimizer"], r["layer"], f"{r['sparsity']:.0%}", f"{r['param_bytes']:,}",
+             f"{r['optimizer_state_bytes']:,}", f"{r['params_and_state_bytes']:,}",
+             f"{r['ratio']:.3f}x", f"{r['index_bytes']:,}", f"{r['with_index_bytes']:,}",
+             f"{r['ratio_with_index']:.3f}x"] for r in results["memory"]]
+    return (["", f"## Training memory of one {results['out_features']}x"
+                 f"{results['in_features']} layer (with bias)", "",
+             "Bytes of the actual tensors after one optimizer step: `module.parameters()` + "
+             "`optimizer.state`; index buffers (`module.buffers()`) counted separately.", ""]
+            + _table(header, body))
+
+
+def markdown(results: dict) -> str:
+    lines = md_header(results) + md_targets(results)
+    for batch in results["batch_sizes"]:
+        for mode in ("forward", "train"):
+            lines += md_speed_table(results, mode, batch)
+    lines += md_memory(results)
+    return "\n".join(lines) + "\n"
+
+
+def write(results: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, js = out_dir / "RESULTS.md", out_dir / "results.json"
+    md.write_text(markdown(results))
+    js.write_text(json.dumps(results, indent=1) + "\n")
+    return [md, js]

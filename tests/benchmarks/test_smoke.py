@@ -1,0 +1,116 @@
+"""Smoke of the benchmark harness: its code paths at a tiny size, run once each.
+
+pytest's addopts carry --benchmark-disable, so the `benchmark` fixture calls each function once
+as a plain test; `pytest --benchmark-enable tests/benchmarks` times them. No timing assertions
+(DESIGN.md: speed is proven by `python -m benchmarks`, never by tests).
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import linear, memory, peers, report
+from benchmarks.masks import block_mask, exact_random_mask
+
+OUT_FEATURES, IN_FEATURES = 128, 192  # whole 64x64 blocks, so torch's BSR accepts every format
+BATCH = 16
+REPO_ROOT = Path(__file__).resolve().parents[2]  # `python -m benchmarks` runs from here
+ACTIVE_PEERS = [p for p in peers.available_peers(threads=1) if p.prepare is not None]
+
+
+def pruned_weight(fmt: str, sparsity: float) -> linear.PrunedWeight:
+    gen = torch.Generator().manual_seed(0)
+    block = linear.FORMATS[fmt]
+    mask = linear.make_mask(block, OUT_FEATURES, IN_FEATURES, sparsity, gen)
+    dense = torch.randn(OUT_FEATURES, IN_FEATURES, generator=gen) * mask
+    return linear.PrunedWeight(fmt, block, sparsity, mask, dense)
+
+
+def test_unstructured_mask_keeps_exact_count():
+    mask = exact_random_mask((37, 53), 0.9, torch.Generator().manual_seed(1))
+    assert int(mask.sum()) == round(0.1 * 37 * 53)
+
+
+@pytest.mark.parametrize("block", [16, 32, 64])
+def test_block_mask_keeps_exact_whole_blocks(block):
+    mask = block_mask(128, 256, block, 0.75, torch.Generator().manual_seed(2))
+    tiles = mask.view(128 // block, block, 256 // block, block)
+    kept = tiles.any(dim=3).any(dim=1)
+    assert torch.equal(tiles.all(dim=3).all(dim=1), kept)  # a tile is all kept or all pruned
+    assert int(kept.sum()) == round(0.25 * kept.numel())
+
+
+@pytest.mark.parametrize("mode", linear.MODES)
+@pytest.mark.parametrize("fmt", list(linear.FORMATS))
+def test_group_candidates_run(benchmark, fmt, mode):
+    weight = pruned_weight(fmt, 0.75)
+    fns, notes, errors = linear.build_group(weight, BATCH, mode, ACTIVE_PEERS,
+                                            torch.Generator().manual_seed(3))
+    assert {"dense", "sparsekern"} <= fns.keys()
+    for peer in ACTIVE_PEERS:  # every applicable peer is either measured or says why not
+        if peer.applies(weight.block):
+            assert (peer.name in fns) != (peer.name in notes)
+    assert set(errors) == set(fns) - {"dense"}  # y (forward) or dX (train) checked vs dense
+    assert max(errors.values()) < 1e-5
+    benchmark(fns["sparsekern"])
+
+
+def test_time_group_reports_every_candidate():
+    weight = pruned_weight("csr", 0.9)
+    fns, _, _ = linear.build_group(weight, BATCH, "forward", [], torch.Generator())
+    medians, repeats = linear.time_group(fns, linear.Timing(warmup=1, max_repeats=2,
+                                                            group_budget_s=0.01))
+    assert set(medians) == {"dense", "sparsekern"} and repeats == 2
+    assert all(s > 0 for s in medians.values())
+
+
+def test_memory_counts_sparse_layers_below_dense():
+    rows = memory.measure(IN_FEATURES, OUT_FEATURES, 0.9)
+    assert {(r["optimizer"], r["layer"]) for r in rows} == {
+        (o, layer) for o in memory.OPTIMIZERS for layer in ("dense", "bsr32", "csr")}
+    for r in rows:
+        assert r["optimizer_state_bytes"] > 0  # the step created state
+        if r["layer"] != "dense":
+            assert r["ratio"] < 0.5 and r["index_bytes"] > 0
+
+
+def test_quick_run_writes_results(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "benchmarks", "linear", "--quick", "--out", str(out),
+           "--in-features", "128", "--out-features", "128", "--batch-sizes", "16",
+           "--formats", "bsr16,csr", "--sparsities", "0.5,0.9", "--threads", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "issue targets" in done.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert {"command", "machine", "isa", "torch", "threads", "date", "peers", "linear",
+            "memory", "targets", "runtime_s"} <= results.keys()
+    assert results["threads"] == 1
+    assert len(results["linear"]) == 2 * 2 * len(linear.MODES)  # formats x sparsities x modes
+    for row in results["linear"]:
+        assert {"mode", "format", "sparsity", "batch", "ms", "speedup", "ideal",
+                "repeats"} <= row.keys()
+        assert {"dense", "sparsekern"} <= row["ms"].keys()
+    assert {t["status"] for t in results["targets"]} <= {"pass", "MISS", "not measured"}
+    text = (out / "RESULTS.md").read_text()
+    assert results["command"] in text
+    for heading in ("Issue targets", "Forward", "Training step", "Training memory"):
+        assert heading in text
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(SystemExit):
+        linear.parse_args(["--formats", "bsr7"])
+    with pytest.raises(SystemExit):
+        linear.parse_args(["--sparsities", "1.5"])
+
+
+def test_targets_cover_the_issue():
+    results = {"batch_sizes": [256], "linear": [], "memory": [],
+               "peers": {"sparseprop": {"label": "SparseProp", "reason_absent": "x"}}}
+    targets = report.evaluate_targets(results)
+    assert len(targets) == len(report.SPEED_TARGETS) + len(report.PEER_TARGETS)
+    assert all(t["status"] == "not measured" for t in targets)
