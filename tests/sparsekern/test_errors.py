@@ -114,6 +114,8 @@ def test_valid_hand_made_formats_are_accepted():
 
 CSR_CTOR_CASES = {
     "values_2d": (dict(values=torch.randn(4, 1)), r"values must be 1-D \[nnz\], got \(4, 1\)"),
+    "values_3d": (dict(values=torch.randn(1, 4, 1)),
+                  r"values must be 1-D \[nnz\], got \(1, 4, 1\)"),
     "ptr_int64": (dict(row_ptr=torch.tensor([0, 2, 2, 4])), "row_ptr must be a 1-D int32"),
     "idx_int16": (dict(col_idx=torch.tensor([0, 3, 1, 2], dtype=torch.int16)),
                   "col_idx must be a 1-D int32"),
@@ -196,10 +198,15 @@ def _op_cases():
             (op, 8, lambda n: n + 100, f"{p}row_ptr must have"),
         ]
     cases += [
-        ("bsr_linear", 1, lambda t: t.flatten(1), r"values must be \[nnz_blocks, block_k, block_n\]"),
+        ("bsr_linear", 1, lambda t: t.flatten(1),
+         r"values must be \[nnz_blocks, block_k, block_n\]"),
         ("bsr_linear", 1, lambda t: t[:, :, :4].contiguous(),
          "block dims must be positive multiples of 8, got block_k=8 block_n=4"),
         ("csr_linear", 1, lambda t: t.view(-1, 1), r"values must be 1-D \[nnz\]"),
+        ("csr_linear", 1, lambda t: t.view(1, -1, 1),
+         r"values must be 1-D \[nnz\], got shape \[1, "),
+        ("csr_linear_grad_input", 1, lambda t: t.view(1, -1, 1), r"values must be 1-D \[nnz\]"),
+        ("bsr_linear_grad_input", 1, lambda t: t[0], r"values must be \[nnz_blocks"),
     ]
     for op in ("bsr_linear_grad_input", "csr_linear_grad_input"):
         p = "block_" if op.startswith("bsr") else ""
