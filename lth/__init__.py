@@ -1,0 +1,1 @@
+"""lth: the lottery-ticket training stack over sparsekern (`python -m lth.train`)."""

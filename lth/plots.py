@@ -1,0 +1,75 @@
+"""PNG plots of a run (matplotlib, Agg backend): accuracy vs sparsity with one line per
+method/branch, and training-step time vs sparsity (dense-masked vs sparse)."""
+from __future__ import annotations
+
+import os
+import warnings
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        warnings.warn("matplotlib is not installed (pip install matplotlib): no plots written",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _by_line(entries):
+    lines: dict[str, list[dict]] = {}
+    dense = [e for e in entries if e["round"] == 0 and e["branch"] == "ticket"]
+    for e in entries:
+        label = e["method"] if e["branch"] == "ticket" else e["branch"]
+        lines.setdefault(label, []).append(e)
+    for label, es in lines.items():  # branches start from the dense point, like the ticket
+        if dense and es[0]["branch"] != "ticket":
+            lines[label] = dense + es
+        lines[label] = sorted(lines[label], key=lambda e: e["sparsity"])
+    return lines
+
+
+def plot_run(run_dir: str, entries: list[dict]) -> list[str]:
+    """Writes <run_dir>/plots/*.png; returns their paths (none without matplotlib)."""
+    plt = _pyplot()
+    if plt is None or not entries:
+        return []
+    out_dir = os.path.join(run_dir, "plots")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, es in _by_line(entries).items():
+        ax.plot([100 * e["sparsity"] for e in es], [100 * e["test_acc"] for e in es],
+                marker="o", label=label)
+    ax.set_xlabel("sparsity (% of prunable weights removed)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"accuracy vs sparsity: {os.path.basename(os.path.normpath(run_dir))}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths.append(os.path.join(out_dir, "accuracy_vs_sparsity.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    ticket = sorted((e for e in entries if e["branch"] == "ticket"), key=lambda e: e["sparsity"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = [100 * e["sparsity"] for e in ticket]
+    ax.plot(xs, [e["step_ms_dense"] for e in ticket], marker="o", label="dense (masked)")
+    ax.plot(xs, [e["step_ms_sparse"] for e in ticket], marker="o", label="sparse (sparsekern)")
+    if all(e.get("step_ms_unmasked") is not None for e in ticket):
+        ax.plot(xs, [e["step_ms_unmasked"] for e in ticket], marker=".", linestyle=":",
+                label="dense (unmasked parent)")
+    ax.set_xlabel("sparsity (% of prunable weights removed)")
+    ax.set_yscale("log")
+    ax.set_ylabel("training step (ms, median, log scale)")
+    ax.set_title("training step time vs sparsity (measured in one process)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths.append(os.path.join(out_dir, "step_time_vs_sparsity.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,172 @@
+"""Where tickets meet sparsekern: a pruned model is converted with `sparsekern.sparsify` for
+training and evaluation, turned back into plain dense modules for pruning and saving, and timed
+dense-masked vs sparse in the same process.
+
+Linear layers go through sparsekern (SparseLinear where the auto policy finds sparse faster, else
+its MaskedLinear). sparsekern has no sparse convolution yet, so pruned Conv2d layers train as
+MaskedConv2d (dense kernels, fixed mask) and are reported as "masked-dense".
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsekern as sk
+from sparsekern.timing import interleaved_medians
+
+
+class MaskedConv2d(nn.Conv2d):
+    """A Conv2d with a fixed mask: pruned weights take no part in the output, so they get no
+    gradient; they are stored as exact zeros."""
+
+    def __init__(self, conv: nn.Conv2d, mask: torch.Tensor):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                         conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                         conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+        self.register_buffer("weight_mask", mask.clone())
+        with torch.no_grad():
+            self.weight.copy_(conv.weight * mask)
+            if conv.bias is not None:
+                self.bias.copy_(conv.bias)
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight * self.weight_mask, self.bias)
+
+    def mask(self) -> torch.Tensor:
+        return self.weight_mask
+
+    def to_conv(self) -> nn.Conv2d:
+        out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                        self.padding, self.dilation, self.groups, self.bias is not None,
+                        self.padding_mode, device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.weight * self.weight_mask)
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+
+def _module_name(param_name: str) -> str:
+    return param_name[: -len(".weight")] if param_name.endswith(".weight") else ""
+
+
+def _set(model: nn.Module, name: str, module: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def zero_pruned(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Pruned weights of a plain dense model set to exact zeros."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, m in masks.items():
+            params[n].mul_(m.to(params[n].device))
+
+
+def sparsify_model(model: nn.Module, masks: dict[str, torch.Tensor], format: str = "auto",
+                   policy: str = "auto", block=None, batch_size: int = 256,
+                   decisions: dict | None = None, repeats: int = 7) -> dict[str, dict]:
+    """Converts the pruned layers of a plain dense model in place; returns, per pruned weight,
+    what runs it: {"kind", "chosen": sparse | dense | masked-dense, "format", "sparsity", ...}.
+
+    decisions: the result of an earlier call for the same masks -- each layer is then rebuilt
+    the same way without timing (resume, and every DDP rank following rank 0).
+    """
+    modules = dict(model.named_modules())
+    out: dict[str, dict] = {}
+    linear = {n: m for n, m in masks.items() if isinstance(modules[_module_name(n)], nn.Linear)}
+    conv = {n: m for n, m in masks.items() if isinstance(modules[_module_name(n)], nn.Conv2d)}
+    other = sorted(set(masks) - set(linear) - set(conv))
+    if other:
+        raise ValueError(f"sparsify_model: masks for weights that are not Linear/Conv2d: {other}")
+    if linear:
+        if decisions is None:
+            sk.sparsify(model, linear, format=format, policy=policy, block=block,
+                        batch_size=batch_size, repeats=repeats)
+        else:
+            for chosen in ("sparse", "dense"):
+                chosen_masks = {n: m for n, m in linear.items()
+                                if decisions[n]["chosen"] == chosen}
+                if chosen_masks:
+                    sk.sparsify(model, chosen_masks, format=format, policy=chosen, block=block)
+        found = sk.decisions(model)
+        for n in linear:
+            d = dict(found[_module_name(n)])
+            if decisions is not None:  # keep the measurements that led to the choice
+                d = {**decisions[n], **{k: d[k] for k in ("chosen", "format", "sparsity")}}
+            out[n] = {"kind": "linear", **d}
+    for n, m in conv.items():
+        name = _module_name(n)
+        _set(model, name, MaskedConv2d(modules[name], m))
+        out[n] = {"kind": "conv", "chosen": "masked-dense", "format": "dense",
+                  "sparsity": 1.0 - int(m.sum()) / m.numel(),
+                  "note": "sparsekern has no sparse conv kernel yet"}
+    return out
+
+
+def densify_model(model: nn.Module) -> nn.Module:
+    """SparseLinear / MaskedLinear / MaskedConv2d back to nn.Linear / nn.Conv2d (in place)."""
+    sk.densify(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MaskedConv2d):
+            _set(model, name, module.to_conv())
+    return model
+
+
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state of the equivalent plain dense model (zeros where pruned), detached copies."""
+    return {k: v.detach().clone() for k, v in densify_model(copy.deepcopy(model)).state_dict()
+            .items()}
+
+
+def current_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{param name of the dense model: mask} read back from the converted modules."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (sk.SparseLinear, sk.MaskedLinear, MaskedConv2d)):
+            out[f"{name}.weight" if name else "weight"] = module.mask().clone()
+    return out
+
+
+def check_pruned_zero(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
+    """Raises if a pruned weight of a dense state is not exactly zero."""
+    for n, m in masks.items():
+        bad = int((state[n][~m.to(state[n].device)] != 0).sum())
+        if bad:
+            raise RuntimeError(f"mask invariant broken: {bad} pruned weights of {n} are nonzero")
+
+
+def masked_dense_copy(dense_model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of a plain dense model where every pruned layer runs masked-dense."""
+    m = copy.deepcopy(dense_model)
+    sparsify_model(m, masks, policy="dense")
+    return m
+
+
+def time_train_steps(models: dict[str, nn.Module], make_optimizer, batch, loss_fn,
+                     warmup: int = 3, repeats: int = 15) -> dict[str, float]:
+    """Median milliseconds of one training step (zero_grad, forward, loss, backward, optimizer
+    step) of each model on the same batch, interleaved in this process. The models are trained
+    by the timing, so pass copies."""
+    x, y = batch
+
+    def stepper(model):
+        model.train()
+        opt = make_optimizer(model.parameters())
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+        return step
+
+    times = interleaved_medians({k: stepper(m) for k, m in models.items()}, warmup=warmup,
+                                repeats=repeats)
+    return {k: v * 1e3 for k, v in times.items()}
+
+
+def cross_entropy(label_smoothing: float = 0.0):
+    return lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing)

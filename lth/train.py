@@ -1,0 +1,475 @@
+"""`python -m lth.train`: find lottery tickets, train them on sparse kernels, report.
+
+One plain training loop (`Experiment.train_phase`) runs every phase of a run: the dense round 0,
+each pruned round of the ticket line, and the sanity-check branches. Around it:
+
+- after each prune the model is `sparsekern.sparsify`'d (policy auto per linear layer) for
+  training and evaluation, and turned back into a plain dense model only to save and to prune;
+- a training step of the whole model is timed dense-masked vs as trained, interleaved, in this
+  process (`step_ms_dense`, `step_ms_sparse`);
+- a checkpoint (dense weights, masks, optimizer, scheduler, RNG states, per-layer kernel choices)
+  is written atomically at the end of every epoch; a rerun resumes after the last finished epoch
+  and skips finished phases; a finished run is reported, not redone;
+- under torchrun, DistributedDataParallel (gloo on CPU, nccl on GPU): rank 0 decides the masks
+  and the kernels, every rank checks it has the same, and only rank 0 writes.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lth import checkpoint, distributed, methods, pruning
+from lth.cli import parse_config
+from lth.datasets import DataError, load_dataset
+from lth.datasets.loader import epoch_order, iterate, num_batches
+from lth.hparams import Config
+from lth.methods import BRANCHES, METHODS, Phase, derive_seed
+from lth.models import build_model
+from lth.results import format_table, write_summary
+from lth.sparse import (check_pruned_zero, cross_entropy, dense_state_dict, masked_dense_copy,
+                        sparsify_model, time_train_steps, zero_pruned)
+
+CHECKPOINT_FORMAT = 1
+EVAL_BATCH = 512
+
+
+class UsageError(Exception):
+    """A setting that cannot work with this data/model; reported like a bad flag."""
+
+
+def make_optimizer(t, params):
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
+                               weight_decay=t.weight_decay)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+class Experiment:
+    def __init__(self, config: Config, dist: distributed.Dist | None = None, argv=None):
+        self.c = c = config
+        self.dist = dist or distributed.Dist()
+        self.argv = list(sys.argv[1:] if argv is None else argv)
+        self.device = resolve_device(c.run.device, self.dist.local_rank)
+        if c.run.threads:
+            torch.set_num_threads(c.run.threads)
+        elif self.dist.enabled and self.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.dist.local_world))
+        if c.training.batch_size % self.dist.world:
+            raise UsageError(f"--batch-size {c.training.batch_size} is not divisible by the "
+                             f"{self.dist.world} DDP processes")
+        self.batch_size = c.training.batch_size // self.dist.world
+        try:
+            self.data = load_dataset(c.dataset)
+        except DataError as e:
+            raise UsageError(str(e)) from None
+        self.template = self.fresh_model(derive_seed(c.training.seed, "init"))
+        try:
+            self.prunable = pruning.prunable_names(self.template, c.pruning.exclude)
+            if c.pruning.granularity == "nm":
+                for n in self.prunable:
+                    pruning.nm_groups(dict(self.template.named_parameters())[n], c.pruning.nm[1],
+                                      n)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if not self.prunable and METHODS.get(c.method.name).last_round(c) >= 1:
+            raise UsageError("--prune-exclude leaves no layer to prune")
+        self.steps_per_epoch = num_batches(
+            len(epoch_order(len(self.data.train), 0, True, self.dist.rank, self.dist.world)),
+            self.batch_size)
+        total = c.training.epochs * self.steps_per_epoch
+        if methods.needs_rewind_point(c) or c.method.rewind == "lr":
+            k = methods.rewind_step(c, self.steps_per_epoch)
+            if k >= total:
+                raise UsageError(f"--rewind-to {c.method.rewind_to}: step {k} is not before the "
+                                 f"end of training ({total} iterations = {c.training.epochs} "
+                                 f"epochs x {self.steps_per_epoch})")
+        self.run_dir = os.path.join(c.run.runs_dir, c.run_name())
+        self.phases = methods.phases(c)
+        self.loss_fn = cross_entropy(c.training.label_smoothing)
+
+    # ------------------------------------------------------------------ small helpers
+    def log(self, msg: str):
+        if self.dist.main:
+            from tqdm import tqdm
+            tqdm.write(msg, file=sys.stdout)
+            sys.stdout.flush()
+
+    def path(self, *parts) -> str:
+        return os.path.join(self.run_dir, *parts)
+
+    def fresh_model(self, seed: int) -> nn.Module:
+        return build_model(self.c.model, self.data.input_shape, self.data.num_classes, seed)
+
+    def done(self, phase: Phase) -> bool:
+        return os.path.isfile(self.path(phase.key, "result.json"))
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> list[dict]:
+        c, finished = self.c, all(self.done(p) for p in self.phases)
+        if finished:
+            self.log(f"run already finished: {self.run_dir} (delete it to train again)")
+        else:
+            self.prepare_run_dir()
+            for phase in self.phases:
+                if not self.done(phase):
+                    self.train_phase(phase)
+                self.dist.barrier()
+        entries = [checkpoint.read_json(self.path(p.key, "result.json")) for p in self.phases]
+        if self.dist.main:
+            write_summary(self.run_dir, entries)
+            from lth.plots import plot_run
+            from lth.report import report_text, verdicts
+            plots = plot_run(self.run_dir, entries)
+            rows = verdicts(entries)
+            text = report_text(rows)
+            checkpoint.write_text(text + "\n", self.path("report.txt"))
+            checkpoint.write_json(rows, self.path("report.json"))
+            self.log("")
+            self.log(format_table(entries))
+            self.log("")
+            self.log(text)
+            self.log("")
+            self.log(f"run dir:  {self.run_dir}")
+            self.log(f"summary:  {self.path('summary.json')} (+ summary.csv, metrics.jsonl)")
+            if plots:
+                self.log("plots:    " + ", ".join(plots))
+            self.log(f"report:   python -m lth.report {self.run_dir}")
+        return entries
+
+    def prepare_run_dir(self):
+        info = {"name": self.c.run_name(), "hash": self.c.hash(),
+                "non_default": self.c.non_default(), "config": self.c.to_dict(),
+                "command": ["python", "-m", "lth.train", *self.argv],
+                "world_size": self.dist.world, "sparsekern_extension":
+                    __import__("sparsekern")._extension.available()}
+        existing = self.path("config.json")
+        if os.path.isfile(existing):
+            old = checkpoint.read_json(existing)
+            if old.get("non_default") != info["non_default"]:
+                raise UsageError(f"{self.run_dir} holds a run with other settings "
+                                 f"({old.get('non_default')}); pass another --name or delete it")
+            started = any(os.path.isdir(self.path(p.key)) for p in self.phases)
+            self.log(f"resuming {self.run_dir}" if started else f"run dir: {self.run_dir}")
+        elif self.dist.main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            checkpoint.write_json(info, existing)
+            self.log(f"run dir: {self.run_dir}")
+        self.dist.barrier()
+
+    # ------------------------------------------------------------------ masks and weights
+    def ticket_masks(self, round_index: int) -> dict[str, torch.Tensor]:
+        if round_index == 0:
+            return pruning.full_masks(self.template, self.prunable)
+        return checkpoint.load(self.path(Phase(round_index).key, "masks.pt"))
+
+    def final_state(self, round_index: int) -> dict[str, torch.Tensor]:
+        return checkpoint.load(self.path(Phase(round_index).key, "checkpoint.pt"))["model"]
+
+    def compute_masks(self, phase: Phase) -> dict[str, torch.Tensor]:
+        c = self.c
+        if phase.branch != "ticket":
+            gen = methods.generator(c.training.seed, "branch-mask", phase.branch, phase.round)
+            return BRANCHES.get(phase.branch).make_masks(c, self.ticket_masks(phase.round), gen)
+        previous = self.final_state(phase.round - 1)
+        weights = {n: previous[n] for n in self.prunable}
+        scores = pruning.STRATEGIES.get(c.pruning.strategy)(
+            weights, methods.generator(c.training.seed, "prune-scores", phase.round))
+        return METHODS.get(c.method.name).next_masks(c, scores, self.ticket_masks(
+            phase.round - 1), phase.round)
+
+    def phase_masks(self, phase: Phase) -> dict[str, torch.Tensor]:
+        """Masks of a pruned phase: computed once by rank 0, saved to masks.pt, read back by
+        every rank and checked to be identical everywhere."""
+        if phase.round == 0:
+            return {}
+        path = self.path(phase.key, "masks.pt")
+        if self.dist.main and not os.path.isfile(path):
+            checkpoint.save(self.compute_masks(phase), path)
+        self.dist.barrier()
+        masks = checkpoint.load(path)
+        digest = sum(float((m.flatten().double() * torch.arange(1, m.numel() + 1,
+                                                                 dtype=torch.float64)).sum())
+                     for m in masks.values())
+        if not self.dist.same_everywhere(digest):
+            raise RuntimeError(f"{phase.key}: masks differ between DDP ranks")
+        return masks
+
+    def start_state(self, phase: Phase, plan: methods.Plan) -> dict[str, torch.Tensor]:
+        c = self.c
+        if phase.branch != "ticket":
+            if BRANCHES.get(phase.branch).start == "ticket":
+                return self.start_state(Phase(phase.round), plan)
+            return self.fresh_model(derive_seed(c.training.seed, "branch-init", phase.branch,
+                                                phase.round)).state_dict()
+        if plan.start == "init":
+            return self.template.state_dict()
+        if plan.start == "rewind":
+            return checkpoint.load(self.path(Phase(0).key, "rewind.pt"))
+        return self.final_state(phase.round - 1)
+
+    # ------------------------------------------------------------------ timing
+    def measure(self, dense: nn.Module, trained: nn.Module, masks) -> dict:
+        """Median ms of one training step: dense-masked, as trained (sparse), unmasked parent."""
+        order = epoch_order(len(self.data.train), 0, False)[: self.batch_size]
+        x, y = next(iterate(self.data.train, order, self.batch_size))
+        batch = (x.to(self.device), y.to(self.device))
+        s = self.c.sparse
+        models = {"unmasked": copy.deepcopy(dense)}
+        if masks:
+            models["dense"] = masked_dense_copy(dense, masks)
+            models["sparse"] = copy.deepcopy(trained)
+        times = time_train_steps(models, lambda p: make_optimizer(self.c.training, p), batch,
+                                 self.loss_fn, s.timing_warmup, s.timing_repeats)
+        times.setdefault("dense", times["unmasked"])
+        times.setdefault("sparse", times["unmasked"])
+        return {"step_ms_dense": times["dense"], "step_ms_sparse": times["sparse"],
+                "step_ms_unmasked": times["unmasked"], "timing_batch": len(y),
+                "timing_threads": torch.get_num_threads()}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> tuple[float, float]:
+        model.eval()
+        order = epoch_order(len(self.data.test), 0, False, self.dist.rank, self.dist.world,
+                            equal_shards=False)
+        loss = correct = count = 0.0
+        for x, y in iterate(self.data.test, order, EVAL_BATCH, self.c.dataset.num_workers):
+            x, y = x.to(self.device), y.to(self.device)
+            out = model(x)
+            loss += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += float((out.argmax(1) == y).sum())
+            count += len(y)
+        model.train()
+        loss, correct, count = self.dist.all_sum([loss, correct, count])
+        return loss / count, correct / count
+
+    # ------------------------------------------------------------------ the training loop
+    def train_phase(self, phase: Phase):
+        c, d = self.c, self.dist
+        pdir = self.path(phase.key)
+        spe = self.steps_per_epoch
+        plan = methods.plan(c, phase.round, spe)
+        ckpt = checkpoint.load_if_exists(os.path.join(pdir, "checkpoint.pt"))
+        if ckpt is not None and ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise RuntimeError(f"{pdir}/checkpoint.pt has an unknown format")
+        masks = self.phase_masks(phase)
+        sparsity = pruning.sparsity(masks) if masks else 0.0
+
+        # the model: plain dense weights (zeros where pruned), then sparsified
+        model = self.fresh_model(derive_seed(c.training.seed, "init"))
+        model.load_state_dict(ckpt["model"] if ckpt else self.start_state(phase, plan))
+        zero_pruned(model, masks)
+        model.to(self.device)
+        masks = {n: m.to(self.device) for n, m in masks.items()}
+        dense = copy.deepcopy(model)
+        decisions = ckpt["decisions"] if ckpt else None
+        if masks:
+            if decisions is None:
+                if d.main:
+                    decisions = sparsify_model(model, masks, c.sparse.format, c.sparse.policy,
+                                               self._block(), self.batch_size)
+                decisions = d.broadcast(decisions)
+            if not (d.main and ckpt is None):
+                sparsify_model(model, masks, c.sparse.format, c.sparse.policy, self._block(),
+                               decisions=decisions)
+        decisions = decisions or {}
+        timing = ckpt["timing"] if ckpt else d.broadcast(
+            self.measure(dense, model, masks) if d.main else None)
+        del dense
+
+        optimizer = make_optimizer(c.training, model.parameters())
+        if plan.constant_lr is not None:
+            for g in optimizer.param_groups:
+                g["lr"] = g["initial_lr"] = plan.constant_lr
+            factor = (lambda i: 1.0)
+        else:
+            factor = (lambda i, first=plan.first_step: methods.lr_factor(c.training, first + i,
+                                                                         spe))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        step, history, wall = plan.first_step, [], 0.0
+        if ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            checkpoint.set_rng_state(ckpt["rng"])
+            step, history, wall = ckpt["step"], list(ckpt["history"]), ckpt["wall_s"]
+            self.log(f"{phase.key}: resuming after epoch {step // spe} (step {step})")
+            self._rewrite_metrics(phase, history)
+        else:
+            torch.manual_seed(derive_seed(c.training.seed, "train", phase.key))
+        capture_rewind = (phase == Phase(0) and methods.needs_rewind_point(c))
+        rewind_at = methods.rewind_step(c, spe) if capture_rewind else -1
+        if capture_rewind and step == rewind_at == 0 and d.main:
+            checkpoint.save(dense_state_dict(model), os.path.join(pdir, "rewind.pt"))
+
+        net = model
+        if d.enabled:
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                forward_sync_buffers=False)
+        from tqdm import tqdm
+        kernels = sum(1 for v in decisions.values() if v["chosen"] == "sparse")
+        bar = tqdm(total=plan.last_step - plan.first_step, initial=step - plan.first_step,
+                   desc=f"{phase.key} {100 * sparsity:5.1f}% sparse", leave=False,
+                   disable=None if (c.run.progress and d.main) else True, dynamic_ncols=True,
+                   mininterval=0.5, file=sys.stderr)
+        start_time = time.perf_counter()
+        model.train()
+        while step < plan.last_step:
+            epoch = step // spe
+            order = epoch_order(len(self.data.train),
+                                derive_seed(c.training.seed, "data", phase.key, epoch),
+                                True, d.rank, d.world)
+            loss_sum = correct = seen = 0.0
+            for x, y in iterate(self.data.train, order, self.batch_size,
+                                c.dataset.num_workers, skip=step - epoch * spe):
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                out = net(x)
+                loss = self.loss_fn(out, y)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                loss_sum += loss.item() * len(y)
+                correct += float((out.argmax(1) == y).sum())
+                seen += len(y)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                                refresh=False)
+                if step == rewind_at and d.main:
+                    checkpoint.save(dense_state_dict(model), os.path.join(pdir, "rewind.pt"))
+                if step >= plan.last_step:
+                    break
+            # end of epoch: evaluate, checkpoint, log
+            d.average_buffers(model)
+            loss_sum, correct, seen = d.all_sum([loss_sum, correct, seen])
+            test_loss, test_acc = self.evaluate(model)
+            wall += time.perf_counter() - start_time
+            start_time = time.perf_counter()
+            row = {"phase": phase.key, "round": phase.round, "branch": phase.branch,
+                   "epoch": -(-step // spe), "step": step, "lr": scheduler.get_last_lr()[0],
+                   "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                   "test_loss": test_loss, "test_acc": test_acc, "sparsity": sparsity,
+                   "wall_s": wall}
+            history.append(row)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}",
+                            test=f"{test_acc:.3f}")
+            if d.main:
+                state = dense_state_dict(model)
+                check_pruned_zero(state, masks)
+                checkpoint.save({
+                    "format": CHECKPOINT_FORMAT, "phase": phase.key, "round": phase.round,
+                    "branch": phase.branch, "config_hash": c.hash(), "step": step,
+                    "epoch": row["epoch"], "first_step": plan.first_step,
+                    "last_step": plan.last_step, "model": state,
+                    "masks": {n: m.cpu() for n, m in masks.items()}, "decisions": decisions,
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": checkpoint.rng_state(), "timing": timing, "history": history,
+                    "wall_s": wall}, os.path.join(pdir, "checkpoint.pt"))
+                with open(self.path("metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            d.barrier()
+        bar.close()
+        if not history:  # a phase with nothing to train cannot happen with validated settings
+            raise RuntimeError(f"{phase.key}: no training steps")
+        last = history[-1]
+        result = {
+            "round": phase.round, "branch": phase.branch,
+            "method": c.method.name if phase.branch == "ticket" else phase.branch,
+            "sparsity": sparsity, "test_acc": last["test_acc"],
+            "best_test_acc": max(h["test_acc"] for h in history),
+            "test_loss": last["test_loss"], "train_acc": last["train_acc"],
+            "train_loss": last["train_loss"],
+            "epochs": (plan.last_step - plan.first_step) / spe,
+            "steps": plan.last_step - plan.first_step, "first_step": plan.first_step,
+            "rewind": "none" if phase.round == 0 else
+            (c.method.rewind if c.method.rewind in ("init", "finetune")
+             else f"{c.method.rewind}@{c.method.rewind_to}"),
+            "step_ms_dense": timing["step_ms_dense"], "step_ms_sparse": timing["step_ms_sparse"],
+            "step_ms_unmasked": timing["step_ms_unmasked"],
+            "speedup": timing["step_ms_dense"] / timing["step_ms_sparse"],
+            "timing_batch": timing["timing_batch"], "timing_threads": timing["timing_threads"],
+            "sparse_layers": f"{kernels}/{len(decisions)}",
+            "layers": {n: {k: v[k] for k in ("kind", "chosen", "format", "sparsity") if k in v}
+                       for n, v in decisions.items()},
+            "wall_s": wall, "world_size": d.world,
+        }
+        if d.main:
+            checkpoint.write_json(result, os.path.join(pdir, "result.json"))
+            entries = [checkpoint.read_json(self.path(p.key, "result.json"))
+                       for p in self.phases if self.done(p)]
+            write_summary(self.run_dir, entries)
+        self.log(f"{phase.key:<26} sparsity {100 * sparsity:5.1f}%  test acc "
+                 f"{100 * last['test_acc']:6.2f}%  step dense {timing['step_ms_dense']:7.2f} ms"
+                 f"  sparse {timing['step_ms_sparse']:7.2f} ms  ({result['speedup']:.2f}x, "
+                 f"{kernels}/{len(decisions)} layers sparse)  {wall:6.1f} s")
+        d.barrier()
+
+    def _block(self):
+        p = self.c.pruning
+        return p.block if self.c.sparse.format == "bsr" else None
+
+    def _rewrite_metrics(self, phase: Phase, history: list[dict]):
+        """metrics.jsonl after a resume: this phase's lines are exactly the checkpoint's."""
+        if not self.dist.main:
+            return
+        path = self.path("metrics.jsonl")
+        rows = []
+        if os.path.isfile(path):
+            with open(path) as f:
+                for line in f:
+                    line = line.strip()
+                    if not line:
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut by a kill
+                        continue
+                    if row.get("phase") != phase.key:
+                        rows.append(row)
+        rows += history
+        checkpoint.write_text("".join(json.dumps(r) + "\n" for r in rows), path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config = parse_config(argv)
+    try:
+        device = resolve_device(config.run.device,
+                                int(os.environ.get("LOCAL_RANK", "0")))
+    except UsageError as e:
+        print(f"python -m lth.train: error: {e}", file=sys.stderr)
+        return 2
+    dist = distributed.setup(device.type)
+    try:
+        Experiment(config, dist, argv).run()
+    except UsageError as e:
+        if dist.main:
+            print(f"python -m lth.train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
