@@ -84,12 +84,17 @@ def _opcheck_samples(op, dtype):
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck(op, dtype):
     """Schema, fake kernel, autograd registration and AOT dispatch (incl. dynamic shapes)."""
+    calls = []
     for W, x, dy, bias in _opcheck_samples(op, dtype):
         if op.endswith("_linear"):  # the forward ops are differentiable: check with grads on
             x.requires_grad_()
             values = W.values.detach().clone().requires_grad_()
-            for b in (None, bias.requires_grad_()):
-                args = op_args(op, rebuild(W, values), x, dy, b)
-                opcheck(getattr(torch.ops.sparsekern, op), args)
+            calls += [op_args(op, rebuild(W, values), x, dy, b)
+                      for b in (None, bias.requires_grad_())]
         else:
-            opcheck(getattr(torch.ops.sparsekern, op), op_args(op, W, x, dy, None))
+            calls.append(op_args(op, W, x, dy, None))
+    for args in calls:
+        results = opcheck(getattr(torch.ops.sparsekern, op), args)
+        assert set(results) == {"test_schema", "test_autograd_registration", "test_faketensor",
+                                "test_aot_dispatch_dynamic"}
+        assert all(r == "SUCCESS" for r in results.values()), results
