@@ -283,3 +283,9 @@ def _validate_compressed(who, ptr_name, idx_name, ptr, idx, rows, cols, nnz):
     if nnz and (int(idx.min()) < 0 or int(idx.max()) >= cols):
         raise ValueError(f"{who}: {idx_name} entries must lie in [0, {cols}), got "
                          f"[{int(idx.min())}, {int(idx.max())}]")
+    if nnz > 1:  # strictly increasing within a row: no duplicate entries
+        counts = (ptr[1:] - ptr[:-1]).long()
+        row = torch.repeat_interleave(torch.arange(rows, device=ptr.device), counts)
+        if bool(((row[1:] == row[:-1]) & (idx[1:] <= idx[:-1])).any()):
+            raise ValueError(f"{who}: {idx_name} must be strictly increasing within each row "
+                             "(sorted, no duplicate entries)")

@@ -5,6 +5,8 @@ matching function of reference.py instead, so callers never need to care.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sparsekern import _extension, reference
@@ -72,7 +74,7 @@ def sparse_linear(x: torch.Tensor, values: torch.Tensor, index: dict, shape, bia
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"linear: x must end in in_features={in_features}, got shape "
                          f"{tuple(x.shape)}")
-    x2 = x.reshape(-1, in_features)
+    x2 = x.reshape(math.prod(x.shape[:-1]), in_features)  # not -1: in_features may be 0
     if "block_row_ptr" in index:
         y = bsr_linear(x2, values, index["block_row_ptr"], index["block_col_idx"],
                        index["block_col_ptr"], index["block_row_idx"], index["block_perm"],
@@ -138,6 +140,17 @@ if _HAVE_OPS:
                      lambda dy, x, ptr, idx, values: bsr_linear_grad_weight(
                          dy, x, ptr, idx, values.shape[2], values.shape[1])),
         setup_context=_setup)
+    def _no_double_backward(ctx, *grads):
+        raise RuntimeError(
+            "sparsekern: differentiating through a sparse linear backward (double backward, "
+            "e.g. a gradient penalty) is not supported")
+
+    # Without a formula autograd would treat these ops as constants and silently return zero
+    # second-order gradients; an explicit error is the honest answer.
+    for _name in ("bsr_linear_grad_input", "bsr_linear_grad_weight", "csr_linear_grad_input",
+                  "csr_linear_grad_weight"):
+        torch.library.register_autograd(f"sparsekern::{_name}", _no_double_backward)
+
     torch.library.register_autograd(
         "sparsekern::csr_linear",
         _backward_of(csr_linear_grad_input,
