@@ -541,7 +541,7 @@ def validate(c: Config) -> None:
         _fail("--target-sparsity", "applies to --method oneshot only")
     if m.name == "oneshot" and m.rounds < 1 and p.target_sparsity is None:
         _fail("--rounds", "oneshot needs --rounds >= 1 or --target-sparsity")
-    if m.rewind in ("weights", "lr"):
+    if m.rewind in ("weights", "lr") and last_round(c) >= 1:
         k, unit = int(m.rewind_to[:-2]), m.rewind_to[-2:]
         if unit == "ep" and k >= t.epochs:
             _fail("--rewind-to", f"{m.rewind_to} is not before the end of training "

@@ -96,7 +96,7 @@ class Experiment:
             len(epoch_order(len(self.data.train), 0, True, self.dist.rank, self.dist.world)),
             self.batch_size)
         total = c.training.epochs * self.steps_per_epoch
-        if methods.needs_rewind_point(c) or c.method.rewind == "lr":
+        if c.method.rewind in ("weights", "lr") and METHODS.get(c.method.name).last_round(c):
             k = methods.rewind_step(c, self.steps_per_epoch)
             if k >= total:
                 raise UsageError(f"--rewind-to {c.method.rewind_to}: step {k} is not before the "
@@ -268,6 +268,11 @@ class Experiment:
         pdir = self.path(phase.key)
         spe = self.steps_per_epoch
         plan = methods.plan(c, phase.round, spe)
+        if d.main and os.path.isdir(pdir):  # files a kill left half-written
+            for name in os.listdir(pdir):
+                if ".tmp." in name:
+                    os.remove(os.path.join(pdir, name))
+        d.barrier()
         ckpt = checkpoint.load_if_exists(os.path.join(pdir, "checkpoint.pt"))
         if ckpt is not None and ckpt.get("format") != CHECKPOINT_FORMAT:
             raise RuntimeError(f"{pdir}/checkpoint.pt has an unknown format")
@@ -389,6 +394,10 @@ class Experiment:
                     f.write(json.dumps(row) + "\n")
             d.barrier()
         bar.close()
+        if d.enabled:  # DDP kept every rank's weights identical, or something is badly wrong
+            digest = sum(float(p.detach().double().sum()) for p in model.parameters())
+            if not d.same_everywhere(digest):
+                raise RuntimeError(f"{phase.key}: weights differ between DDP ranks")
         if not history:  # a phase with nothing to train cannot happen with validated settings
             raise RuntimeError(f"{phase.key}: no training steps")
         last = history[-1]

@@ -1,0 +1,272 @@
+"""Training on sparse kernels: mask invariants under momentum and weight decay (in the modules,
+through a run, across a resume), rewinding restores the right weights, checkpoints load with
+weights_only=True, and a run writes what DESIGN.md promises."""
+import copy
+import csv
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekern as sk
+from _lth_helpers import TINY, checkpoints, load, run_inprocess
+from lth import checkpoint, pruning
+from lth.cli import parse_config
+from lth.hparams import ModelHparams
+from lth.methods import Phase, derive_seed
+from lth.models import build_model
+from lth.sparse import (MaskedConv2d, current_masks, dense_state_dict, sparsify_model,
+                        zero_pruned)
+from lth.train import Experiment, make_optimizer
+
+
+def _pruned(model, fraction=0.7, exclude=("classifier",)):
+    names = pruning.prunable_names(model, exclude)
+    params = dict(model.named_parameters())
+    masks = pruning.prune(pruning.magnitude_scores({n: params[n] for n in names}),
+                          pruning.full_masks(model, names), fraction)
+    zero_pruned(model, masks)
+    return masks
+
+
+@pytest.mark.parametrize("policy", ["sparse", "dense"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_pruned_weights_stay_exactly_zero_under_momentum_and_weight_decay(policy, optimizer):
+    torch.manual_seed(0)
+    model = build_model(ModelHparams(name="lenet5"), (1, 8, 8), 10, seed=1)
+    masks = _pruned(model, exclude=())  # conv and linear layers, classifier included
+    decisions = sparsify_model(model, masks, policy=policy)
+    assert {d["chosen"] for n, d in decisions.items() if d["kind"] == "linear"} == {policy}
+    assert {d["chosen"] for n, d in decisions.items() if d["kind"] == "conv"} == {"masked-dense"}
+    assert isinstance(model.conv2, MaskedConv2d)
+    t = parse_config(["--optimizer", optimizer, "--weight-decay", "0.05", "--lr", "0.1"] +
+                     (["--nesterov"] if optimizer == "sgd" else [])).training
+    opt = make_optimizer(t, model.parameters())
+    for _ in range(25):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(32, 1, 8, 8)),
+                                    torch.randint(0, 10, (32,))).backward()
+        opt.step()
+    state = dense_state_dict(model)
+    for n, m in masks.items():
+        assert int((state[n][~m] != 0).sum()) == 0, n
+        assert int((state[n][m] == 0).sum()) == 0, n  # kept weights did train
+    for name, module in model.named_modules():  # optimizer state only where weights are kept
+        if isinstance(module, (sk.MaskedLinear, MaskedConv2d)):
+            st = opt.state[module.weight]
+            buf = st["momentum_buffer"] if optimizer == "sgd" else st["exp_avg"]
+            assert int((buf[~module.mask()] != 0).sum()) == 0, name
+    assert {n: torch.equal(m, masks[n]) for n, m in current_masks(model).items()} == \
+        {n: True for n in masks}
+
+
+def test_dense_state_round_trips_through_sparsify():
+    model = build_model(ModelHparams(widths=(64, 64)), (1, 8, 8), 10, seed=0)
+    masks = _pruned(model)
+    before = copy.deepcopy(model.state_dict())
+    sparsify_model(model, masks, policy="sparse")
+    assert isinstance(model.fcs[1], sk.SparseLinear)
+    after = dense_state_dict(model)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_run_checkpoints_keep_masks_and_load_weights_only(tmp_path, monkeypatch):
+    calls = []
+    real = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch, "load", spy)
+    run = run_inprocess(TINY + ["--sparse-policy", "sparse", "--weight-decay", "0.01"],
+                        tmp_path)
+    assert calls and all(c is True for c in calls)  # every load lth did was weights_only
+    monkeypatch.setattr(torch, "load", real)
+    files = checkpoints(run)
+    assert [os.path.basename(os.path.dirname(f)) for f in files] == [
+        "round_00", "round_01", "round_02", "round_02_random_reinit"]
+    for f in files:
+        ck = load(f)  # weights_only=True: tensors and plain containers only
+        assert set(ck) >= {"model", "masks", "optimizer", "scheduler", "rng", "decisions"}
+        for n, m in ck["masks"].items():
+            assert int((ck["model"][n][~m] != 0).sum()) == 0
+        if ck["round"] > 0:
+            assert all(d["chosen"] == "sparse" for d in ck["decisions"].values())
+            assert pruning.sparsity(ck["masks"]) > 0.19
+    for extra in ("masks.pt", "rewind.pt"):
+        for f in [os.path.join(run, d, extra) for d in os.listdir(run)]:
+            if os.path.isfile(f):
+                load(f)
+    assert not [f for f in os.listdir(run) if ".tmp." in f]
+
+
+def test_run_outputs_summary_metrics_plots(tmp_path):
+    run = run_inprocess(TINY + ["--branches", "random_reinit,random_ticket,shuffled"], tmp_path)
+    summary = json.load(open(os.path.join(run, "summary.json")))
+    assert [(e["round"], e["branch"]) for e in summary] == [
+        (0, "ticket"), (1, "ticket"), (2, "ticket"), (2, "random_reinit"),
+        (2, "random_ticket"), (2, "shuffled")]
+    for e in summary:
+        for key in ("round", "sparsity", "test_acc", "epochs", "method", "step_ms_dense",
+                    "step_ms_sparse"):
+            assert key in e
+        assert e["step_ms_dense"] > 0 and e["step_ms_sparse"] > 0
+    assert [round(e["sparsity"], 3) for e in summary[:3]] == [0.0, 0.2, 0.36]
+    assert summary[0]["epochs"] == 3 and summary[1]["epochs"] == 2  # rewound to epoch 1
+    rows = list(csv.DictReader(open(os.path.join(run, "summary.csv"))))
+    assert len(rows) == 6 and rows[5]["branch"] == "shuffled"
+    metrics = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [m["epoch"] for m in metrics if m["phase"] == "round_00"] == [1, 2, 3]
+    assert [m["epoch"] for m in metrics if m["phase"] == "round_01"] == [2, 3]
+    config = json.load(open(os.path.join(run, "config.json")))
+    assert config["hash"] == os.path.basename(run).rsplit("-", 1)[1]
+    for png in ("accuracy_vs_sparsity.png", "step_time_vs_sparsity.png"):
+        with open(os.path.join(run, "plots", png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    report = json.load(open(os.path.join(run, "report.json")))
+    assert report[-1]["best_baseline"] in ("random_reinit", "random_ticket", "shuffled")
+    # the branches' masks: same layer counts as the ticket; reinit keeps the mask itself
+    ticket = load(os.path.join(run, "round_02", "masks.pt"))
+    for b in ("random_reinit", "random_ticket", "shuffled"):
+        other = load(os.path.join(run, f"round_02_{b}", "masks.pt"))
+        for n in ticket:
+            assert int(other[n].sum()) == int(ticket[n].sum())
+            assert torch.equal(other[n], ticket[n]) == (b == "random_reinit")
+
+
+def _experiment(args, runs_dir):
+    return Experiment(parse_config(list(args) + ["--runs-dir", str(runs_dir)]))
+
+
+CONSTANT = ["--schedule", "constant", "--widths", "32", "--batch-size", "64", "--no-progress",
+            "--threads", "1",
+            "--timing-repeats", "1", "--timing-warmup", "0", "--branches", "none"]
+
+
+def test_weight_rewinding_restores_the_weights_of_iteration_k(tmp_path):
+    from lth import methods
+    args = CONSTANT + ["--epochs", "4", "--rounds", "1", "--rewind-to", "1ep"]
+    run = run_inprocess(args, tmp_path / "a")
+    exp = _experiment(args, tmp_path / "a")
+    assert exp.steps_per_epoch == 23
+    rewind = load(os.path.join(run, "round_00", "rewind.pt"))
+    # the same seed and data order, trained for exactly one epoch (23 iterations) and stopped
+    short = run_inprocess(CONSTANT + ["--epochs", "1", "--rounds", "0"], tmp_path / "b")
+    after_k = load(os.path.join(short, "round_00", "checkpoint.pt"))["model"]
+    assert all(torch.equal(rewind[k], after_k[k]) for k in rewind)
+    init = exp.template.state_dict()
+    assert not any(torch.equal(rewind[k], init[k]) for k in init if k.endswith("weight"))
+    # round 1 starts from the rewind point (then masked) and trains the rest of the schedule
+    plan = methods.plan(exp.c, 1, exp.steps_per_epoch)
+    assert (plan.start, plan.first_step, plan.last_step) == ("rewind", 23, 92)
+    start = exp.start_state(Phase(1), plan)
+    assert all(torch.equal(start[k], rewind[k]) for k in rewind)
+    result = json.load(open(os.path.join(run, "round_01", "result.json")))
+    assert (result["first_step"], result["steps"], result["rewind"]) == (23, 69, "weights@1ep")
+    # iterations as the unit
+    run = run_inprocess(CONSTANT + ["--epochs", "2", "--rounds", "1", "--rewind-to", "30it"],
+                        tmp_path / "c")
+    result = json.load(open(os.path.join(run, "round_01", "result.json")))
+    assert (result["first_step"], result["steps"]) == (30, 16)
+    rewind30 = load(os.path.join(run, "round_00", "rewind.pt"))
+    assert not all(torch.equal(rewind30[k], rewind[k]) for k in rewind)
+
+
+def test_rewind_init_lr_and_finetune_start_points(tmp_path):
+    from lth import methods
+    base = TINY + ["--branches", "none"]
+    run = run_inprocess(base + ["--rewind", "init"], tmp_path / "init")
+    exp = _experiment(base + ["--rewind", "init"], tmp_path / "init")
+    init = build_model(exp.c.model, (1, 8, 8), 10, derive_seed(0, "init")).state_dict()
+    rewind = load(os.path.join(run, "round_00", "rewind.pt"))
+    assert all(torch.equal(rewind[k], init[k]) for k in init)
+    assert json.load(open(os.path.join(run, "round_01", "result.json")))["first_step"] == 0
+
+    args = base + ["--rewind", "lr", "--rewind-to", "1ep"]
+    run = run_inprocess(args, tmp_path / "lr")
+    exp = _experiment(args, tmp_path / "lr")
+    plan = methods.plan(exp.c, 2, exp.steps_per_epoch)
+    assert (plan.start, plan.first_step) == ("previous", exp.steps_per_epoch)
+    start = exp.start_state(Phase(2), plan)  # the previous round's final weights
+    final1 = load(os.path.join(run, "round_01", "checkpoint.pt"))["model"]
+    assert all(torch.equal(start[k], final1[k]) for k in final1)
+    assert not os.path.exists(os.path.join(run, "round_00", "rewind.pt"))
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    lr = {(r["phase"], r["epoch"]): r["lr"] for r in rows}
+    for epoch in (2, 3):  # the lr schedule is rewound: same lr as round 0 at the same epoch
+        assert lr[("round_02", epoch)] == pytest.approx(lr[("round_00", epoch)])
+    assert ("round_02", 1) not in lr
+
+    args = base + ["--rewind", "finetune", "--finetune-epochs", "2", "--finetune-lr", "0.003"]
+    run = run_inprocess(args, tmp_path / "ft")
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    ft = [r for r in rows if r["phase"] == "round_02"]
+    assert len(ft) == 2 and all(r["lr"] == pytest.approx(0.003) for r in ft)
+
+
+def test_oneshot_prunes_to_the_target_once(tmp_path):
+    run = run_inprocess(TINY + ["--method", "oneshot", "--target-sparsity", "0.9",
+                                "--branches", "none"], tmp_path)
+    summary = json.load(open(os.path.join(run, "summary.json")))
+    assert [e["round"] for e in summary] == [0, 1]
+    assert summary[1]["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert summary[1]["method"] == "oneshot"
+
+
+def test_block_and_nm_tickets_train(tmp_path):
+    run = run_inprocess(["--widths", "64,64", "--epochs", "2", "--rounds", "2",
+                         "--granularity", "block", "--block", "16x16", "--sparse-format", "bsr",
+                         "--sparse-policy", "sparse", "--no-progress", "--timing-repeats", "1",
+                         "--branches", "random_ticket", "--threads", "1"], tmp_path / "b")
+    ck = load(os.path.join(run, "round_02", "checkpoint.pt"))
+    assert {d["format"] for d in ck["decisions"].values()} == {"bsr"}
+    for m in ck["masks"].values():
+        assert pruning.is_block_aligned(m, (16, 16))
+    run = run_inprocess(["--widths", "64,64", "--epochs", "2", "--rounds", "3",
+                         "--granularity", "nm", "--nm", "2:4", "--no-progress",
+                         "--timing-repeats", "1", "--branches", "none", "--threads", "1"],
+                        tmp_path / "n")
+    masks = load(os.path.join(run, "round_03", "masks.pt"))
+    for m in masks.values():
+        assert bool((pruning.nm_counts(m, 4) == 2).all())
+
+
+def test_conv_tickets_run_masked_dense_and_say_so(tmp_path):
+    run = run_inprocess(["--model", "lenet5", "--epochs", "1", "--rounds", "1", "--rewind",
+                         "init", "--no-progress", "--timing-repeats", "1", "--branches", "none",
+                         "--batch-size", "256", "--threads", "1"], tmp_path)
+    result = json.load(open(os.path.join(run, "round_01", "result.json")))
+    assert "conv1.weight" not in result["layers"]  # the first conv is excluded by default
+    assert result["layers"]["conv2.weight"]["chosen"] == "masked-dense"
+    assert result["layers"]["fc1.weight"]["kind"] == "linear"
+    ck = load(os.path.join(run, "round_01", "checkpoint.pt"))
+    assert int((ck["model"]["conv2.weight"][~ck["masks"]["conv2.weight"]] != 0).sum()) == 0
+
+
+def test_atomic_save_leaves_old_file_when_interrupted(tmp_path, monkeypatch):
+    path = str(tmp_path / "c.pt")
+    checkpoint.save({"a": torch.ones(2)}, path)
+
+    def boom(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save({"a": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    assert torch.equal(checkpoint.load(path)["a"], torch.ones(2))
+
+
+def test_rng_state_round_trips(tmp_path):
+    import random
+
+    import numpy as np
+    checkpoint.save(checkpoint.rng_state(), str(tmp_path / "rng.pt"))
+    a = (torch.rand(3), np.random.rand(), random.random())
+    checkpoint.set_rng_state(checkpoint.load(str(tmp_path / "rng.pt")))
+    b = (torch.rand(3), np.random.rand(), random.random())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
