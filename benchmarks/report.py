@@ -107,7 +107,9 @@ def run_metadata(command: list[str], args, all_peers) -> dict:
         "batch_sizes": list(args.batch_sizes), "formats": list(args.formats),
         "sparsities": list(args.sparsities),
         "timing": {"warmup": args.warmup, "max_repeats": args.repeats,
-                   "group_budget_s": args.group_budget, "seed": args.seed},
+                   "group_budget_s": args.group_budget, "seed": args.seed,
+                   "min_repeats": args.min_repeats, "retries": args.retries,
+                   "disturbed_threshold": args.disturbed_threshold},
         "peers": {p.name: {"label": p.label, "available": p.prepare is not None,
                            "version": p.version, "reason_absent": p.unavailable}
                   for p in all_peers},
@@ -209,9 +211,10 @@ def progress_header(active_peers) -> str:
 
 def progress_line(row: dict, active_peers) -> str:
     peer_cols = "".join(f"  {peer_cell(row, p.name):>22s}" for p in active_peers)
+    retry = f"  (attempt {row['attempts']})" if row.get("attempts", 1) > 1 else ""
     return (f"{row['mode']:7s} {row['format']:6s} {row['sparsity']:8.0%} {row['batch']:5d} "
             f"{fmt_ms(row['ms']['dense']):>9s} {fmt_ms(row['ms']['sparsekern']):>13s} "
-            f"{row['speedup']['sparsekern']:7.2f}x {row['ideal']:5.1f}x{peer_cols}")
+            f"{row['speedup']['sparsekern']:7.2f}x {row['ideal']:5.1f}x{peer_cols}{retry}")
 
 
 def header_text(meta: dict) -> str:
@@ -278,7 +281,9 @@ def md_header(results: dict) -> list[str]:
         ("timing", f"one interleaved group per row (sparsekern.timing.interleaved_medians), "
                    f"warm-up {t['warmup']} rounds, median of up to {t['max_repeats']} rounds "
                    f"(slow groups: as many as fit {t['group_budget_s']:g} s, at least "
-                   f"min(9, max)); seed {t['seed']}"),
+                   f"{t['min_repeats']}); groups whose dense baseline ran > "
+                   f"{t['disturbed_threshold']:g}x the sweep's best re-measured up to "
+                   f"{t['retries']}x at the end; seed {t['seed']}"),
         ("peers", peers_line),
         ("source", results["git"]),
         ("runtime", f"{results['runtime_s']:.0f} s"),
@@ -314,7 +319,8 @@ def md_speed_table(results: dict, mode: str, batch: int) -> list[str]:
     header = (["format", "sparsity", "dense ms", "dense GFLOP/s", "sparsekern ms", "speedup",
                "ideal"]
               + [f"{label} ms (speedup)" for _, label in peer_meta])
-    body = [[r["format"], f"{r['sparsity']:.0%}", fmt_ms(r["ms"]["dense"]),
+    body = [[r["format"] + (" (busy)" if r.get("disturbed") else ""),
+             f"{r['sparsity']:.0%}", fmt_ms(r["ms"]["dense"]),
              f"{r['dense_gflops']:.0f}", fmt_ms(r["ms"]["sparsekern"]), f"**{r['speedup']['sparsekern']:.2f}x**",
              f"{r['ideal']:.1f}x"] + [peer_cell(r, name) for name, _ in peer_meta]
             for r in rows]
@@ -323,6 +329,11 @@ def md_speed_table(results: dict, mode: str, batch: int) -> list[str]:
     lines = ["", f"## {MODE_TITLES[mode]}, M={batch}", ""] + _table(header, body)
     if reasons:
         lines += ["", "n/a = the peer rejected this case:"] + [f"- {why}" for why in reasons]
+    if any(r.get("disturbed") for r in rows):
+        threshold = results["timing"]["disturbed_threshold"]
+        lines += ["", f"(busy) = even after re-measuring, this group's dense baseline ran more "
+                      f"than {threshold:g}x slower than the best dense run of the same mode and "
+                      f"M: another process had the cores, and its speedups are inflated."]
     return lines
 
 

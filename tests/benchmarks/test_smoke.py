@@ -67,6 +67,28 @@ def test_time_group_reports_every_candidate():
     assert all(s > 0 for s in medians.values())
 
 
+def _row(mode, dense_ms, batch=256):
+    return {"mode": mode, "batch": batch, "ms": {"dense": dense_ms}}
+
+
+def test_disturbed_rows_are_slow_dense_baselines_of_their_own_mode():
+    rows = [_row("forward", 10.0), _row("forward", 12.0), _row("forward", 40.0),
+            _row("train", 30.0), _row("train", 33.0), _row("forward", 40.0, batch=1024)]
+    assert linear.disturbed_rows(rows) == [2]
+
+
+def test_remeasure_keeps_the_quieter_measurement():
+    weight = pruned_weight("csr", 0.9)
+    timing = linear.Timing(warmup=0, max_repeats=1, group_budget_s=0.0)
+    slow = {"mode": "forward", "format": "csr", "sparsity": 0.9, "batch": BATCH,
+            "ms": {"dense": 1e9}, "attempts": 1}
+    rows = [{**slow, "ms": {"dense": 1e-9}}, slow]  # the second looks disturbed
+    seen = []
+    linear.remeasure_disturbed(rows, {("csr", 0.9): weight}, [], timing, torch.Generator(),
+                               retries=1, on_row=seen.append)
+    assert rows[1]["attempts"] == 2 and rows[1]["ms"]["dense"] < 1e9 and len(seen) == 1
+
+
 def test_memory_counts_sparse_layers_below_dense():
     rows = memory.measure(IN_FEATURES, OUT_FEATURES, 0.9)
     assert {(r["optimizer"], r["layer"]) for r in rows} == {
