@@ -57,13 +57,19 @@ def extensions():
     with_cuda = build_with_cuda(cu_sources)
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-std=c++20", "-Wall", "-Wno-unknown-pragmas"]
+    # -fopenmp: at::parallel_for is inline OpenMP; without it the kernels silently run on one
+    # thread. At run time the libgomp torch already loaded is reused (same soname), so
+    # torch.set_num_threads governs our threads too.
+    cxx = ["-O3", "-std=c++20", "-Wall", "-Wno-unknown-pragmas", "-fopenmp"]
+    link = ["-fopenmp"]
     if with_cuda:
         return [CUDAExtension(
             "sparsekern._C", cpp_sources + cu_sources,
             define_macros=[("SPARSEKERN_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]})]
-    return [CppExtension("sparsekern._C", cpp_sources, extra_compile_args={"cxx": cxx})]
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]},
+            extra_link_args=link)]
+    return [CppExtension("sparsekern._C", cpp_sources, extra_compile_args={"cxx": cxx},
+                         extra_link_args=link)]
 
 
 def build_ext_class():
