@@ -15,7 +15,7 @@ _JOINERS = {"block": "x", "synthetic_shape": "x", "nm": ":"}
 DESCRIPTION = """\
 Find lottery tickets with iterative magnitude pruning (IMP) and rewinding, train them on
 sparsekern's sparse kernels, and run the sanity-check baselines. With no arguments: IMP with
-weight rewinding on scikit-learn's digits, mlp 64-2048-2048-10, 14 rounds of 20% pruning
+weight rewinding on scikit-learn's digits, mlp 64-1536-1536-10, 14 rounds of 20% pruning
 (95.6% sparse) plus a random-reinit branch at the last round.
 
 Outputs go to <runs-dir>/<name>-<hash of the non-default settings>/; rerunning the same command

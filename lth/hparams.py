@@ -257,7 +257,7 @@ class DatasetHparams:
 @dataclass
 class ModelHparams:
     name: str = hp("mlp", "model", flag="--model", choices=_model_names)
-    widths: tuple = hp((2048, 2048), "mlp: hidden layer widths, comma-separated",
+    widths: tuple = hp((1536, 1536), "mlp: hidden layer widths, comma-separated",
                        parse=_positive_ints, metavar="W1,W2,...")
     width_mult: float = hp(1.0, "conv nets: channel width multiplier", check=_positive)
     init: str = hp("kaiming_normal", "weight initialisation of linear and conv layers",

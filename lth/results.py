@@ -1,9 +1,15 @@
 """summary.json / summary.csv of a run and the table `python -m lth.train` ends with.
 
 summary.json is a list with one entry per round/branch (see DESIGN.md): round, branch, method,
-sparsity (fraction of prunable weights removed), test_acc, epochs, step_ms_dense (a training step
-of the whole model with every pruned layer masked-dense), step_ms_sparse (the same step as the
-ticket actually trains: sparsekern kernels where the auto policy chose them), speedup, ...
+sparsity (fraction of prunable weights removed), test_acc, epochs, and the median time of one
+training step (forward, backward, optimizer step) of the whole model, measured interleaved in the
+training process on one batch:
+  step_ms_dense           every pruned layer masked-dense (how mask-based LTH code trains)
+  step_ms_sparse          the model as this round trains it: sparsekern kernels where the auto
+                          policy chose them (masked-dense when the whole step was not faster)
+  step_ms_sparse_kernels  the model with the auto policy's per-layer choices, before that check
+  step_ms_unmasked        the dense parent without masks
+  speedup = step_ms_dense / step_ms_sparse
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from lth.checkpoint import write_json, write_text
 
 CSV_COLUMNS = ["round", "branch", "method", "sparsity", "test_acc", "best_test_acc", "train_acc",
                "epochs", "steps", "rewind", "step_ms_dense", "step_ms_sparse",
-               "step_ms_unmasked", "speedup", "sparse_layers", "wall_s"]
+               "step_ms_unmasked", "step_ms_sparse_kernels", "speedup", "sparse_layers", "wall_s"]
 
 
 def write_summary(run_dir: str, entries: list[dict]) -> None:

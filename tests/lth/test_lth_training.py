@@ -270,3 +270,31 @@ def test_rng_state_round_trips(tmp_path):
     checkpoint.set_rng_state(checkpoint.load(str(tmp_path / "rng.pt")))
     b = (torch.rand(3), np.random.rand(), random.random())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_auto_policy_trains_masked_dense_when_the_whole_step_is_slower(tmp_path, monkeypatch):
+    from lth import train
+    real = train.sparsify_model
+
+    def layer_policy_says_sparse(model, masks, format="auto", policy="auto", block=None,
+                                 batch_size=256, decisions=None, repeats=7):
+        if policy == "auto" and decisions is None:
+            policy = "sparse"
+        return real(model, masks, format, policy, block, batch_size, decisions, repeats)
+
+    def sparse_is_slower(self, dense, trained, masks):
+        return {"step_ms_dense": 1.0, "step_ms_sparse": 2.0 if masks else 1.0,
+                "step_ms_unmasked": 0.9, "timing_batch": 64, "timing_threads": 1}
+    monkeypatch.setattr(train, "sparsify_model", layer_policy_says_sparse)
+    monkeypatch.setattr(train.Experiment, "measure", sparse_is_slower)
+    run = run_inprocess(TINY + ["--branches", "none"], tmp_path / "auto")
+    result = json.load(open(os.path.join(run, "round_01", "result.json")))
+    assert result["sparse_layers"] == "0/2"
+    assert (result["step_ms_sparse"], result["step_ms_sparse_kernels"]) == (1.0, 2.0)
+    ck = load(os.path.join(run, "round_01", "checkpoint.pt"))
+    assert all(d["chosen"] == "dense" and "slower" in d["note"] for d in ck["decisions"].values())
+    # policy=sparse is obeyed even then
+    run = run_inprocess(TINY + ["--branches", "none", "--sparse-policy", "sparse"],
+                        tmp_path / "sparse")
+    result = json.load(open(os.path.join(run, "round_01", "result.json")))
+    assert result["sparse_layers"] == "2/2" and result["step_ms_sparse"] == 2.0
