@@ -499,9 +499,9 @@ def flat_settings(data: dict, source: str = "config") -> dict[str, Any]:
 
     for key, value in data.items():
         if key in SECTIONS and isinstance(value, dict):
-            for sub, v in value.items():
-                put(f"{key}.{sub}", index.get(f"{key}.{sub}") or
-                    index.get(str(sub).replace("-", "_")), v)
+            for sub, v in value.items():  # a field name, or a flag name of this section
+                fl = index.get(f"{key}.{sub}") or index.get(str(sub).replace("-", "_"))
+                put(f"{key}.{sub}", fl if fl is not None and fl.section == key else None, v)
         else:
             put(key, index.get(str(key).lstrip("-").replace("-", "_")), value)
     return out

@@ -41,6 +41,6 @@ def format_table(entries: list[dict]) -> str:
     for e in entries:
         lines.append(
             f"{e['round']:>5}  {e['branch']:<14} {100 * e['sparsity']:>7.1f}%  "
-            f"{100 * e['test_acc']:>7.2f}%  {e['epochs']:>6g}  {e['step_ms_dense']:>8.2f}  "
+            f"{100 * e['test_acc']:>7.2f}%  {e['epochs']:>6.3g}  {e['step_ms_dense']:>8.2f}  "
             f"{e['step_ms_sparse']:>9.2f}  {e['speedup']:>6.2f}x  {e['sparse_layers']:>13}")
     return "\n".join(lines)

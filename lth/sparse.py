@@ -58,6 +58,26 @@ def _set(model: nn.Module, name: str, module: nn.Module):
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+_SUPPORT: dict[str, bool] = {}
+
+
+def sparse_kernels_run_on(device: torch.device) -> bool:
+    """Whether sparsekern's linear kernels (forward and backward) run on `device`; CPU always
+    does (C++ kernels or the reference), other devices only if the extension has kernels there."""
+    key = str(device)
+    if key not in _SUPPORT:
+        try:
+            w = torch.ones(8, 8, device=device, requires_grad=True)
+            layer = sk.SparseLinear.from_dense(nn.Linear(8, 8).to(device),
+                                               torch.eye(8, dtype=torch.bool, device=device),
+                                               format="csr")
+            layer(w).sum().backward()
+            _SUPPORT[key] = True
+        except (RuntimeError, NotImplementedError):
+            _SUPPORT[key] = False
+    return _SUPPORT[key]
+
+
 def zero_pruned(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Pruned weights of a plain dense model set to exact zeros."""
     params = dict(model.named_parameters())

@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from lth.methods import BRANCHES, METHODS, Phase, derive_seed
 from lth.models import build_model
 from lth.results import format_table, write_summary
 from lth.sparse import (check_pruned_zero, cross_entropy, dense_state_dict, masked_dense_copy,
-                        sparsify_model, time_train_steps, zero_pruned)
+                        sparse_kernels_run_on, sparsify_model, time_train_steps, zero_pruned)
 
 CHECKPOINT_FORMAT = 1
 EVAL_BATCH = 512
@@ -105,6 +106,11 @@ class Experiment:
         self.run_dir = os.path.join(c.run.runs_dir, c.run_name())
         self.phases = methods.phases(c)
         self.loss_fn = cross_entropy(c.training.label_smoothing)
+        self.policy = c.sparse.policy
+        if self.policy != "dense" and not sparse_kernels_run_on(self.device):
+            warnings.warn(f"sparsekern has no kernels for {self.device}: pruned layers train "
+                          f"masked-dense (--sparse-policy dense)", RuntimeWarning, stacklevel=2)
+            self.policy = "dense"
 
     # ------------------------------------------------------------------ small helpers
     def log(self, msg: str):
@@ -290,16 +296,16 @@ class Experiment:
         if masks:
             if decisions is None:
                 if d.main:
-                    decisions = sparsify_model(model, masks, c.sparse.format, c.sparse.policy,
+                    decisions = sparsify_model(model, masks, c.sparse.format, self.policy,
                                                self._block(), self.batch_size)
                 decisions = d.broadcast(decisions)
             if not (d.main and ckpt is None):
-                sparsify_model(model, masks, c.sparse.format, c.sparse.policy, self._block(),
+                sparsify_model(model, masks, c.sparse.format, self.policy, self._block(),
                                decisions=decisions)
         decisions = decisions or {}
         timing = ckpt["timing"] if ckpt else d.broadcast(
             self.measure(dense, model, masks) if d.main else None)
-        if (ckpt is None and c.sparse.policy == "auto"
+        if (ckpt is None and self.policy == "auto"
                 and any(v["chosen"] == "sparse" for v in decisions.values())
                 and timing["step_ms_sparse"] > timing["step_ms_dense"]):
             # sparsify's auto policy times each layer alone; when the whole training step is
@@ -309,7 +315,7 @@ class Experiment:
             decisions = {n: {**v, "chosen": "dense", "note": note} if v["kind"] == "linear"
                          else v for n, v in decisions.items()}
             model = dense
-            sparsify_model(model, masks, c.sparse.format, c.sparse.policy, self._block(),
+            sparsify_model(model, masks, c.sparse.format, self.policy, self._block(),
                            decisions=decisions)
             timing = {**timing, "step_ms_sparse_kernels": timing["step_ms_sparse"],
                       "step_ms_sparse": timing["step_ms_dense"]}

@@ -134,3 +134,9 @@ def test_setting_errors_found_with_the_data_stop_before_any_work(tmp_path, capsy
     assert code == 2 and "not a multiple of M=3" in capsys.readouterr().err
     assert not runs.exists()
     assert not os.path.exists("data")  # nothing downloaded or created by default
+
+
+def test_section_keys_must_belong_to_their_section():
+    assert Config.from_dict({"pruning": {"prune-fraction": 0.3}}).pruning.fraction == 0.3
+    with pytest.raises(ConfigError, match="unknown setting 'training.prune_fraction'"):
+        Config.from_dict({"training": {"prune_fraction": 0.3}})

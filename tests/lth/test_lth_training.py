@@ -298,3 +298,13 @@ def test_auto_policy_trains_masked_dense_when_the_whole_step_is_slower(tmp_path,
                         tmp_path / "sparse")
     result = json.load(open(os.path.join(run, "round_01", "result.json")))
     assert result["sparse_layers"] == "2/2" and result["step_ms_sparse"] == 2.0
+
+
+def test_devices_without_sparse_kernels_train_masked_dense(tmp_path, monkeypatch):
+    from lth import sparse, train
+    assert sparse.sparse_kernels_run_on(torch.device("cpu"))
+    monkeypatch.setattr(train, "sparse_kernels_run_on", lambda device: False)
+    with pytest.warns(RuntimeWarning, match="no kernels for cpu"):
+        run = run_inprocess(TINY + ["--branches", "none", "--sparse-policy", "sparse"], tmp_path)
+    ck = load(os.path.join(run, "round_02", "checkpoint.pt"))
+    assert {d["chosen"] for d in ck["decisions"].values()} == {"dense"}
