@@ -130,7 +130,7 @@ class Experiment:
 
     # ------------------------------------------------------------------ run
     def run(self) -> list[dict]:
-        c, finished = self.c, all(self.done(p) for p in self.phases)
+        finished = all(self.done(p) for p in self.phases)
         if finished:
             self.log(f"run already finished: {self.run_dir} (delete it to train again)")
         else:
@@ -268,7 +268,7 @@ class Experiment:
         loss, correct, count = self.dist.all_sum([loss, correct, count])
         return loss / count, correct / count
 
-    # ------------------------------------------------------------------ the training loop
+    # ------------------------------------------------------------------ one phase
     def train_phase(self, phase: Phase):
         c, d = self.c, self.dist
         pdir = self.path(phase.key)
@@ -283,9 +283,79 @@ class Experiment:
         if ckpt is not None and ckpt.get("format") != CHECKPOINT_FORMAT:
             raise RuntimeError(f"{pdir}/checkpoint.pt has an unknown format")
         masks = self.phase_masks(phase)
-        sparsity = pruning.sparsity(masks) if masks else 0.0
+        model, decisions, timing = self.prepare_model(phase, plan, ckpt, masks)
+        masks = {n: m.to(self.device) for n, m in masks.items()}
 
-        # the model: plain dense weights (zeros where pruned), then sparsified
+        optimizer = make_optimizer(c.training, model.parameters())
+        if plan.constant_lr is not None:
+            for g in optimizer.param_groups:
+                g["lr"] = g["initial_lr"] = plan.constant_lr
+            factor = (lambda i: 1.0)
+        else:
+            factor = (lambda i, first=plan.first_step: methods.lr_factor(c.training, first + i,
+                                                                         spe))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        step, history, wall = plan.first_step, [], 0.0
+        if ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            checkpoint.set_rng_state(ckpt["rng"])
+            step, history, wall = ckpt["step"], list(ckpt["history"]), ckpt["wall_s"]
+            self.log(f"{phase.key}: resuming after epoch {step // spe} (step {step})")
+            self._rewrite_metrics(phase, history)
+        else:
+            torch.manual_seed(derive_seed(c.training.seed, "train", phase.key))
+
+        def save_checkpoint(step: int, wall: float):
+            state = dense_state_dict(model)
+            check_pruned_zero(state, masks)
+            checkpoint.save({
+                "format": CHECKPOINT_FORMAT, "phase": phase.key, "round": phase.round,
+                "branch": phase.branch, "config_hash": c.hash(), "step": step,
+                "epoch": -(-step // spe), "first_step": plan.first_step,
+                "last_step": plan.last_step, "model": state,
+                "masks": {n: m.cpu() for n, m in masks.items()}, "decisions": decisions,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": checkpoint.rng_state(), "timing": timing, "history": history,
+                "wall_s": wall}, os.path.join(pdir, "checkpoint.pt"))
+
+        sparsity = pruning.sparsity(masks) if masks else 0.0
+        progress = Progress(self, phase, plan, step, history, sparsity)
+        callbacks = [EpochEnd(self, phase, model, scheduler, history, save_checkpoint, wall,
+                              sparsity), progress]
+        if phase == Phase(0) and methods.needs_rewind_point(c) and d.main:
+            callbacks.append(SaveRewindPoint(model, methods.rewind_step(c, spe),
+                                             os.path.join(pdir, "rewind.pt"), step))
+        net = model
+        if d.enabled:
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                forward_sync_buffers=False)
+
+        def batches(epoch: int, skip: int):
+            order = epoch_order(len(self.data.train),
+                                derive_seed(c.training.seed, "data", phase.key, epoch),
+                                True, d.rank, d.world)
+            for x, y in iterate(self.data.train, order, self.batch_size,
+                                c.dataset.num_workers, skip=skip):
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+        fit(net, optimizer, scheduler, self.loss_fn, batches, step, plan.last_step, spe,
+            callbacks)
+        progress.close()
+        if d.enabled:  # DDP kept every rank's weights identical, or something is badly wrong
+            digest = sum(float(p.detach().double().sum()) for p in model.parameters())
+            if not d.same_everywhere(digest):
+                raise RuntimeError(f"{phase.key}: weights differ between DDP ranks")
+        if not history:  # a phase with nothing to train cannot happen with validated settings
+            raise RuntimeError(f"{phase.key}: no training steps")
+        self.finish_phase(phase, plan, masks, decisions, timing, history)
+
+    def prepare_model(self, phase: Phase, plan: methods.Plan, ckpt, masks):
+        """The model a phase trains: plain dense weights (start state or checkpoint, zeros where
+        pruned), sparsified per layer (rank 0 decides, or the checkpoint's decisions), plus the
+        dense-vs-sparse step timing of this round."""
+        c, d = self.c, self.dist
         model = self.fresh_model(derive_seed(c.training.seed, "init"))
         model.load_state_dict(ckpt["model"] if ckpt else self.start_state(phase, plan))
         zero_pruned(model, masks)
@@ -319,110 +389,13 @@ class Experiment:
                            decisions=decisions)
             timing = {**timing, "step_ms_sparse_kernels": timing["step_ms_sparse"],
                       "step_ms_sparse": timing["step_ms_dense"]}
-        del dense
+        return model, decisions, timing
 
-        optimizer = make_optimizer(c.training, model.parameters())
-        if plan.constant_lr is not None:
-            for g in optimizer.param_groups:
-                g["lr"] = g["initial_lr"] = plan.constant_lr
-            factor = (lambda i: 1.0)
-        else:
-            factor = (lambda i, first=plan.first_step: methods.lr_factor(c.training, first + i,
-                                                                         spe))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        step, history, wall = plan.first_step, [], 0.0
-        if ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            checkpoint.set_rng_state(ckpt["rng"])
-            step, history, wall = ckpt["step"], list(ckpt["history"]), ckpt["wall_s"]
-            self.log(f"{phase.key}: resuming after epoch {step // spe} (step {step})")
-            self._rewrite_metrics(phase, history)
-        else:
-            torch.manual_seed(derive_seed(c.training.seed, "train", phase.key))
-        capture_rewind = (phase == Phase(0) and methods.needs_rewind_point(c))
-        rewind_at = methods.rewind_step(c, spe) if capture_rewind else -1
-        if capture_rewind and step == rewind_at == 0 and d.main:
-            checkpoint.save(dense_state_dict(model), os.path.join(pdir, "rewind.pt"))
-
-        net = model
-        if d.enabled:
-            net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                forward_sync_buffers=False)
-        from tqdm import tqdm
-        kernels = sum(1 for v in decisions.values() if v["chosen"] == "sparse")
-        bar = tqdm(total=plan.last_step - plan.first_step, initial=step - plan.first_step,
-                   desc=f"{phase.key} {100 * sparsity:5.1f}% sparse", leave=False,
-                   disable=None if (c.run.progress and d.main) else True, dynamic_ncols=True,
-                   mininterval=0.5, file=sys.stderr)
-        postfix = {"test": f"{history[-1]['test_acc']:.3f}"} if history else {}
-        start_time = time.perf_counter()
-        model.train()
-        while step < plan.last_step:
-            epoch = step // spe
-            order = epoch_order(len(self.data.train),
-                                derive_seed(c.training.seed, "data", phase.key, epoch),
-                                True, d.rank, d.world)
-            loss_sum = correct = seen = 0.0
-            for x, y in iterate(self.data.train, order, self.batch_size,
-                                c.dataset.num_workers, skip=step - epoch * spe):
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                out = net(x)
-                loss = self.loss_fn(out, y)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                loss_sum += loss.item() * len(y)
-                correct += float((out.argmax(1) == y).sum())
-                seen += len(y)
-                bar.update(1)
-                postfix.update(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-                bar.set_postfix(postfix, refresh=False)
-                if step == rewind_at and d.main:
-                    checkpoint.save(dense_state_dict(model), os.path.join(pdir, "rewind.pt"))
-                if step >= plan.last_step:
-                    break
-            # end of epoch: evaluate, checkpoint, log
-            d.average_buffers(model)
-            loss_sum, correct, seen = d.all_sum([loss_sum, correct, seen])
-            test_loss, test_acc = self.evaluate(model)
-            wall += time.perf_counter() - start_time
-            start_time = time.perf_counter()
-            row = {"phase": phase.key, "round": phase.round, "branch": phase.branch,
-                   "epoch": -(-step // spe), "step": step, "lr": scheduler.get_last_lr()[0],
-                   "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-                   "test_loss": test_loss, "test_acc": test_acc, "sparsity": sparsity,
-                   "wall_s": wall}
-            history.append(row)
-            postfix.update(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}",
-                           test=f"{test_acc:.3f}")
-            bar.set_postfix(postfix)
-            if d.main:
-                state = dense_state_dict(model)
-                check_pruned_zero(state, masks)
-                checkpoint.save({
-                    "format": CHECKPOINT_FORMAT, "phase": phase.key, "round": phase.round,
-                    "branch": phase.branch, "config_hash": c.hash(), "step": step,
-                    "epoch": row["epoch"], "first_step": plan.first_step,
-                    "last_step": plan.last_step, "model": state,
-                    "masks": {n: m.cpu() for n, m in masks.items()}, "decisions": decisions,
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": checkpoint.rng_state(), "timing": timing, "history": history,
-                    "wall_s": wall}, os.path.join(pdir, "checkpoint.pt"))
-                with open(self.path("metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            d.barrier()
-        bar.close()
-        if d.enabled:  # DDP kept every rank's weights identical, or something is badly wrong
-            digest = sum(float(p.detach().double().sum()) for p in model.parameters())
-            if not d.same_everywhere(digest):
-                raise RuntimeError(f"{phase.key}: weights differ between DDP ranks")
-        if not history:  # a phase with nothing to train cannot happen with validated settings
-            raise RuntimeError(f"{phase.key}: no training steps")
+    def finish_phase(self, phase, plan, masks, decisions, timing, history):
+        c, d, spe = self.c, self.dist, self.steps_per_epoch
         last = history[-1]
+        kernels = sum(1 for v in decisions.values() if v["chosen"] == "sparse")
+        sparsity = pruning.sparsity(masks) if masks else 0.0
         result = {
             "round": phase.round, "branch": phase.branch,
             "method": c.method.name if phase.branch == "ticket" else phase.branch,
@@ -444,17 +417,17 @@ class Experiment:
             "sparse_layers": f"{kernels}/{len(decisions)}",
             "layers": {n: {k: v[k] for k in ("kind", "chosen", "format", "sparsity") if k in v}
                        for n, v in decisions.items()},
-            "wall_s": wall, "world_size": d.world,
+            "wall_s": last["wall_s"], "world_size": d.world,
         }
         if d.main:
-            checkpoint.write_json(result, os.path.join(pdir, "result.json"))
+            checkpoint.write_json(result, self.path(phase.key, "result.json"))
             entries = [checkpoint.read_json(self.path(p.key, "result.json"))
                        for p in self.phases if self.done(p)]
             write_summary(self.run_dir, entries)
         self.log(f"{phase.key:<26} sparsity {100 * sparsity:5.1f}%  test acc "
                  f"{100 * last['test_acc']:6.2f}%  step dense {timing['step_ms_dense']:7.2f} ms"
                  f"  sparse {timing['step_ms_sparse']:7.2f} ms  ({result['speedup']:.2f}x, "
-                 f"{kernels}/{len(decisions)} layers sparse)  {wall:6.1f} s")
+                 f"{kernels}/{len(decisions)} layers sparse)  {last['wall_s']:6.1f} s")
         d.barrier()
 
     def _block(self):
@@ -481,6 +454,116 @@ class Experiment:
                         rows.append(row)
         rows += history
         checkpoint.write_text("".join(json.dumps(r) + "\n" for r in rows), path)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def fit(net: nn.Module, optimizer, scheduler, loss_fn, batches, first_step: int, last_step: int,
+        steps_per_epoch: int, callbacks=()) -> int:
+    """The plain training loop: steps [first_step, last_step), epoch by epoch.
+
+    batches(epoch, skip) yields the (x, y) batches of an epoch after the first `skip`;
+    callbacks get on_step(step, stats) after every optimizer step and on_epoch_end(step, stats)
+    after every epoch, where stats = [summed loss, correct, examples] of the epoch so far.
+    """
+    step = first_step
+    while step < last_step:
+        epoch = step // steps_per_epoch
+        stats = [0.0, 0.0, 0.0]
+        for x, y in batches(epoch, step - epoch * steps_per_epoch):
+            optimizer.zero_grad(set_to_none=True)
+            out = net(x)
+            loss = loss_fn(out, y)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            stats[0] += loss.item() * len(y)
+            stats[1] += float((out.argmax(1) == y).sum())
+            stats[2] += len(y)
+            for cb in callbacks:
+                cb.on_step(step, stats)
+            if step >= last_step:
+                break
+        for cb in callbacks:
+            cb.on_epoch_end(step, stats)
+    return step
+
+
+class Callback:
+    def on_step(self, step: int, stats: list[float]):
+        pass
+
+    def on_epoch_end(self, step: int, stats: list[float]):
+        pass
+
+
+class EpochEnd(Callback):
+    """Evaluate, append the epoch's metrics, checkpoint (rank 0), then log it to metrics.jsonl:
+    a kill between the two loses the line, which the resume writes back from the checkpoint."""
+
+    def __init__(self, exp: Experiment, phase: Phase, model, scheduler, history, save, wall,
+                 sparsity: float):
+        self.exp, self.phase, self.model, self.scheduler = exp, phase, model, scheduler
+        self.history, self.save, self.wall, self.sparsity = history, save, wall, sparsity
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, step, stats):
+        exp, d = self.exp, self.exp.dist
+        d.average_buffers(self.model)
+        loss_sum, correct, seen = d.all_sum(list(stats))
+        test_loss, test_acc = exp.evaluate(self.model)
+        now = time.perf_counter()
+        self.wall, self.start = self.wall + now - self.start, now
+        row = {"phase": self.phase.key, "round": self.phase.round, "branch": self.phase.branch,
+               "epoch": -(-step // exp.steps_per_epoch), "step": step,
+               "lr": self.scheduler.get_last_lr()[0], "train_loss": loss_sum / max(seen, 1),
+               "train_acc": correct / max(seen, 1), "test_loss": test_loss, "test_acc": test_acc,
+               "sparsity": self.sparsity, "wall_s": self.wall}
+        self.history.append(row)
+        if d.main:
+            self.save(step, self.wall)
+            with open(exp.path("metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+        d.barrier()
+
+
+class Progress(Callback):
+    """tqdm bar over the phase's steps with live loss / accuracy (rank 0, on a terminal)."""
+
+    def __init__(self, exp: Experiment, phase: Phase, plan, step, history, sparsity):
+        from tqdm import tqdm
+        self.history = history
+        self.bar = tqdm(total=plan.last_step - plan.first_step, initial=step - plan.first_step,
+                        desc=f"{phase.key} {100 * sparsity:5.1f}% sparse", leave=False,
+                        disable=None if (exp.c.run.progress and exp.dist.main) else True,
+                        dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+        self.postfix = {"test": f"{history[-1]['test_acc']:.3f}"} if history else {}
+
+    def on_step(self, step, stats):
+        self.bar.update(1)
+        self.postfix.update(loss=f"{stats[0] / stats[2]:.3f}", acc=f"{stats[1] / stats[2]:.3f}")
+        self.bar.set_postfix(self.postfix, refresh=False)
+
+    def on_epoch_end(self, step, stats):
+        self.postfix["test"] = f"{self.history[-1]['test_acc']:.3f}"
+        self.bar.set_postfix(self.postfix)
+
+    def close(self):
+        self.bar.close()
+
+
+class SaveRewindPoint(Callback):
+    """Round 0 saves the dense weights at the rewind step (rank 0)."""
+
+    def __init__(self, model, at_step: int, path: str, step: int):
+        self.model, self.at, self.path = model, at_step, path
+        if step == at_step == 0:
+            checkpoint.save(dense_state_dict(model), path)
+
+    def on_step(self, step, stats):
+        if step == self.at:
+            checkpoint.save(dense_state_dict(self.model), self.path)
 
 
 def main(argv: list[str] | None = None) -> int:
