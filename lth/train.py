@@ -22,9 +22,16 @@ import sys
 import time
 import warnings
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    # OpenMP threads spin ~300k cycles between parallel regions by default; on a machine shared
+    # with another busy process that makes every step ~10x slower (a spinning thread holds the
+    # core the other needs). A short spin keeps the quiet-machine speed within a few percent.
+    # Must be set before torch loads libgomp; set either variable yourself to override.
+    os.environ["GOMP_SPINCOUNT"] = "50000"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 from lth import checkpoint, distributed, methods, pruning
 from lth.cli import parse_config
