@@ -182,6 +182,10 @@ class Experiment:
                                  f"({old.get('non_default')}); pass another --name or delete it")
             started = any(os.path.isdir(self.path(p.key)) for p in self.phases)
             self.log(f"resuming {self.run_dir}" if started else f"run dir: {self.run_dir}")
+            if self.dist.main:  # files a kill left half-written
+                for name in os.listdir(self.run_dir):
+                    if ".tmp." in name:
+                        os.remove(self.path(name))
         elif self.dist.main:
             os.makedirs(self.run_dir, exist_ok=True)
             checkpoint.write_json(info, existing)
