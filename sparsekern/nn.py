@@ -17,25 +17,32 @@ FORMATS = ("auto", "bsr", "csr")
 POLICIES = ("auto", "sparse", "dense")
 
 
-def _aligned_block(mask: torch.Tensor) -> int | None:
-    """Largest square block size whose block closure of `mask` is `mask` itself, if any."""
-    for b in sorted(BLOCK_SIZES, reverse=True):
-        if BlockSparse.from_dense(mask.float(), mask, block=(b, b)).nnz == int(mask.sum()):
-            return b
+def _aligned_block(mask: torch.Tensor) -> tuple[int, int] | None:
+    """The largest block (bn, bk) whose block closure of `mask` is `mask` itself, if any: a
+    ticket pruned in whole blocks of that shape runs on the BSR kernels without extra weights."""
+    n, k = mask.shape
+    for bn, bk in sorted(((bn, bk) for bn in BLOCK_SIZES for bk in BLOCK_SIZES),
+                         key=lambda b: (-b[0] * b[1], -b[0])):
+        nb, kb = -(-n // bn), -(-k // bk)
+        padded = mask.new_zeros(nb * bn, kb * bk)
+        padded[:n, :k] = mask
+        present = padded.view(nb, bn, kb, bk).any(dim=3).any(dim=1)
+        closure = present[:, None, :, None].expand(nb, bn, kb, bk).reshape(nb * bn, kb * bk)
+        if bool((closure[:n, :k] == mask).all()):
+            return bn, bk
     return None
 
 
 def pack(weight: torch.Tensor, mask: torch.Tensor | None, format: str = "auto",
          block=None) -> BlockSparse | CSR:
-    """Packs a dense weight. format="auto": BSR when the mask is made of whole square blocks
-    (largest such block), else CSR."""
+    """Packs a dense weight. format="auto": BSR when the mask is made of whole blocks (the
+    largest such block shape), else CSR."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     mask = weight.detach() != 0 if mask is None else mask
     if format == "auto":
         if block is None:
-            aligned = _aligned_block(mask) if mask.shape == weight.shape else None
-            block = (aligned, aligned) if aligned else None
+            block = _aligned_block(mask) if mask.shape == weight.shape else None
         format = "bsr" if block is not None else "csr"
     if format == "bsr":
         return BlockSparse.from_dense(weight, mask, block=block or (32, 32))
@@ -136,13 +143,17 @@ def _linear_like(module, weight, bias) -> nn.Linear:
 def _train_step_fn(module: nn.Module, x: torch.Tensor):
     def step():
         module.zero_grad(set_to_none=True)
+        x.grad = None
         module(x).sum().backward()
     return step
 
 
 def _choose(linear: nn.Linear, sparse: SparseLinear, mask, batch_size, repeats):
+    # The input needs a gradient as in any layer but the first, so dX is timed too; a private
+    # generator leaves the caller's random stream untouched.
+    generator = torch.Generator(device=linear.weight.device).manual_seed(0)
     x = torch.randn(batch_size, linear.in_features, device=linear.weight.device,
-                    dtype=linear.weight.dtype)
+                    dtype=linear.weight.dtype, generator=generator, requires_grad=True)
     dense = MaskedLinear(linear, mask)
     times = interleaved_medians({"dense": _train_step_fn(dense, x),
                                  "sparse": _train_step_fn(sparse, x)}, warmup=2,

@@ -195,16 +195,18 @@ def test_sparse_linear_to_float64_keeps_index():
 
 @pytest.mark.parametrize("block", [8, 16, 32])
 def test_from_dense_auto_format(block):
-    """format="auto": BSR with the largest square block a block-aligned mask is made of,
-    CSR for anything else."""
+    """format="auto": BSR with the largest block shape a block-aligned mask is made of (square
+    or not: a random pattern may also be whole blocks of a larger shape), CSR for anything
+    else; the packed mask is exactly the given one."""
     linear = nn.Linear(64, 64)
     mask = block_mask(64, 64, (block, block), 0.5)
-    if block < 32:  # make sure no larger block also fits
-        mask[:block, :block] = True
-        mask[block:2 * block, :block] = False
     layer = sk.SparseLinear.from_dense(linear, mask, format="auto")
-    assert layer.format == "bsr" and layer.weight_format().block == (block, block)
+    bn, bk = layer.weight_format().block
+    assert layer.format == "bsr" and bn * bk >= block * block
     assert torch.equal(layer.mask(), mask)
+    rect = torch.zeros(64, 64, dtype=torch.bool)
+    rect[16:32, 8:16] = True  # one 16x8 block: (16, 8) is the only fitting shape >= 8x8 x2
+    assert sk.SparseLinear.from_dense(linear, rect, format="auto").weight_format().block == (16, 8)
     scattered = unstructured_mask(64, 64, 0.5)
     assert sk.SparseLinear.from_dense(linear, scattered, format="auto").format == "csr"
 
