@@ -7,7 +7,7 @@ DEPS := $(VENV)/.deps-installed
 EXT := sparsekern/.extension-built
 EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: all build test bench clean
+.PHONY: all build test train bench clean
 
 all: build
 
@@ -25,6 +25,9 @@ build: $(EXT)
 
 test: build
 	$(PY) -m pytest -q
+
+train: build
+	$(PY) -m lth.train
 
 bench: build
 	$(PY) -m benchmarks linear
