@@ -151,6 +151,14 @@ SK_INLINE void rank1_update(typename V::reg (&acc)[MR][NV], const float* A, int6
   }
 }
 
+// Prefetches `len` floats of ROWS rows (leading dim ld) into L1.
+template <int ROWS>
+SK_INLINE void prefetch_rows(const float* p, int64_t ld, int64_t len) {
+  for (int r = 0; r < ROWS; ++r)
+    for (int64_t i = 0; i < len; i += 16)
+      _mm_prefetch(reinterpret_cast<const char*>(p + r * ld + i), _MM_HINT_T0);
+}
+
 // Tile rows for the rank-1 form: as many as the register file holds next to NV operand vectors.
 template <class V, int NV>
 constexpr int rank1_rows() {
@@ -176,11 +184,17 @@ void bsr_forward_impl(const sparsekern::cpu::BsrArgs<float>& a, const float* x, 
           for (int r = 0; r < rows; ++r)
             for (int v = 0; v < NV; ++v)
               acc[r][v] = bias_tile ? V::load(bias_tile + v * V::L) : V::zero();
+          float* y_tile = y + m * ldy + I * bn + n0;
+          for (int r = 0; r < rows; ++r)  // the tile's output lines, for writing at the end
+            for (int v = 0; v < NV * V::L; v += 16) __builtin_prefetch(y_tile + r * ldy + v, 1, 3);
           const float* x_tile = x + m * ldx;
-          for (int64_t p = p0; p < p1; ++p)
+          for (int64_t p = p0; p < p1; ++p) {
+            // x rows of the next block: they come from DRAM when the caller has just streamed
+            // something large (the usual case), in rows too scattered for the hardware prefetcher.
+            if (p + 1 < p1) prefetch_rows<rows>(x_tile + a.col_idx[p + 1] * bk, ldx, bk);
             rank1_update<V, rows, NV>(acc, x_tile + a.col_idx[p] * bk, ldx, 1,
                                       w_tile + p * block, bn, bk);
-          float* y_tile = y + m * ldy + I * bn + n0;
+          }
           for (int r = 0; r < rows; ++r)
             for (int v = 0; v < NV; ++v) V::store(y_tile + r * ldy + v * V::L, acc[r][v]);
         });
