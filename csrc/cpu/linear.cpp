@@ -69,6 +69,15 @@ void check_range(const Tensor& idx, const char* op, const char* name, int64_t li
               hi, "] but they must lie in [0, ", limit, ")");
 }
 
+// A compressed index over `rows` rows and `cols` columns holding `nnz` entries.
+void check_compressed(const char* op, const char* ptr_name, const Tensor& ptr,
+                      const char* idx_name, const Tensor& idx, int64_t rows, int64_t cols,
+                      int64_t nnz) {
+  check_ptr(ptr, op, ptr_name, rows, nnz);
+  check_index(idx, op, idx_name, nnz);
+  check_range(idx, op, idx_name, cols);
+}
+
 void check_matrix(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [rows, features], got shape ",
               t.sizes());
@@ -169,9 +178,7 @@ Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& block_row
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
   TORCH_CHECK(N >= 0, op, ": out_features must be >= 0, got ", N);
   const int64_t Nb = ceil_div(N, bn), Kb = ceil_div(K, bk);
-  check_ptr(block_row_ptr, op, "block_row_ptr", Nb, nnzb);
-  check_index(block_col_idx, op, "block_col_idx", nnzb);
-  check_range(block_col_idx, op, "block_col_idx", Kb);
+  check_compressed(op, "block_row_ptr", block_row_ptr, "block_col_idx", block_col_idx, Nb, Kb, nnzb);
   Tensor bias_padded;
   if (bias) {
     check_float(*bias, op, "bias", x);
@@ -205,9 +212,7 @@ Tensor bsr_linear_grad_input(const Tensor& grad_out, const Tensor& values,
   const int64_t M = grad_out.size(0), N = grad_out.size(1), K = in_features;
   TORCH_CHECK(K >= 0, op, ": in_features must be >= 0, got ", K);
   const int64_t Nb = ceil_div(N, bn), Kb = ceil_div(K, bk);
-  check_ptr(block_col_ptr, op, "block_col_ptr", Kb, nnzb);
-  check_index(block_row_idx, op, "block_row_idx", nnzb);
-  check_range(block_row_idx, op, "block_row_idx", Nb);
+  check_compressed(op, "block_col_ptr", block_col_ptr, "block_row_idx", block_row_idx, Kb, Nb, nnzb);
   check_index(block_perm, op, "block_perm", nnzb);
   check_range(block_perm, op, "block_perm", nnzb);
   const Tensor dy = padded_cols(grad_out, Nb * bn);
@@ -248,9 +253,7 @@ Tensor bsr_linear_grad_weight(const Tensor& grad_out, const Tensor& x,
   const int64_t M = x.size(0), Nb = ceil_div(grad_out.size(1), bn),
                 Kb = ceil_div(x.size(1), bk);
   const int64_t nnzb = block_col_idx.numel();
-  check_ptr(block_row_ptr, op, "block_row_ptr", Nb, nnzb);
-  check_index(block_col_idx, op, "block_col_idx", nnzb);
-  check_range(block_col_idx, op, "block_col_idx", Kb);
+  check_compressed(op, "block_row_ptr", block_row_ptr, "block_col_idx", block_col_idx, Nb, Kb, nnzb);
   const Tensor dy = padded_cols(grad_out, Nb * bn);
   const Tensor xp = padded_cols(x, Kb * bk);
   Tensor dw = at::empty({nnzb, bk, bn}, x.options());
@@ -300,9 +303,7 @@ Tensor csr_linear(const Tensor& x, const Tensor& values, const Tensor& row_ptr,
   check_csr_values(values, op);
   const int64_t N = out_features, nnz = values.numel();
   TORCH_CHECK(N >= 0, op, ": out_features must be >= 0, got ", N);
-  check_ptr(row_ptr, op, "row_ptr", N, nnz);
-  check_index(col_idx, op, "col_idx", nnz);
-  check_range(col_idx, op, "col_idx", x.size(1));
+  check_compressed(op, "row_ptr", row_ptr, "col_idx", col_idx, N, x.size(1), nnz);
   if (bias) {
     check_float(*bias, op, "bias", x);
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N,
@@ -327,9 +328,7 @@ Tensor csr_linear_grad_input(const Tensor& grad_out, const Tensor& values, const
   check_csr_values(values, op);
   const int64_t K = in_features, nnz = values.numel();
   TORCH_CHECK(K >= 0, op, ": in_features must be >= 0, got ", K);
-  check_ptr(col_ptr, op, "col_ptr", K, nnz);
-  check_index(row_idx, op, "row_idx", nnz);
-  check_range(row_idx, op, "row_idx", grad_out.size(1));
+  check_compressed(op, "col_ptr", col_ptr, "row_idx", row_idx, K, grad_out.size(1), nnz);
   check_index(perm, op, "perm", nnz);
   check_range(perm, op, "perm", nnz);
   // W^T in CSR form is the transposed index with the values gathered into column order.
@@ -352,9 +351,7 @@ Tensor csr_linear_grad_weight(const Tensor& grad_out, const Tensor& x, const Ten
   TORCH_CHECK(x.size(0) == grad_out.size(0), op, ": x has ", x.size(0),
               " rows but grad_out has ", grad_out.size(0));
   const int64_t M = x.size(0), R = grad_out.size(1), C = x.size(1), nnz = col_idx.numel();
-  check_ptr(row_ptr, op, "row_ptr", R, nnz);
-  check_index(col_idx, op, "col_idx", nnz);
-  check_range(col_idx, op, "col_idx", C);
+  check_compressed(op, "row_ptr", row_ptr, "col_idx", col_idx, R, C, nnz);
   Tensor dw = at::empty({nnz}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
