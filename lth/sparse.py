@@ -88,12 +88,15 @@ def zero_pruned(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 
 def sparsify_model(model: nn.Module, masks: dict[str, torch.Tensor], format: str = "auto",
                    policy: str = "auto", block=None, batch_size: int = 256,
-                   decisions: dict | None = None, repeats: int = 7) -> dict[str, dict]:
+                   decisions: dict | None = None, repeats: int = 7,
+                   example_input: torch.Tensor | None = None) -> dict[str, dict]:
     """Converts the pruned layers of a plain dense model in place; returns, per pruned weight,
     what runs it: {"kind", "chosen": sparse | dense | masked-dense, "format", "sparsity", ...}.
 
     decisions: the result of an earlier call for the same masks -- each layer is then rebuilt
     the same way without timing (resume, and every DDP rank following rank 0).
+    example_input: a training batch, so the auto policy times each layer on what it really
+    receives (the first layer's dX is then not timed: its input needs no gradient).
     """
     modules = dict(model.named_modules())
     out: dict[str, dict] = {}
@@ -105,7 +108,7 @@ def sparsify_model(model: nn.Module, masks: dict[str, torch.Tensor], format: str
     if linear:
         if decisions is None:
             sk.sparsify(model, linear, format=format, policy=policy, block=block,
-                        batch_size=batch_size, repeats=repeats)
+                        batch_size=batch_size, repeats=repeats, example_input=example_input)
         else:
             for chosen in ("sparse", "dense"):
                 chosen_masks = {n: m for n, m in linear.items()

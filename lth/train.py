@@ -244,11 +244,15 @@ class Experiment:
         return self.final_state(phase.round - 1)
 
     # ------------------------------------------------------------------ timing
-    def measure(self, dense: nn.Module, trained: nn.Module, masks) -> dict:
-        """Median ms of one training step: dense-masked, as trained (sparse), unmasked parent."""
+    def timing_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first training batch (fixed order): what step timings run on."""
         order = epoch_order(len(self.data.train), 0, False)[: self.batch_size]
         x, y = next(iterate(self.data.train, order, self.batch_size))
-        batch = (x.to(self.device), y.to(self.device))
+        return x.to(self.device), y.to(self.device)
+
+    def measure(self, dense: nn.Module, trained: nn.Module, masks) -> dict:
+        """Median ms of one training step: dense-masked, as trained (sparse), unmasked parent."""
+        batch = self.timing_batch()
         s = self.c.sparse
         models = {"unmasked": copy.deepcopy(dense)}
         if masks:
@@ -259,7 +263,7 @@ class Experiment:
         times.setdefault("dense", times["unmasked"])
         times.setdefault("sparse", times["unmasked"])
         return {"step_ms_dense": times["dense"], "step_ms_sparse": times["sparse"],
-                "step_ms_unmasked": times["unmasked"], "timing_batch": len(y),
+                "step_ms_unmasked": times["unmasked"], "timing_batch": len(batch[1]),
                 "timing_threads": torch.get_num_threads()}
 
     # ------------------------------------------------------------------ evaluation
@@ -378,7 +382,8 @@ class Experiment:
             if decisions is None:
                 if d.main:
                     decisions = sparsify_model(model, masks, c.sparse.format, self.policy,
-                                               self._block(), self.batch_size)
+                                               self._block(), self.batch_size,
+                                               example_input=self.timing_batch()[0])
                 decisions = d.broadcast(decisions)
             if not (d.main and ckpt is None):
                 sparsify_model(model, masks, c.sparse.format, self.policy, self._block(),

@@ -148,12 +148,7 @@ def _train_step_fn(module: nn.Module, x: torch.Tensor):
     return step
 
 
-def _choose(linear: nn.Linear, sparse: SparseLinear, mask, batch_size, repeats):
-    # The input needs a gradient as in any layer but the first, so dX is timed too; a private
-    # generator leaves the caller's random stream untouched.
-    generator = torch.Generator(device=linear.weight.device).manual_seed(0)
-    x = torch.randn(batch_size, linear.in_features, device=linear.weight.device,
-                    dtype=linear.weight.dtype, generator=generator, requires_grad=True)
+def _choose(linear: nn.Linear, sparse: SparseLinear, mask, x: torch.Tensor, repeats: int):
     dense = MaskedLinear(linear, mask)
     times = interleaved_medians({"dense": _train_step_fn(dense, x),
                                  "sparse": _train_step_fn(sparse, x)}, warmup=2,
@@ -162,15 +157,52 @@ def _choose(linear: nn.Linear, sparse: SparseLinear, mask, batch_size, repeats):
     return chosen, dense, times
 
 
+def _timing_inputs(model: nn.Module, names, example_input, batch_size: int) -> dict:
+    """{layer name: the input its timing uses}. With an example input: what the layer really
+    receives in model(example_input), including whether it needs a gradient (the first layer's
+    input usually does not, so its dX is not timed). Without: batch_size random rows that need
+    a gradient, from a private generator so the caller's random stream is untouched."""
+    modules = dict(model.named_modules())
+    if example_input is None:
+        out = {}
+        for name in names:
+            w = modules[name].weight
+            generator = torch.Generator(device=w.device).manual_seed(0)
+            out[name] = torch.randn(batch_size, modules[name].in_features, device=w.device,
+                                    dtype=w.dtype, generator=generator, requires_grad=True)
+        return out
+    seen = {}
+    hooks = [modules[name].register_forward_pre_hook(
+        lambda module, args, name=name: seen.setdefault(name, args[0]))
+        for name in names]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # no side effects: batch-norm statistics stay as they are, dropout draws nothing
+    try:
+        with torch.enable_grad():
+            model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, training in modes:
+            m.training = training
+    missing = sorted(set(names) - set(seen))
+    if missing:
+        raise ValueError(f"sparsify: example_input never reached layers {missing}")
+    return {name: x.detach().clone().requires_grad_(x.requires_grad) for name, x in seen.items()}
+
+
 def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None,
              format: str = "auto", policy: str = "auto", block=None, batch_size: int = 256,
-             repeats: int = 7) -> nn.Module:
+             repeats: int = 7, example_input=None) -> nn.Module:
     """Replaces the pruned nn.Linear layers of `model` (in place) and returns it.
 
     masks: {"<layer>.weight": bool tensor}; layers not named stay as they are. None: every Linear
     with zeros in its weight is pruned where it is zero. policy="auto" times a training step of
-    each layer both ways (batch_size rows, interleaved, median) and keeps the faster; "sparse" /
-    "dense" force the choice. Each decision is readable afterwards via `decisions(model)`.
+    each layer both ways (interleaved, median of `repeats`) and keeps the faster; "sparse" /
+    "dense" force the choice. The timing input is what each layer receives in
+    model(example_input) when one is given (a real batch: its size, and no dX for a layer whose
+    input needs no gradient), else batch_size random rows. Each decision is readable afterwards
+    via `decisions(model)`.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -181,23 +213,28 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None,
         unknown = sorted(set(masks) - names)
         if unknown:
             raise ValueError(f"masks: no nn.Linear weight named {unknown}; known: {sorted(names)}")
-    for name, module in list(model.named_modules()):
+    targets = {}
+    for name, module in model.named_modules():
         if type(module) is not nn.Linear:
             continue
         if masks is None:
             mask = module.weight.detach() != 0
-            if bool(mask.all()):
-                continue
+            if not bool(mask.all()):
+                targets[name] = mask
         elif f"{name}.weight" in masks:
-            mask = masks[f"{name}.weight"]
-        else:
-            continue
+            targets[name] = masks[f"{name}.weight"]
+    inputs = (_timing_inputs(model, targets, example_input, batch_size)
+              if policy == "auto" and targets else {})
+    for name, mask in targets.items():
+        module = model.get_submodule(name)
         sparse = SparseLinear.from_dense(module, mask, format=format,
                                          block=block or (32, 32))
         decision = {"format": sparse.format, "sparsity": sparse.weight_format().sparsity}
         if policy == "auto":
-            chosen, dense, times = _choose(module, sparse, mask, batch_size, repeats)
-            decision.update(dense_ms=times["dense"] * 1e3, sparse_ms=times["sparse"] * 1e3)
+            chosen, dense, times = _choose(module, sparse, mask, inputs[name], repeats)
+            decision.update(dense_ms=times["dense"] * 1e3, sparse_ms=times["sparse"] * 1e3,
+                            timed_input=list(inputs[name].shape),
+                            timed_grad_input=inputs[name].requires_grad)
         else:
             chosen, dense = policy, MaskedLinear(module, mask) if policy == "dense" else None
         decision["chosen"] = chosen

@@ -331,3 +331,20 @@ def test_sparsify_root_linear_is_refused():
         linear.weight.mul_(torch.eye(8))  # zeros: pruned when masks=None
     with pytest.raises(ValueError, match="wrap it in a container"):
         sk.sparsify(linear, policy="sparse")
+
+
+def test_sparsify_example_input_times_what_each_layer_receives():
+    """With example_input the auto policy times each layer on its real input: its batch size,
+    and no dX where the input needs no gradient (the first layer's data); modes are kept."""
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 8)).train()
+    masks = {f"{i}.weight": unstructured_mask(*model[i].weight.shape, 0.8) for i in (0, 3)}
+    sk.sparsify(model, masks, policy="auto", example_input=torch.randn(12, 40), repeats=2)
+    found = sk.decisions(model)
+    assert found["0"]["timed_input"] == [12, 40] and found["0"]["timed_grad_input"] is False
+    assert found["3"]["timed_input"] == [12, 64] and found["3"]["timed_grad_input"] is True
+    assert all(m.training for m in model.modules())
+    with pytest.raises(ValueError, match="example_input never reached"):
+        detour = nn.ModuleDict({"used": nn.Linear(4, 4), "unused": nn.Linear(4, 4)})
+        detour.forward = lambda x: detour["used"](x)
+        sk.sparsify(detour, {"unused.weight": unstructured_mask(4, 4, 0.5)},
+                    example_input=torch.randn(2, 4))
