@@ -277,10 +277,11 @@ def test_auto_policy_trains_masked_dense_when_the_whole_step_is_slower(tmp_path,
     real = train.sparsify_model
 
     def layer_policy_says_sparse(model, masks, format="auto", policy="auto", block=None,
-                                 batch_size=256, decisions=None, repeats=7):
+                                 batch_size=256, decisions=None, repeats=7, example_input=None):
         if policy == "auto" and decisions is None:
             policy = "sparse"
-        return real(model, masks, format, policy, block, batch_size, decisions, repeats)
+        return real(model, masks, format, policy, block, batch_size, decisions, repeats,
+                    example_input)
 
     def sparse_is_slower(self, dense, trained, masks):
         return {"step_ms_dense": 1.0, "step_ms_sparse": 2.0 if masks else 1.0,
