@@ -303,17 +303,10 @@ SK_INLINE void spmm_accumulate(typename V::reg (&acc)[4], const float* panel, co
 }
 
 // Rows r0..r1 of out = dense S^T, eight sparse rows at a time: the [8][MB] result tile is
-// transposed in registers into out's row-major layout. RI rows are interleaved so that 4*RI
-// independent FMA chains (and their panel loads) are in flight.
-template <class V>
-constexpr int spmm_interleave() {
-  return V::L == 16 ? 4 : 2;
-}
-
+// transposed in registers into out's row-major layout.
 template <class V>
 void csr_spmm(const sparsekern::cpu::CsrSpmmArgs<float>& a, int64_t r0, int64_t r1) {
   constexpr int MB = panel_width<V>();
-  constexpr int RI = spmm_interleave<V>();
   const int32_t* rp = a.row_ptr;
   const int32_t* cols = a.col_idx;
   const float* vals = a.values;
@@ -324,31 +317,36 @@ void csr_spmm(const sparsekern::cpu::CsrSpmmArgs<float>& a, int64_t r0, int64_t 
     float* out = a.out + m0 * a.ldo;
     for (int64_t g = r0; g < r1; g += 8) {
       const int64_t rows = min64(8, r1 - g);
-      for (int64_t r = g; r < g + rows; r += RI) {
-        const int64_t live = min64(RI, g + rows - r);
-        typename V::reg acc[RI][4];
-        int64_t j[RI], e[RI];
-        int64_t common = int64_t(1) << 62;
-        for (int q = 0; q < RI; ++q) {
-          const typename V::reg b = a.bias && q < live ? V::bcast(a.bias + r + q) : V::zero();
-          for (int i = 0; i < 4; ++i) acc[q][i] = b;
-          j[q] = q < live ? rp[r + q] : 0;
-          e[q] = q < live ? rp[r + q + 1] : 0;
-          common = min64(common, e[q] - j[q]);
+      for (int64_t r = g; r < g + rows; r += 2) {
+        const bool pair = r + 1 < g + rows;
+        typename V::reg acc0[4], acc1[4];
+        const typename V::reg b0 = a.bias ? V::bcast(a.bias + r) : V::zero();
+        const typename V::reg b1 = a.bias && pair ? V::bcast(a.bias + r + 1) : V::zero();
+        for (int i = 0; i < 4; ++i) {
+          acc0[i] = b0;
+          acc1[i] = b1;
         }
-        for (int64_t t = 0; t < common; ++t) {
+        int64_t j0 = rp[r];
+        const int64_t e0 = rp[r + 1];
+        int64_t j1 = pair ? rp[r + 1] : 0;
+        const int64_t e1 = pair ? rp[r + 2] : 0;
+        const int64_t common = min64(e0 - j0, e1 - j1);
+        for (int64_t t = 0; t < common; ++t, ++j0, ++j1) {
+          const typename V::reg v0 = V::bcast(vals + j0);
+          const typename V::reg v1 = V::bcast(vals + j1);
+          const float* p0 = panel + int64_t(cols[j0]) * MB;
+          const float* p1 = panel + int64_t(cols[j1]) * MB;
 #pragma GCC unroll 4
-          for (int q = 0; q < RI; ++q) {
-            const typename V::reg v = V::bcast(vals + j[q] + t);
-            const float* p = panel + int64_t(cols[j[q] + t]) * MB;
-#pragma GCC unroll 4
-            for (int i = 0; i < 4; ++i) acc[q][i] = V::fma(v, V::load(p + i * V::L), acc[q][i]);
+          for (int i = 0; i < 4; ++i) {
+            acc0[i] = V::fma(v0, V::load(p0 + i * V::L), acc0[i]);
+            acc1[i] = V::fma(v1, V::load(p1 + i * V::L), acc1[i]);
           }
         }
-        for (int q = 0; q < RI; ++q) {
-          spmm_accumulate<V>(acc[q], panel, vals, cols, j[q] + common, e[q]);
-          if (q < live)
-            for (int i = 0; i < 4; ++i) V::store(tile[r - g + q] + i * V::L, acc[q][i]);
+        spmm_accumulate<V>(acc0, panel, vals, cols, j0, e0);
+        spmm_accumulate<V>(acc1, panel, vals, cols, j1, e1);
+        for (int i = 0; i < 4; ++i) {
+          V::store(tile[r - g] + i * V::L, acc0[i]);
+          if (pair) V::store(tile[r - g + 1] + i * V::L, acc1[i]);
         }
       }
       for (int64_t i = 0; i < mv; i += 8)
