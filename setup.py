@@ -1,7 +1,7 @@
 """Builds sparsekern._C from csrc/: the op library, the CPU kernels and, when a CUDA toolkit
 matching torch is found (or SPARSEKERN_CUDA=1), the CUDA kernels in csrc/cuda/.
 
-Portable by construction: no -march=native, no -ffast-math. SIMD kernels are compiled per
+Portable by construction: no native-CPU tuning or fast-math flags. SIMD kernels are compiled per
 instruction set with `#pragma GCC target` and chosen at run time (csrc/cpu/isa.cpp).
 """
 import glob

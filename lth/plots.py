@@ -47,12 +47,7 @@ def plot_run(run_dir: str, entries: list[dict]) -> list[str]:
     ax.set_xlabel("sparsity (% of prunable weights removed)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"accuracy vs sparsity: {os.path.basename(os.path.normpath(run_dir))}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    paths.append(os.path.join(out_dir, "accuracy_vs_sparsity.png"))
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, ax, os.path.join(out_dir, "accuracy_vs_sparsity.png")))
 
     ticket = sorted((e for e in entries if e["branch"] == "ticket"), key=lambda e: e["sparsity"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -66,10 +61,14 @@ def plot_run(run_dir: str, entries: list[dict]) -> list[str]:
     ax.set_yscale("log")
     ax.set_ylabel("training step (ms, median, log scale)")
     ax.set_title("training step time vs sparsity (measured in one process)")
+    paths.append(_save(fig, ax, os.path.join(out_dir, "step_time_vs_sparsity.png")))
+    return paths
+
+
+def _save(fig, ax, path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend()
-    paths.append(os.path.join(out_dir, "step_time_vs_sparsity.png"))
     fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return paths
+    return path

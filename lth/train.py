@@ -507,11 +507,13 @@ def fit(net: nn.Module, optimizer, scheduler, loss_fn, batches, first_step: int,
 
 
 class Callback:
+    """Hooks of the training loop `fit`; each default does nothing."""
+
     def on_step(self, step: int, stats: list[float]):
-        pass
+        """After each optimizer step; stats = [loss sum, correct, samples] of the epoch so far."""
 
     def on_epoch_end(self, step: int, stats: list[float]):
-        pass
+        """After each epoch (or at the phase's last step), with the epoch's stats."""
 
 
 class EpochEnd(Callback):
