@@ -70,5 +70,5 @@ def _save(fig, ax, path: str) -> str:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
