@@ -82,9 +82,20 @@ void check_matrix(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [rows, features], got shape ",
               t.sizes());
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64 on the CPU, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
+                  t.scalar_type() == at::kBFloat16,
+              op, ": ", name, " must be float32, float64 or bfloat16 on the CPU, got ",
+              t.scalar_type());
 }
+
+// bfloat16 runs on the float32 kernels: operands are widened once per call, products
+// accumulate in fp32 and each output element is rounded to bfloat16 once.
+bool is_bf16(const Tensor& t) { return t.scalar_type() == at::kBFloat16; }
+Tensor widen(const Tensor& t) { return t.to(at::kFloat); }
+std::optional<Tensor> widen(const std::optional<Tensor>& t) {
+  return t ? std::optional<Tensor>(widen(*t)) : std::nullopt;
+}
+Tensor narrow_bf16(const Tensor& t) { return t.to(at::kBFloat16); }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -174,6 +185,11 @@ Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& block_row
   constexpr const char* op = "sparsekern.bsr_linear";
   check_matrix(x, op, "x");
   check_float(values, op, "values", x);
+  if (bias) check_float(*bias, op, "bias", x);
+  if (is_bf16(x))
+    return narrow_bf16(bsr_linear(widen(x), widen(values), block_row_ptr, block_col_idx,
+                                  block_col_ptr, block_row_idx, block_perm, widen(bias),
+                                  out_features));
   const auto [bk, bn, nnzb] = check_bsr_values(values, op);
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
   TORCH_CHECK(N >= 0, op, ": out_features must be >= 0, got ", N);
@@ -181,7 +197,6 @@ Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& block_row
   check_compressed(op, "block_row_ptr", block_row_ptr, "block_col_idx", block_col_idx, Nb, Kb, nnzb);
   Tensor bias_padded;
   if (bias) {
-    check_float(*bias, op, "bias", x);
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N,
                 "], got ", bias->sizes());
     bias_padded = padded_cols(bias->view({1, N}), Nb * bn).view({Nb * bn});
@@ -208,6 +223,9 @@ Tensor bsr_linear_grad_input(const Tensor& grad_out, const Tensor& values,
   constexpr const char* op = "sparsekern.bsr_linear_grad_input";
   check_matrix(grad_out, op, "grad_out");
   check_float(values, op, "values", grad_out);
+  if (is_bf16(grad_out))
+    return narrow_bf16(bsr_linear_grad_input(widen(grad_out), widen(values), block_col_ptr,
+                                             block_row_idx, block_perm, in_features));
   const auto [bk, bn, nnzb] = check_bsr_values(values, op);
   const int64_t M = grad_out.size(0), N = grad_out.size(1), K = in_features;
   TORCH_CHECK(K >= 0, op, ": in_features must be >= 0, got ", K);
@@ -244,6 +262,9 @@ Tensor bsr_linear_grad_weight(const Tensor& grad_out, const Tensor& x,
   check_matrix(grad_out, op, "grad_out");
   check_matrix(x, op, "x");
   check_float(x, op, "x", grad_out);
+  if (is_bf16(x))
+    return narrow_bf16(bsr_linear_grad_weight(widen(grad_out), widen(x), block_row_ptr,
+                                              block_col_idx, block_n, block_k));
   TORCH_CHECK(x.size(0) == grad_out.size(0), op, ": x has ", x.size(0),
               " rows but grad_out has ", grad_out.size(0));
   const int64_t bn = block_n, bk = block_k;
@@ -300,12 +321,15 @@ Tensor csr_linear(const Tensor& x, const Tensor& values, const Tensor& row_ptr,
   constexpr const char* op = "sparsekern.csr_linear";
   check_matrix(x, op, "x");
   check_float(values, op, "values", x);
+  if (bias) check_float(*bias, op, "bias", x);
+  if (is_bf16(x))
+    return narrow_bf16(csr_linear(widen(x), widen(values), row_ptr, col_idx, col_ptr, row_idx,
+                                  perm, widen(bias), out_features));
   check_csr_values(values, op);
   const int64_t N = out_features, nnz = values.numel();
   TORCH_CHECK(N >= 0, op, ": out_features must be >= 0, got ", N);
   check_compressed(op, "row_ptr", row_ptr, "col_idx", col_idx, N, x.size(1), nnz);
   if (bias) {
-    check_float(*bias, op, "bias", x);
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N,
                 "], got ", bias->sizes());
   }
@@ -325,6 +349,9 @@ Tensor csr_linear_grad_input(const Tensor& grad_out, const Tensor& values, const
   constexpr const char* op = "sparsekern.csr_linear_grad_input";
   check_matrix(grad_out, op, "grad_out");
   check_float(values, op, "values", grad_out);
+  if (is_bf16(grad_out))
+    return narrow_bf16(csr_linear_grad_input(widen(grad_out), widen(values), col_ptr, row_idx,
+                                             perm, in_features));
   check_csr_values(values, op);
   const int64_t K = in_features, nnz = values.numel();
   TORCH_CHECK(K >= 0, op, ": in_features must be >= 0, got ", K);
@@ -348,6 +375,8 @@ Tensor csr_linear_grad_weight(const Tensor& grad_out, const Tensor& x, const Ten
   check_matrix(grad_out, op, "grad_out");
   check_matrix(x, op, "x");
   check_float(x, op, "x", grad_out);
+  if (is_bf16(x))
+    return narrow_bf16(csr_linear_grad_weight(widen(grad_out), widen(x), row_ptr, col_idx));
   TORCH_CHECK(x.size(0) == grad_out.size(0), op, ": x has ", x.size(0),
               " rows but grad_out has ", grad_out.size(0));
   const int64_t M = x.size(0), R = grad_out.size(1), C = x.size(1), nnz = col_idx.numel();

@@ -178,9 +178,9 @@ def _op_cases():
         p = "block_" if op == "bsr_linear" else ""
         cases += [
             (op, 0, lambda t: t.unsqueeze(0), "x must be 2-D"),
-            (op, 0, lambda t: t.half(), "x must be float32 or float64 on the CPU, got Half"),
-            (op, 0, lambda t: t.to(torch.bfloat16), "x must be float32 or float64"),
-            (op, 0, lambda t: t.long(), "x must be float32 or float64 on the CPU, got Long"),
+            (op, 0, lambda t: t.half(), "x must be float32, float64 or bfloat16 on the CPU, got Half"),
+            (op, 0, lambda t: t.to(torch.bfloat16), "values has dtype Float but expected BFloat16"),
+            (op, 0, lambda t: t.long(), "x must be float32, float64 or bfloat16 on the CPU, got Long"),
             (op, 1, lambda t: t.double(), "values has dtype Double but expected Float"),
             (op, 2, lambda t: t.long(), f"{p}row_ptr must be int32, got Long"),
             (op, 2, _noncontiguous, f"{p}row_ptr must be a contiguous 1-D tensor"),
@@ -212,7 +212,7 @@ def _op_cases():
         p = "block_" if op.startswith("bsr") else ""
         cases += [
             (op, 0, lambda t: t[0], "grad_out must be 2-D"),
-            (op, 0, lambda t: t.half(), "grad_out must be float32 or float64"),
+            (op, 0, lambda t: t.half(), "grad_out must be float32, float64 or bfloat16"),
             (op, 1, lambda t: t.double(), "values has dtype Double but expected Float"),
             (op, 2, lambda t: t.long(), f"{p}col_ptr must be int32"),
             (op, 2, _nondecreasing_broken, f"{p}col_ptr"),
@@ -230,7 +230,7 @@ def _op_cases():
             (op, 0, lambda t: t[:-1], "x has 4 rows but grad_out has 3"),
             (op, 1, lambda t: t.double(), "x has dtype Double but expected Float"),
             (op, 1, lambda t: t.unsqueeze(0), "x must be 2-D"),
-            (op, 0, lambda t: t.half(), "grad_out must be float32 or float64"),
+            (op, 0, lambda t: t.half(), "grad_out must be float32, float64 or bfloat16"),
             (op, 2, lambda t: t.long(), f"{p}row_ptr must be int32"),
             (op, 2, _nondecreasing_broken, f"{p}row_ptr"),
             (op, 3, lambda t: torch.cat([t[:-1], _i32(1000)]), f"{p}col_idx has entries in"),
@@ -315,7 +315,7 @@ def test_linear_rejects_wrong_in_features(fmt):
 @pytest.mark.parametrize("fmt", ["bsr", "csr"])
 def test_linear_rejects_dtype_mismatch(fmt):
     W, x, _, _ = random_problem(fmt, 3, 24, 20, block=(8, 8))
-    with pytest.raises(RuntimeError, match="x must be float32 or float64"):
+    with pytest.raises(RuntimeError, match="x must be float32, float64 or bfloat16"):
         sk.linear(x.half(), W.to(torch.float16))
     with pytest.raises(RuntimeError, match="values has dtype Float but expected Double"):
         sk.linear(x.double(), W)
