@@ -43,6 +43,12 @@ def _check_weight_and_mask(weight: torch.Tensor, mask: torch.Tensor | None, who:
     return weight.detach(), mask
 
 
+def expand_ptr(ptr: torch.Tensor) -> torch.Tensor:
+    """[R+1] compressed pointer -> the row of every stored entry."""
+    counts = (ptr[1:] - ptr[:-1]).long()
+    return torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=ptr.device), counts)
+
+
 def _ptr(counts: torch.Tensor) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
 
@@ -172,15 +178,10 @@ class BlockSparse(_Format):
     def block_pattern(self) -> torch.Tensor:
         """[Nb, Kb] bool: which blocks are stored."""
         nb, kb = self.grid
-        rows = self._block_rows()
+        rows = expand_ptr(self.block_row_ptr)
         present = torch.zeros(nb, kb, dtype=torch.bool, device=self.device)
         present[rows, self.block_col_idx.long()] = True
         return present
-
-    def _block_rows(self) -> torch.Tensor:
-        nb = self.block_row_ptr.numel() - 1
-        counts = (self.block_row_ptr[1:] - self.block_row_ptr[:-1]).long()
-        return torch.repeat_interleave(torch.arange(nb, device=self.device), counts)
 
     def _expand(self, blocks: torch.Tensor) -> torch.Tensor:
         """[Nb, Kb, ...] per-block -> [N, K] per-weight (cropping the padding)."""
@@ -192,7 +193,7 @@ class BlockSparse(_Format):
         bn, bk = self.block
         nb, kb = self.grid
         grid = self.values.new_zeros(nb, kb, bk, bn)
-        grid[self._block_rows(), self.block_col_idx.long()] = self.values
+        grid[expand_ptr(self.block_row_ptr), self.block_col_idx.long()] = self.values
         return self._expand(grid)
 
     def mask(self) -> torch.Tensor:
@@ -235,18 +236,14 @@ class CSR(_Format):
         return cls(weight[rows, cols].contiguous(), _ptr(mask.sum(1)), cols.to(torch.int32),
                    tuple(weight.shape), col_ptr, row_idx, perm)
 
-    def _rows(self) -> torch.Tensor:
-        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
-        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.device), counts)
-
     def to_dense(self) -> torch.Tensor:
         dense = self.values.new_zeros(self.shape)
-        dense[self._rows(), self.col_idx.long()] = self.values
+        dense[expand_ptr(self.row_ptr), self.col_idx.long()] = self.values
         return dense
 
     def mask(self) -> torch.Tensor:
         present = torch.zeros(self.shape, dtype=torch.bool, device=self.device)
-        present[self._rows(), self.col_idx.long()] = True
+        present[expand_ptr(self.row_ptr), self.col_idx.long()] = True
         return present
 
     @classmethod
@@ -284,8 +281,7 @@ def _validate_compressed(who, ptr_name, idx_name, ptr, idx, rows, cols, nnz):
         raise ValueError(f"{who}: {idx_name} entries must lie in [0, {cols}), got "
                          f"[{int(idx.min())}, {int(idx.max())}]")
     if nnz > 1:  # strictly increasing within a row: no duplicate entries
-        counts = (ptr[1:] - ptr[:-1]).long()
-        row = torch.repeat_interleave(torch.arange(rows, device=ptr.device), counts)
+        row = expand_ptr(ptr)
         if bool(((row[1:] == row[:-1]) & (idx[1:] <= idx[:-1])).any()):
             raise ValueError(f"{who}: {idx_name} must be strictly increasing within each row "
                              "(sorted, no duplicate entries)")

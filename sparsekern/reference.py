@@ -8,18 +8,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-
-def _expand_ptr(ptr: torch.Tensor) -> torch.Tensor:
-    """[R+1] compressed pointer -> the row of every stored entry."""
-    counts = (ptr[1:] - ptr[:-1]).long()
-    return torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=ptr.device), counts)
+from sparsekern.formats import expand_ptr
 
 
 def bsr_to_dense(values, block_row_ptr, block_col_idx, out_features, in_features):
     nnzb, bk, bn = values.shape
     nb, kb = block_row_ptr.numel() - 1, math.ceil(in_features / bk)
     grid = values.new_zeros(nb, kb, bk, bn).index_put(
-        (_expand_ptr(block_row_ptr), block_col_idx.long()), values)
+        (expand_ptr(block_row_ptr), block_col_idx.long()), values)
     return grid.permute(0, 3, 1, 2).reshape(nb * bn, kb * bk)[:out_features, :in_features]
 
 
@@ -29,7 +25,7 @@ def bsr_transposed_to_dense(values, block_col_ptr, block_row_idx, block_perm, ou
     nnzb, bk, bn = values.shape
     nb, kb = math.ceil(out_features / bn), block_col_ptr.numel() - 1
     grid = values.new_zeros(nb, kb, bk, bn).index_put(
-        (block_row_idx.long(), _expand_ptr(block_col_ptr)), values[block_perm.long()])
+        (block_row_idx.long(), expand_ptr(block_col_ptr)), values[block_perm.long()])
     return grid.permute(0, 3, 1, 2).reshape(nb * bn, kb * bk)[:out_features, :in_features]
 
 
@@ -52,12 +48,12 @@ def bsr_linear_grad_weight(grad_out, x, block_row_ptr, block_col_idx, block_n, b
     dense = grad_out.new_zeros(nb * block_n, kb * block_k)
     dense[:n, :k] = grad_out.t() @ x
     grid = dense.view(nb, block_n, kb, block_k).permute(0, 2, 3, 1)
-    return grid[_expand_ptr(block_row_ptr), block_col_idx.long()].contiguous()
+    return grid[expand_ptr(block_row_ptr), block_col_idx.long()].contiguous()
 
 
 def csr_to_dense(values, row_ptr, col_idx, out_features, in_features):
     return values.new_zeros(out_features, in_features).index_put(
-        (_expand_ptr(row_ptr), col_idx.long()), values)
+        (expand_ptr(row_ptr), col_idx.long()), values)
 
 
 def csr_linear(x, values, row_ptr, col_idx, col_ptr, row_idx, perm, bias, out_features):
@@ -66,9 +62,9 @@ def csr_linear(x, values, row_ptr, col_idx, col_ptr, row_idx, perm, bias, out_fe
 
 def csr_linear_grad_input(grad_out, values, col_ptr, row_idx, perm, in_features):
     w = values.new_zeros(grad_out.shape[1], in_features).index_put(
-        (row_idx.long(), _expand_ptr(col_ptr)), values[perm.long()])
+        (row_idx.long(), expand_ptr(col_ptr)), values[perm.long()])
     return grad_out @ w
 
 
 def csr_linear_grad_weight(grad_out, x, row_ptr, col_idx):
-    return (grad_out.t() @ x)[_expand_ptr(row_ptr), col_idx.long()]
+    return (grad_out.t() @ x)[expand_ptr(row_ptr), col_idx.long()]
