@@ -3,6 +3,7 @@ from sparsekern import _extension
 from sparsekern.formats import CSR, BlockSparse
 from sparsekern.nn import MaskedLinear, SparseLinear, decisions, densify, sparsify
 from sparsekern.ops import linear
+from sparsekern.triton import get_backend, set_backend  # GPU kernels; SPARSEKERN_BACKEND
 
 __all__ = ["BlockSparse", "CSR", "linear", "SparseLinear", "MaskedLinear", "sparsify",
-           "densify", "decisions"]
+           "densify", "decisions", "set_backend", "get_backend"]

@@ -1,0 +1,239 @@
+"""The Triton kernels of sparsekern: @triton.autotune -> @triton.jit, constexpr tiles.
+
+Imported lazily (by the launchers), never at `import sparsekern`: whether triton runs compiled or
+in the interpreter is fixed when triton itself is first imported (TRITON_INTERPRET), see
+sparsekern/triton/__init__.py.
+
+Six kernels cover the six ops (three products per format):
+
+* ``bsr_spmm``   BSR forward ``y = x W^T + b`` and BSR ``dX = dY W``. One program per (output
+  block, BLOCK_M rows); it walks only the kept blocks of its output block: the block-CSR row of
+  W for the forward (``block_row_ptr``/``block_col_idx``), the transposed index for dX
+  (``block_col_ptr``/``block_row_idx``/``block_perm``, the block loaded transposed). Each kept
+  block is one ``tl.dot`` of a [BLOCK_M, bk] activation tile with the [bk, bn] block (tensor
+  cores; wgmma on sm_90). An output block with no kept block writes zeros (or the bias).
+* ``bsr_sddmm``  BSR ``dW`` at kept blocks only: one program per kept block reduces
+  ``x[:, cols]^T @ dY[:, rows]`` over M in BLOCK_M chunks -> [bk, bn], the stored layout.
+* ``csr_spmm``   CSR forward and dX, row-split over W's rows (or columns for dX): one program
+  per (BLOCK_R rows of W, BLOCK_M activation rows), each row walking its own kept entries and
+  accumulating ``value * srcT[col, m-tile]`` on CUDA cores. ``srcT`` is the activation
+  transposed ([K, M]) so that every gathered row is a contiguous, coalesced M-tile.
+* ``csr_sddmm``  CSR ``dW`` at kept positions: one program per BLOCK_E consecutive entries, a
+  dot of two contiguous rows of dY^T and x^T per entry, reduced over M.
+
+Block dims below 16 (bn or bk = 8) are padded to 16 in registers (masked loads), since
+``tl.dot`` needs every dim >= 16. Accumulation is float32 (float64 for float64 inputs); float32
+inputs use tf32 only when the launcher says torch.backends.cuda.matmul.allow_tf32.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton import knobs
+
+# ---- autotune configurations (also what the AOT compile report iterates) ----------------------
+
+BSR_SPMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=4),
+]
+BSR_SDDMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=4),
+]
+CSR_SPMM_CONFIGS = [
+    triton.Config({"BLOCK_R": 16, "BLOCK_M": 128}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_R": 32, "BLOCK_M": 64}, num_warps=4, num_stages=2),
+]
+CSR_SDDMM_CONFIGS = [
+    triton.Config({"BLOCK_E": 32, "BLOCK_M": 128}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_E": 64, "BLOCK_M": 64}, num_warps=4, num_stages=2),
+]
+
+
+def _first_config_in_interpreter(configs, named_args, **kwargs):
+    """The interpreter cannot time configs (no CUDA events): it runs the first one. Every config
+    is still compiled for sm_80/sm_90 by the AOT check (sparsekern.triton.aot)."""
+    return configs[:1] if knobs.runtime.interpret else configs
+
+
+_PRUNE = {"early_config_prune": _first_config_in_interpreter}
+
+
+# ---- BSR: forward and dX -------------------------------------------------------------------------
+
+@triton.autotune(configs=BSR_SPMM_CONFIGS,
+                 key=["M_BUCKET", "A_COLS", "OUT_COLS", "BLOCK_IN", "BLOCK_OUT", "TRANS"],
+                 prune_configs_by=_PRUNE)
+@triton.jit
+def bsr_spmm_kernel(a_ptr, v_ptr, ptr_ptr, idx_ptr, perm_ptr, bias_ptr, out_ptr,
+                    M, A_COLS, OUT_COLS, M_BUCKET, stride_am, stride_om,
+                    BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr,
+                    PAD_IN: tl.constexpr, PAD_OUT: tl.constexpr,
+                    TRANS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    ACC_F64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out[m, o*BLOCK_OUT + c] = sum over kept blocks t of output block o:
+    a[m, in_block(t)*BLOCK_IN + i] * Wblk(t)[i, c]  (+ bias[c]).
+
+    Forward: a = x, o = block row, BLOCK_IN = bk, BLOCK_OUT = bn, Wblk = values[t] ([bk, bn]).
+    dX (TRANS): a = dY, o = block column, BLOCK_IN = bn, BLOCK_OUT = bk,
+    Wblk = values[perm[t]]^T ([bn, bk]).
+    """
+    pid_o = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    start = tl.load(ptr_ptr + pid_o)
+    end = tl.load(ptr_ptr + pid_o + 1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_i = tl.arange(0, PAD_IN)
+    offs_o = tl.arange(0, PAD_OUT)
+    m_ok = offs_m < M
+    w_ok = (offs_i < BLOCK_IN)[:, None] & (offs_o < BLOCK_OUT)[None, :]
+    if TRANS:
+        w_off = offs_i[:, None] + offs_o[None, :] * BLOCK_IN     # values[b][c][i]
+    else:
+        w_off = offs_i[:, None] * BLOCK_OUT + offs_o[None, :]    # values[b][i][c]
+    a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
+    if ACC_F64:
+        acc = tl.zeros((BLOCK_M, PAD_OUT), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, PAD_OUT), dtype=tl.float32)
+    for t in range(start, end):
+        j = tl.load(idx_ptr + t)
+        if HAS_PERM:
+            b = tl.load(perm_ptr + t)
+        else:
+            b = t
+        cols = j * BLOCK_IN + offs_i
+        a = tl.load(a_rows + cols[None, :],
+                    mask=m_ok[:, None] & ((offs_i < BLOCK_IN) & (cols < A_COLS))[None, :],
+                    other=0.0)
+        w = tl.load(v_ptr + b.to(tl.int64) * (BLOCK_IN * BLOCK_OUT) + w_off, mask=w_ok,
+                    other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    out_cols = pid_o * BLOCK_OUT + offs_o
+    c_ok = (offs_o < BLOCK_OUT) & (out_cols < OUT_COLS)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + out_cols, mask=c_ok, other=0.0)
+        acc += bias[None, :].to(acc.dtype)
+    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + out_cols[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+# ---- BSR: dW at kept blocks ----------------------------------------------------------------------
+
+@triton.autotune(configs=BSR_SDDMM_CONFIGS, key=["M_BUCKET", "N", "K", "BK", "BN"],
+                 prune_configs_by=_PRUNE)
+@triton.jit
+def bsr_sddmm_kernel(dy_ptr, x_ptr, row_of_ptr, col_idx_ptr, out_ptr,
+                     M, N, K, M_BUCKET, stride_dym, stride_xm,
+                     BK: tl.constexpr, BN: tl.constexpr, PAD_K: tl.constexpr,
+                     PAD_N: tl.constexpr, ACC_F64: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr):
+    """out[b][k][n] = sum_m x[m, j*BK + k] * dy[m, i*BN + n] for kept block b at (i, j)."""
+    b = tl.program_id(0)
+    i = tl.load(row_of_ptr + b)
+    j = tl.load(col_idx_ptr + b)
+    offs_k = tl.arange(0, PAD_K)
+    offs_n = tl.arange(0, PAD_N)
+    cols_k = j * BK + offs_k
+    cols_n = i * BN + offs_n
+    k_ok = (offs_k < BK) & (cols_k < K)
+    n_ok = (offs_n < BN) & (cols_n < N)
+    if ACC_F64:
+        acc = tl.zeros((PAD_K, PAD_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((PAD_K, PAD_N), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        rows = offs_m.to(tl.int64)
+        xt = tl.load(x_ptr + rows[None, :] * stride_xm + cols_k[:, None],
+                     mask=k_ok[:, None] & m_ok[None, :], other=0.0)       # [PAD_K, BLOCK_M]
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols_n[None, :],
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)       # [BLOCK_M, PAD_N]
+        acc = tl.dot(xt, dy, acc, input_precision=PRECISION)
+    out_off = offs_k[:, None] * BN + offs_n[None, :]
+    tl.store(out_ptr + b.to(tl.int64) * (BK * BN) + out_off, acc.to(out_ptr.dtype.element_ty),
+             mask=(offs_k < BK)[:, None] & (offs_n < BN)[None, :])
+
+
+# ---- CSR: forward and dX (row-split SpMM on the transposed activation) ----------------------------
+
+@triton.autotune(configs=CSR_SPMM_CONFIGS, key=["M_BUCKET", "OUT_COLS", "SRC_ROWS"],
+                 prune_configs_by=_PRUNE)
+@triton.jit
+def csr_spmm_kernel(srcT_ptr, v_ptr, ptr_ptr, idx_ptr, perm_ptr, bias_ptr, out_ptr,
+                    M, OUT_COLS, SRC_ROWS, M_BUCKET, stride_src, stride_om,
+                    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_F64: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out[m, r] = sum over entries e of compressed row r: v[perm(e)] * srcT[idx[e], m] (+ bias).
+
+    Forward: rows r = W's rows (row_ptr/col_idx), srcT = x^T [K, M].
+    dX: rows r = W's columns (col_ptr/row_idx/perm), srcT = dY^T [N, M].
+    """
+    pid_r = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rows < OUT_COLS
+    start = tl.load(ptr_ptr + rows, mask=r_ok, other=0)
+    end = tl.load(ptr_ptr + rows + 1, mask=r_ok, other=0)
+    length = end - start
+    longest = tl.max(length, axis=0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    if ACC_F64:
+        acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+    for t in range(0, longest):
+        live = t < length
+        e = start + t
+        c = tl.load(idx_ptr + e, mask=live, other=0)
+        if HAS_PERM:
+            p = tl.load(perm_ptr + e, mask=live, other=0)
+        else:
+            p = e
+        v = tl.load(v_ptr + p, mask=live, other=0.0).to(acc.dtype)
+        s = tl.load(srcT_ptr + c[:, None].to(tl.int64) * stride_src + offs_m[None, :],
+                    mask=live[:, None] & m_ok[None, :], other=0.0).to(acc.dtype)
+        acc += v[:, None] * s
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rows, mask=r_ok, other=0.0)
+        acc += bias[:, None].to(acc.dtype)
+    tl.store(out_ptr + offs_m[None, :].to(tl.int64) * stride_om + rows[:, None],
+             acc.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & m_ok[None, :])
+
+
+# ---- CSR: dW at kept positions (SDDMM) -------------------------------------------------------------
+
+@triton.autotune(configs=CSR_SDDMM_CONFIGS, key=["M_BUCKET", "NNZ"], prune_configs_by=_PRUNE)
+@triton.jit
+def csr_sddmm_kernel(dyT_ptr, xT_ptr, row_of_ptr, col_idx_ptr, out_ptr, M, NNZ, M_BUCKET,
+                     stride_dy, stride_x, ACC_F64: tl.constexpr, BLOCK_E: tl.constexpr,
+                     BLOCK_M: tl.constexpr):
+    """out[e] = sum_m dY^T[row(e), m] * x^T[col(e), m] for BLOCK_E consecutive entries."""
+    offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = offs_e < NNZ
+    r = tl.load(row_of_ptr + offs_e, mask=e_ok, other=0).to(tl.int64)
+    c = tl.load(col_idx_ptr + offs_e, mask=e_ok, other=0).to(tl.int64)
+    if ACC_F64:
+        acc = tl.zeros((BLOCK_E, ), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_E, ), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        ok = e_ok[:, None] & (offs_m < M)[None, :]
+        a = tl.load(dyT_ptr + r[:, None] * stride_dy + offs_m[None, :], mask=ok, other=0.0)
+        b = tl.load(xT_ptr + c[:, None] * stride_x + offs_m[None, :], mask=ok, other=0.0)
+        acc += tl.sum(a.to(acc.dtype) * b.to(acc.dtype), axis=1)
+    tl.store(out_ptr + offs_e, acc.to(out_ptr.dtype.element_ty), mask=e_ok)
+
+
+KERNELS = {
+    "bsr_spmm": (bsr_spmm_kernel, BSR_SPMM_CONFIGS),
+    "bsr_sddmm": (bsr_sddmm_kernel, BSR_SDDMM_CONFIGS),
+    "csr_spmm": (csr_spmm_kernel, CSR_SPMM_CONFIGS),
+    "csr_sddmm": (csr_sddmm_kernel, CSR_SDDMM_CONFIGS),
+}

@@ -1,0 +1,294 @@
+"""Launchers: the six sparsekern ops on the Triton kernels, with the ops' exact signatures.
+
+Each launcher checks its arguments (device, dtype, shape; clear errors naming the argument),
+allocates the output and launches one kernel. They are registered as the CUDA implementation of
+the sparsekern ops (and, under the triton backend switch, as the CPU one, run by the Triton
+interpreter); see sparsekern/triton/__init__.py.
+
+GPU-side index: the kernels walk the format's own tensors (block_row_ptr / block_col_idx and the
+transposed block_col_ptr / block_row_idx / block_perm; CSR's row_ptr / col_idx / col_ptr /
+row_idx / perm): a block row's list of kept blocks *is* the per-output-tile work list. The only
+derived index, the row of every stored block/entry that the dW kernels need, is expanded here
+per call (one O(nnz) repeat_interleave with a known output size: no device sync); no copy of
+the weights is made.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from sparsekern.triton import kernels as K
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---- checks ----------------------------------------------------------------------------------
+
+def _device_of(op, tensors: dict):
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first = next(iter(devices.values()))
+    for name, dev in devices.items():
+        if dev != first:
+            where = ", ".join(f"{n} on {d}" for n, d in devices.items())
+            raise ValueError(f"{op}: all tensors must be on one device, got {where}")
+    return first
+
+
+def _check_float(op, name, t, dims, dtype=None):
+    if t.dim() != dims:
+        raise ValueError(f"{op}: {name} must be {dims}-D, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: {name} must be float16, bfloat16, float32 or float64, got "
+                         f"{t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{op}: {name} has dtype {t.dtype} but the other operand is {dtype}")
+
+
+def _check_index(op, name, t, numel, upper=None):
+    if t.dtype != torch.int32 or t.dim() != 1:
+        raise ValueError(f"{op}: {name} must be a 1-D int32 tensor, got {t.dtype} "
+                         f"{tuple(t.shape)}")
+    if t.numel() != numel:
+        raise ValueError(f"{op}: {name} must have {numel} entries, got {t.numel()}")
+    # Range checks read the index back: free on the CPU (interpreter), a device sync on CUDA,
+    # where the format's constructor has already validated it (formats._validate_compressed).
+    if upper is not None and t.device.type == "cpu" and t.numel():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= upper:
+            raise ValueError(f"{op}: {name} entries must lie in [0, {upper}), got [{lo}, {hi}]")
+
+
+def _check_ptr(op, name, ptr, rows, nnz):
+    _check_index(op, name, ptr, rows + 1)
+    if ptr.device.type == "cpu" and (int(ptr[0]) != 0 or int(ptr[-1]) != nnz
+                                     or bool((ptr[1:] < ptr[:-1]).any())):
+        raise ValueError(f"{op}: {name} must start at 0, never decrease and end at {nnz}")
+
+
+def _block_dims(op, values):
+    if values.dim() != 3:
+        raise ValueError(f"{op}: values must be [nnz_blocks, bk, bn], got {tuple(values.shape)}")
+    _, bk, bn = values.shape
+    for name, b in (("bk", bk), ("bn", bn)):
+        if b not in (8, 16, 32, 64):
+            raise ValueError(f"{op}: block dim {name}={b} of values must be one of 8, 16, 32, 64")
+    return bk, bn
+
+
+def _precision(dtype, device):
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _m_bucket(m):
+    """Autotune key for the row count: its power-of-two bucket (one tuning per bucket)."""
+    return triton.next_power_of_2(max(int(m), 1))
+
+
+def _rows_of(ptr, nnz):
+    """[R+1] compressed pointer -> int32 row of every stored entry (no host sync)."""
+    counts = (ptr[1:] - ptr[:-1]).to(torch.int64)
+    rows = torch.arange(ptr.numel() - 1, device=ptr.device, dtype=torch.int32)
+    return torch.repeat_interleave(rows, counts, output_size=nnz)
+
+
+# ---- BSR ---------------------------------------------------------------------------------------
+
+def _bsr_spmm(op, a, values, ptr, idx, perm, bias, out_cols, a_cols, block_in, block_out,
+              trans):
+    m = a.shape[0]
+    out = torch.empty(m, out_cols, dtype=a.dtype, device=a.device)
+    if m == 0 or out_cols == 0:
+        return out
+    a = a.contiguous()
+    values = values.contiguous()
+    n_out_blocks = ptr.numel() - 1
+    dummy = idx  # never read when the matching constexpr flag is off
+
+    def grid(meta):
+        return (n_out_blocks, triton.cdiv(m, meta["BLOCK_M"]))
+
+    K.bsr_spmm_kernel[grid](
+        a, values, ptr, idx, perm if perm is not None else dummy,
+        bias if bias is not None else a, out,
+        m, a_cols, out_cols, _m_bucket(m), a.stride(0), out.stride(0),
+        BLOCK_IN=block_in, BLOCK_OUT=block_out, PAD_IN=max(block_in, 16),
+        PAD_OUT=max(block_out, 16), TRANS=trans, HAS_PERM=perm is not None,
+        HAS_BIAS=bias is not None, ACC_F64=a.dtype == torch.float64,
+        PRECISION=_precision(a.dtype, a.device))
+    return out
+
+
+def bsr_linear(x, values, block_row_ptr, block_col_idx, block_col_ptr, block_row_idx,
+               block_perm, bias, out_features):
+    op = "bsr_linear"
+    _device_of(op, dict(x=x, values=values, block_row_ptr=block_row_ptr,
+                        block_col_idx=block_col_idx, block_col_ptr=block_col_ptr,
+                        block_row_idx=block_row_idx, block_perm=block_perm, bias=bias))
+    _check_float(op, "x", x, 2)
+    _check_float(op, "values", values, 3, x.dtype)
+    bk, bn = _block_dims(op, values)
+    n, k = int(out_features), x.shape[1]
+    if n < 0:
+        raise ValueError(f"{op}: out_features must be >= 0, got {n}")
+    nb, kb = math.ceil(n / bn), math.ceil(k / bk)
+    nnzb = values.shape[0]
+    _check_ptr(op, "block_row_ptr", block_row_ptr, nb, nnzb)
+    _check_index(op, "block_col_idx", block_col_idx, nnzb, kb)
+    _check_ptr(op, "block_col_ptr", block_col_ptr, kb, nnzb)
+    _check_index(op, "block_row_idx", block_row_idx, nnzb, nb)
+    _check_index(op, "block_perm", block_perm, nnzb, nnzb)
+    if bias is not None:
+        _check_float(op, "bias", bias, 1, x.dtype)
+        if bias.shape[0] != n:
+            raise ValueError(f"{op}: bias must have {n} entries, got {bias.shape[0]}")
+        bias = bias.contiguous()
+    return _bsr_spmm(op, x, values, block_row_ptr, block_col_idx, None, bias, n, k, bk, bn,
+                     False)
+
+
+def bsr_linear_grad_input(grad_out, values, block_col_ptr, block_row_idx, block_perm,
+                          in_features):
+    op = "bsr_linear_grad_input"
+    _device_of(op, dict(grad_out=grad_out, values=values, block_col_ptr=block_col_ptr,
+                        block_row_idx=block_row_idx, block_perm=block_perm))
+    _check_float(op, "grad_out", grad_out, 2)
+    _check_float(op, "values", values, 3, grad_out.dtype)
+    bk, bn = _block_dims(op, values)
+    n, k = grad_out.shape[1], int(in_features)
+    if k < 0:
+        raise ValueError(f"{op}: in_features must be >= 0, got {k}")
+    nb, kb = math.ceil(n / bn), math.ceil(k / bk)
+    nnzb = values.shape[0]
+    _check_ptr(op, "block_col_ptr", block_col_ptr, kb, nnzb)
+    _check_index(op, "block_row_idx", block_row_idx, nnzb, nb)
+    _check_index(op, "block_perm", block_perm, nnzb, nnzb)
+    return _bsr_spmm(op, grad_out, values, block_col_ptr, block_row_idx, block_perm, None, k, n,
+                     bn, bk, True)
+
+
+def bsr_linear_grad_weight(grad_out, x, block_row_ptr, block_col_idx, block_n, block_k):
+    op = "bsr_linear_grad_weight"
+    _device_of(op, dict(grad_out=grad_out, x=x, block_row_ptr=block_row_ptr,
+                        block_col_idx=block_col_idx))
+    _check_float(op, "grad_out", grad_out, 2)
+    _check_float(op, "x", x, 2, grad_out.dtype)
+    if x.shape[0] != grad_out.shape[0]:
+        raise ValueError(f"{op}: x has {x.shape[0]} rows but grad_out has {grad_out.shape[0]}")
+    bn, bk = int(block_n), int(block_k)
+    for name, b in (("block_n", bn), ("block_k", bk)):
+        if b not in (8, 16, 32, 64):
+            raise ValueError(f"{op}: {name}={b} must be one of 8, 16, 32, 64")
+    m, n, k = x.shape[0], grad_out.shape[1], x.shape[1]
+    nb, kb = math.ceil(n / bn), math.ceil(k / bk)
+    nnzb = block_col_idx.numel()
+    _check_ptr(op, "block_row_ptr", block_row_ptr, nb, nnzb)
+    _check_index(op, "block_col_idx", block_col_idx, nnzb, kb)
+    out = torch.empty(nnzb, bk, bn, dtype=x.dtype, device=x.device)
+    if nnzb == 0:
+        return out
+    if m == 0:
+        return out.zero_()
+    x, grad_out = x.contiguous(), grad_out.contiguous()
+    K.bsr_sddmm_kernel[(nnzb,)](
+        grad_out, x, _rows_of(block_row_ptr, nnzb), block_col_idx, out,
+        m, n, k, _m_bucket(m), grad_out.stride(0), x.stride(0),
+        BK=bk, BN=bn, PAD_K=max(bk, 16), PAD_N=max(bn, 16), ACC_F64=x.dtype == torch.float64,
+        PRECISION=_precision(x.dtype, x.device))
+    return out
+
+
+# ---- CSR ---------------------------------------------------------------------------------------
+
+def _csr_spmm(a, values, ptr, idx, perm, bias, out_cols, src_rows):
+    m = a.shape[0]
+    out = torch.empty(m, out_cols, dtype=a.dtype, device=a.device)
+    if m == 0 or out_cols == 0:
+        return out
+    srcT = a.t().contiguous()  # [src_rows, M]: each gathered row is a contiguous M-tile
+
+    def grid(meta):
+        return (triton.cdiv(out_cols, meta["BLOCK_R"]), triton.cdiv(m, meta["BLOCK_M"]))
+
+    K.csr_spmm_kernel[grid](
+        srcT, values.contiguous(), ptr, idx, perm if perm is not None else idx,
+        bias if bias is not None else a, out, m, out_cols, src_rows, _m_bucket(m),
+        srcT.stride(0), out.stride(0), HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
+        ACC_F64=a.dtype == torch.float64)
+    return out
+
+
+def csr_linear(x, values, row_ptr, col_idx, col_ptr, row_idx, perm, bias, out_features):
+    op = "csr_linear"
+    _device_of(op, dict(x=x, values=values, row_ptr=row_ptr, col_idx=col_idx, col_ptr=col_ptr,
+                        row_idx=row_idx, perm=perm, bias=bias))
+    _check_float(op, "x", x, 2)
+    _check_float(op, "values", values, 1, x.dtype)
+    n, k, nnz = int(out_features), x.shape[1], values.shape[0]
+    if n < 0:
+        raise ValueError(f"{op}: out_features must be >= 0, got {n}")
+    _check_ptr(op, "row_ptr", row_ptr, n, nnz)
+    _check_index(op, "col_idx", col_idx, nnz, k)
+    _check_ptr(op, "col_ptr", col_ptr, k, nnz)
+    _check_index(op, "row_idx", row_idx, nnz, n)
+    _check_index(op, "perm", perm, nnz, nnz)
+    if bias is not None:
+        _check_float(op, "bias", bias, 1, x.dtype)
+        if bias.shape[0] != n:
+            raise ValueError(f"{op}: bias must have {n} entries, got {bias.shape[0]}")
+        bias = bias.contiguous()
+    return _csr_spmm(x, values, row_ptr, col_idx, None, bias, n, k)
+
+
+def csr_linear_grad_input(grad_out, values, col_ptr, row_idx, perm, in_features):
+    op = "csr_linear_grad_input"
+    _device_of(op, dict(grad_out=grad_out, values=values, col_ptr=col_ptr, row_idx=row_idx,
+                        perm=perm))
+    _check_float(op, "grad_out", grad_out, 2)
+    _check_float(op, "values", values, 1, grad_out.dtype)
+    n, k, nnz = grad_out.shape[1], int(in_features), values.shape[0]
+    if k < 0:
+        raise ValueError(f"{op}: in_features must be >= 0, got {k}")
+    _check_ptr(op, "col_ptr", col_ptr, k, nnz)
+    _check_index(op, "row_idx", row_idx, nnz, n)
+    _check_index(op, "perm", perm, nnz, nnz)
+    return _csr_spmm(grad_out, values, col_ptr, row_idx, perm, None, k, n)
+
+
+def csr_linear_grad_weight(grad_out, x, row_ptr, col_idx):
+    op = "csr_linear_grad_weight"
+    _device_of(op, dict(grad_out=grad_out, x=x, row_ptr=row_ptr, col_idx=col_idx))
+    _check_float(op, "grad_out", grad_out, 2)
+    _check_float(op, "x", x, 2, grad_out.dtype)
+    if x.shape[0] != grad_out.shape[0]:
+        raise ValueError(f"{op}: x has {x.shape[0]} rows but grad_out has {grad_out.shape[0]}")
+    m, n, k, nnz = x.shape[0], grad_out.shape[1], x.shape[1], col_idx.numel()
+    _check_ptr(op, "row_ptr", row_ptr, n, nnz)
+    _check_index(op, "col_idx", col_idx, nnz, k)
+    out = torch.empty(nnz, dtype=x.dtype, device=x.device)
+    if nnz == 0:
+        return out
+    if m == 0:
+        return out.zero_()
+    dyT, xT = grad_out.t().contiguous(), x.t().contiguous()
+
+    def grid(meta):
+        return (triton.cdiv(nnz, meta["BLOCK_E"]),)
+
+    K.csr_sddmm_kernel[grid](dyT, xT, _rows_of(row_ptr, nnz), col_idx, out, m, nnz,
+                             _m_bucket(m), dyT.stride(0), xT.stride(0),
+                             ACC_F64=x.dtype == torch.float64)
+    return out
+
+
+OPS = {
+    "bsr_linear": bsr_linear,
+    "bsr_linear_grad_input": bsr_linear_grad_input,
+    "bsr_linear_grad_weight": bsr_linear_grad_weight,
+    "csr_linear": csr_linear,
+    "csr_linear_grad_input": csr_linear_grad_input,
+    "csr_linear_grad_weight": csr_linear_grad_weight,
+}
