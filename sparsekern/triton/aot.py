@@ -1,0 +1,198 @@
+"""Ahead-of-time compilation of every kernel x autotune config for sm_80 / sm_90, without a GPU.
+
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` runs the whole pipeline
+(TTIR -> TTGIR -> LLVM -> PTX -> ptxas -> cubin) with the ptxas that ships with triton. From
+each result we read: registers and spill bytes (ptxas -v log), shared memory (kernel metadata),
+and whether the PTX uses wgmma (Hopper warpgroup MMA).
+
+The specialisation matches a launch at the benchmark shapes (4096-wide weight, 8192 rows): every
+pointer and integer argument is 16-divisible (what triton's launcher detects at run time).
+
+Must run in a process where triton is NOT in interpreter mode (the interpreter replaces the
+tl helpers the compiler needs): `python -m sparsekern.triton.aot` or the benchmarks harness,
+which run it in a subprocess when needed.
+
+    python -m sparsekern.triton.aot [--arch 80 90] [--dtype bfloat16 ...] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import json
+import re
+import sys
+import time
+
+DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+ARCHS = (80, 90)
+# (bk, bn) blocks of the report; 8 is a padded variant of 16 and compiles to the same tiles.
+BLOCKS = ((16, 16), (32, 32), (64, 64))
+
+
+def _variants(kernel: str, dtype: str, block):
+    """(signature, constexprs) pairs of one kernel for one dtype and block: one per way the
+    launchers call it."""
+    t = DTYPES[dtype]
+    bk, bn = block
+    prec = "ieee"  # fp32 without tf32 (torch's default allow_tf32=False)
+    if kernel == "bsr_spmm":
+        sig = dict(a_ptr=f"*{t}", v_ptr=f"*{t}", ptr_ptr="*i32", idx_ptr="*i32", perm_ptr="*i32",
+                   bias_ptr=f"*{t}", out_ptr=f"*{t}", M="i32", A_COLS="i32", OUT_COLS="i32",
+                   M_BUCKET="i32", stride_am="i32", stride_om="i32")
+        fwd = dict(BLOCK_IN=bk, BLOCK_OUT=bn, PAD_IN=max(bk, 16), PAD_OUT=max(bn, 16),
+                   TRANS=False, HAS_PERM=False, HAS_BIAS=True, ACC_F64=False, PRECISION=prec)
+        dx = dict(BLOCK_IN=bn, BLOCK_OUT=bk, PAD_IN=max(bn, 16), PAD_OUT=max(bk, 16),
+                  TRANS=True, HAS_PERM=True, HAS_BIAS=False, ACC_F64=False, PRECISION=prec)
+        return [("forward", sig, fwd), ("grad_input", sig, dx)]
+    if kernel == "bsr_sddmm":
+        sig = dict(dy_ptr=f"*{t}", x_ptr=f"*{t}", row_of_ptr="*i32", col_idx_ptr="*i32",
+                   out_ptr=f"*{t}", M="i32", N="i32", K="i32", M_BUCKET="i32",
+                   stride_dym="i32", stride_xm="i32")
+        return [("grad_weight", sig, dict(BK=bk, BN=bn, PAD_K=max(bk, 16), PAD_N=max(bn, 16),
+                                          ACC_F64=False, PRECISION=prec))]
+    if kernel == "csr_spmm":
+        sig = dict(srcT_ptr=f"*{t}", v_ptr=f"*{t}", ptr_ptr="*i32", idx_ptr="*i32",
+                   perm_ptr="*i32", bias_ptr=f"*{t}", out_ptr=f"*{t}", M="i32", OUT_COLS="i32",
+                   SRC_ROWS="i32", M_BUCKET="i32", stride_src="i32", stride_om="i32")
+        return [("forward", sig, dict(HAS_PERM=False, HAS_BIAS=True, ACC_F64=False)),
+                ("grad_input", sig, dict(HAS_PERM=True, HAS_BIAS=False, ACC_F64=False))]
+    if kernel == "csr_sddmm":
+        sig = dict(dyT_ptr=f"*{t}", xT_ptr=f"*{t}", row_of_ptr="*i32", col_idx_ptr="*i32",
+                   out_ptr=f"*{t}", M="i32", NNZ="i32", M_BUCKET="i32", stride_dy="i32",
+                   stride_x="i32")
+        return [("grad_weight", sig, dict(ACC_F64=False))]
+    raise KeyError(kernel)
+
+
+def _parse_ptxas(log: str):
+    regs = re.findall(r"Used (\d+) registers", log)
+    spill = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if not regs or not spill:
+        raise RuntimeError(f"could not read registers/spills from the ptxas log:\n{log}")
+    return int(regs[-1]), int(spill[-1][0]) + int(spill[-1][1])
+
+
+def compile_one(kernel: str, config_index: int, dtype: str, block, arch: int, product=None):
+    """Compiles one kernel/config/dtype/block for sm_<arch>; a list of report rows (one per
+    product the kernel serves)."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    from sparsekern.triton import interpreter_active
+    from sparsekern.triton.kernels import KERNELS
+
+    if interpreter_active():
+        raise RuntimeError("sparsekern.triton.aot: triton is in interpreter mode in this process "
+                           "(TRITON_INTERPRET=1); run the AOT compile in a fresh process")
+    autotuned, configs = KERNELS[kernel]
+    fn = autotuned.fn
+    config = configs[config_index]
+    rows = []
+    for prod, sig, consts in _variants(kernel, dtype, block):
+        if product is not None and prod != product:
+            continue
+        constexprs = {**consts, **config.kwargs}
+        signature = {name: "constexpr" if name in constexprs else sig[name]
+                     for name in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if name in sig}
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        target = GPUTarget("cuda", arch, 32)
+        options = make_backend(target).parse_options(
+            {"num_warps": config.num_warps, "num_stages": config.num_stages})
+        log = io.StringIO()
+        start = time.perf_counter()
+        with knobs.nvidia.scope(), knobs.cache.scope(), contextlib.redirect_stdout(log):
+            knobs.nvidia.dump_ptxas_log = True
+            knobs.cache.dir = _fresh_cache_dir()  # a cache hit would skip ptxas and its log
+            compiled = triton.compile(src, target=target, options=options.__dict__)
+        seconds = time.perf_counter() - start
+        regs, spills = _parse_ptxas(log.getvalue())
+        ptx = compiled.asm["ptx"]
+        rows.append(dict(
+            kernel=kernel, product=prod, dtype=dtype, block=f"{block[0]}x{block[1]}",
+            config=_config_str(config), config_index=config_index, arch=f"sm_{arch}",
+            regs=regs, spills=spills, smem=int(compiled.metadata.shared),
+            wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx or "wgmma" in ptx,
+            compile_s=round(seconds, 2)))
+    return rows
+
+
+_CACHE_DIR = None
+
+
+def _fresh_cache_dir():
+    global _CACHE_DIR
+    if _CACHE_DIR is None:
+        import tempfile
+        _CACHE_DIR = tempfile.mkdtemp(prefix="sparsekern-aot-")
+    return _CACHE_DIR
+
+
+def _config_str(config):
+    tiles = ",".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{tiles},warps={config.num_warps},stages={config.num_stages}"
+
+
+def uses_tensor_cores(kernel: str, dtype: str) -> bool:
+    """The BSR kernels multiply with tl.dot (tensor cores for 16-bit types; fp32 runs ieee
+    FMA by default); the CSR kernels are CUDA-core gathers by design."""
+    return kernel.startswith("bsr") and dtype in ("float16", "bfloat16")
+
+
+def expect_wgmma(kernel: str, product: str, dtype: str, block, config, arch: int) -> bool:
+    """Where Triton's sm_90 lowering uses wgmma: a 16-bit tl.dot whose M dim (rows of the
+    accumulator) is at least 64 with 4 warps per warpgroup. Forward/dX: M = BLOCK_M (>= 64 in
+    every config); dW: M = bk (64-blocks only)."""
+    if arch < 90 or not uses_tensor_cores(kernel, dtype):
+        return False
+    m_dim = config.kwargs["BLOCK_M"] if kernel == "bsr_spmm" else block[0]
+    return m_dim >= 64 and config.num_warps % 4 == 0
+
+
+def run(archs=ARCHS, dtypes=tuple(DTYPES), blocks=BLOCKS, kernels=None, log=None):
+    from sparsekern.triton.kernels import KERNELS
+    rows = []
+    for name in kernels or KERNELS:
+        _, configs = KERNELS[name]
+        # CSR kernels do not depend on the block
+        kernel_blocks = blocks if name.startswith("bsr") else blocks[:1]
+        for dtype, block, ci, arch in itertools.product(dtypes, kernel_blocks,
+                                                        range(len(configs)), archs):
+            for row in compile_one(name, ci, dtype, block, arch):
+                if not name.startswith("bsr"):
+                    row["block"] = "-"
+                rows.append(row)
+                if log:
+                    log(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sparsekern.triton.aot", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
+    p.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--block", nargs="+", default=[f"{a}x{b}" for a, b in BLOCKS],
+                   help="bk x bn blocks, e.g. 32x32")
+    p.add_argument("--kernel", nargs="+", default=None)
+    p.add_argument("--json", default=None, help="write the rows as JSON here (else stdout)")
+    a = p.parse_args(argv)
+    blocks = [tuple(int(v) for v in b.split("x")) for b in a.block]
+    rows = run(a.arch, a.dtype, blocks, a.kernel,
+               log=lambda r: print(json.dumps(r), file=sys.stderr, flush=True))
+    text = json.dumps(rows, indent=1)
+    if a.json:
+        with open(a.json, "w") as f:
+            f.write(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
