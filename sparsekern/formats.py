@@ -1,4 +1,6 @@
-"""Sparse weight formats: what a pruned [out_features, in_features] weight is packed into.
+"""Sparse weight formats: what a pruned weight is packed into. A linear weight is
+[out_features, in_features]; a conv2d weight [C_out, C_in, kh, kw] is packed over its
+(C_out, C_in * kh * kw) view, with the layouts given below.
 
 BlockSparse (BSR)
     Only blocks holding at least one kept weight are stored. ``values[nnz_blocks, bk, bn]`` holds
@@ -13,6 +15,15 @@ CSR (unstructured)
     ``values[nnz]``, ``row_ptr[N+1]``, ``col_idx[nnz]``; transposed index ``col_ptr[K+1]``,
     ``row_idx[nnz]``, ``perm[nnz]`` (value position of the i-th entry in column order).
 
+Conv2d weights (4-D)
+    BlockSparse: a block is ``(bn, bk) = (out_channels, in_channels)`` of channels spanning the
+    whole kh x kw window, so block pruning removes whole channel blocks and the kernel multiplies
+    a kept block for every tap. ``values[nnz_blocks, kh, kw, bk, bn]``: per block, per tap, the
+    same transposed [bk][bn] tile as a linear block (input channels major, a contiguous run of
+    output channels). The block index is over (C_out / bn) x (C_in / bk) channel blocks.
+    CSR: the linear CSR of the (C_out, C_in * kh * kw) view, column = ci * kh * kw + dh * kw + dw
+    (torch's flattening order).
+
 All indices are int32. ``values`` is what a module trains; the indices never change.
 """
 from __future__ import annotations
@@ -25,9 +36,10 @@ BLOCK_SIZES = (8, 16, 32, 64)
 
 
 def _check_weight_and_mask(weight: torch.Tensor, mask: torch.Tensor | None, who: str):
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"{who}: weight must be a 2-D tensor [out_features, in_features], got "
-                         f"{getattr(weight, 'shape', type(weight).__name__)}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4):
+        raise ValueError(f"{who}: weight must be a 2-D linear weight [out_features, in_features] "
+                         f"or a 4-D conv weight [C_out, C_in, kh, kw], got "
+                         f"{tuple(getattr(weight, 'shape', ())) or type(weight).__name__}")
     if not weight.is_floating_point():
         raise ValueError(f"{who}: weight must be floating point, got dtype {weight.dtype}")
     if mask is None:
@@ -68,8 +80,18 @@ class _Format:
 
     _tensor_names: tuple[str, ...] = ()
 
-    shape: tuple[int, int]
+    shape: tuple[int, ...]  # (out, in) of a linear weight, (C_out, C_in, kh, kw) of a conv
     values: torch.Tensor
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        """(kh, kw) of a conv weight, () of a linear one."""
+        return self.shape[2:]
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """The 2-D view the format packs: (out, in) or (C_out, C_in * kh * kw)."""
+        return self.shape[0], math.prod(self.shape[1:])
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self._tensor_names}
@@ -85,7 +107,7 @@ class _Format:
     @property
     def sparsity(self) -> float:
         """Fraction of the weight's positions that are not stored."""
-        total = self.shape[0] * self.shape[1]
+        total = math.prod(self.shape)
         return 1.0 - self.nnz / total if total else 0.0
 
     def to(self, *args, **kwargs):
@@ -118,12 +140,21 @@ class BlockSparse(_Format):
 
     def __init__(self, values, block_row_ptr, block_col_idx, shape, block_col_ptr=None,
                  block_row_idx=None, block_perm=None):
-        if values.dim() != 3:
-            raise ValueError(f"BlockSparse: values must be [nnz_blocks, bk, bn], got "
-                             f"{tuple(values.shape)}")
+        shape = tuple(int(s) for s in shape)
+        if len(shape) not in (2, 4):
+            raise ValueError(f"BlockSparse: shape must be (out, in) or (C_out, C_in, kh, kw), "
+                             f"got {shape}")
+        want = 3 + len(shape[2:])
+        if values.dim() != want:
+            layout = "[nnz_blocks, kh, kw, bk, bn]" if len(shape) == 4 else "[nnz_blocks, bk, bn]"
+            raise ValueError(f"BlockSparse: values must be {layout} for a {len(shape)}-D "
+                             f"weight, got {tuple(values.shape)}")
+        if tuple(values.shape[1:-2]) != shape[2:]:
+            raise ValueError(f"BlockSparse: values taps {tuple(values.shape[1:-2])} do not match "
+                             f"the kernel size {shape[2:]}")
         self.values = values
-        self.shape = (int(shape[0]), int(shape[1]))
-        bk, bn = values.shape[1], values.shape[2]
+        self.shape = shape
+        bk, bn = values.shape[-2], values.shape[-1]
         if bn not in BLOCK_SIZES or bk not in BLOCK_SIZES:
             raise ValueError(f"BlockSparse: block dims must be in {BLOCK_SIZES}, got "
                              f"block=({bn}, {bk})")
@@ -139,8 +170,8 @@ class BlockSparse(_Format):
 
     @property
     def block(self) -> tuple[int, int]:
-        """(bn, bk): block rows (output features) x block columns (input features)."""
-        return self.values.shape[2], self.values.shape[1]
+        """(bn, bk): block rows (output features / channels) x block columns (input ones)."""
+        return self.values.shape[-1], self.values.shape[-2]
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -154,25 +185,29 @@ class BlockSparse(_Format):
 
     @classmethod
     def from_dense(cls, weight, mask=None, block=(32, 32)) -> "BlockSparse":
-        """Packs the blocks of `weight` that hold at least one kept weight.
+        """Packs the blocks of `weight` that hold at least one kept weight. `weight` is a linear
+        [out, in] or a conv [C_out, C_in, kh, kw] weight; `block` = (bn, bk) output x input
+        features (channels for a conv, each block spanning the whole kh x kw window).
 
         Weights masked out inside a kept block are stored as zeros (and would train): the
         effective mask of a block format is the block closure of `mask`, see `mask()`.
         """
         weight, mask = _check_weight_and_mask(weight, mask, "BlockSparse.from_dense")
         bn, bk = _check_block(block)
-        n, k = weight.shape
+        n, k, taps = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
         nb, kb = math.ceil(n / bn), math.ceil(k / bk)
-        padded = weight.new_zeros(nb * bn, kb * bk)
+        padded = weight.new_zeros(nb * bn, kb * bk, *taps)
         padded[:n, :k] = torch.where(mask, weight, torch.zeros_like(weight))
-        kept = torch.zeros(nb * bn, kb * bk, dtype=torch.bool, device=weight.device)
+        kept = torch.zeros(nb * bn, kb * bk, *taps, dtype=torch.bool, device=weight.device)
         kept[:n, :k] = mask
-        present = kept.view(nb, bn, kb, bk).any(dim=3).any(dim=1)
+        present = kept.view(nb, bn, kb, bk, math.prod(taps)).any(dim=4).any(dim=3).any(dim=1)
         rows, cols = present.nonzero(as_tuple=True)
-        blocks = padded.view(nb, bn, kb, bk).permute(0, 2, 3, 1)  # [Nb, Kb, bk, bn]
+        tap_dims = tuple(range(4, 4 + len(taps)))
+        # [Nb, bn, Kb, bk, *taps] -> [Nb, Kb, *taps, bk, bn]
+        blocks = padded.view(nb, bn, kb, bk, *taps).permute(0, 2, *tap_dims, 3, 1)
         values = blocks[rows, cols].contiguous()
         col_ptr, row_idx, perm = _transposed_index(present)
-        return cls(values, _ptr(present.sum(1)), cols.to(torch.int32), (n, k), col_ptr,
+        return cls(values, _ptr(present.sum(1)), cols.to(torch.int32), weight.shape, col_ptr,
                    row_idx, perm)
 
     def block_pattern(self) -> torch.Tensor:
@@ -184,22 +219,30 @@ class BlockSparse(_Format):
         return present
 
     def _expand(self, blocks: torch.Tensor) -> torch.Tensor:
-        """[Nb, Kb, ...] per-block -> [N, K] per-weight (cropping the padding)."""
+        """[Nb, Kb, *taps, bk, bn] per-block -> the weight's shape (cropping the padding)."""
         bn, bk = self.block
         nb, kb = self.grid
-        return blocks.permute(0, 3, 1, 2).reshape(nb * bn, kb * bk)[: self.shape[0], : self.shape[1]]
+        taps = len(self.kernel_size)
+        tap_dims = tuple(range(2, 2 + taps))
+        # -> [Nb, bn, Kb, bk, *taps]
+        full = blocks.permute(0, 3 + taps, 1, 2 + taps, *tap_dims)
+        full = full.reshape(nb * bn, kb * bk, *self.kernel_size)
+        return full[: self.shape[0], : self.shape[1]]
 
     def to_dense(self) -> torch.Tensor:
         bn, bk = self.block
         nb, kb = self.grid
-        grid = self.values.new_zeros(nb, kb, bk, bn)
+        grid = self.values.new_zeros(nb, kb, *self.kernel_size, bk, bn)
         grid[expand_ptr(self.block_row_ptr), self.block_col_idx.long()] = self.values
         return self._expand(grid)
 
     def mask(self) -> torch.Tensor:
-        """[N, K] bool: positions stored (the block closure of the mask it was made from)."""
+        """Bool like the weight: positions stored (the block closure of the mask it was made
+        from)."""
         bn, bk = self.block
-        grid = self.block_pattern()[:, :, None, None].expand(-1, -1, bk, bn)
+        pattern = self.block_pattern()
+        grid = pattern.view(*pattern.shape, *(1,) * (len(self.kernel_size) + 2)).expand(
+            -1, -1, *self.kernel_size, bk, bn)
         return self._expand(grid).contiguous()
 
     @classmethod
@@ -215,13 +258,17 @@ class CSR(_Format):
     def __init__(self, values, row_ptr, col_idx, shape, col_ptr=None, row_idx=None, perm=None):
         if values.dim() != 1:
             raise ValueError(f"CSR: values must be 1-D [nnz], got {tuple(values.shape)}")
+        shape = tuple(int(s) for s in shape)
+        if len(shape) not in (2, 4):
+            raise ValueError(f"CSR: shape must be (out, in) or (C_out, C_in, kh, kw), got {shape}")
         self.values = values
-        self.shape = (int(shape[0]), int(shape[1]))
+        self.shape = shape
         self.row_ptr, self.col_idx = row_ptr, col_idx
-        _validate_compressed("CSR", "row_ptr", "col_idx", row_ptr, col_idx, self.shape[0],
-                             self.shape[1], values.shape[0])
+        rows, cols = self.matrix_shape
+        _validate_compressed("CSR", "row_ptr", "col_idx", row_ptr, col_idx, rows, cols,
+                             values.shape[0])
         if col_ptr is None:
-            col_ptr, row_idx, perm = _transposed_index(self.mask())
+            col_ptr, row_idx, perm = _transposed_index(self.mask().view(rows, cols))
         self.col_ptr, self.row_idx, self.perm = col_ptr, row_idx, perm
 
     @property
@@ -230,21 +277,24 @@ class CSR(_Format):
 
     @classmethod
     def from_dense(cls, weight, mask=None) -> "CSR":
+        """Packs the kept scalars of a linear [out, in] or conv [C_out, C_in, kh, kw] weight
+        (a conv over its (C_out, C_in * kh * kw) view)."""
         weight, mask = _check_weight_and_mask(weight, mask, "CSR.from_dense")
-        rows, cols = mask.nonzero(as_tuple=True)
-        col_ptr, row_idx, perm = _transposed_index(mask)
-        return cls(weight[rows, cols].contiguous(), _ptr(mask.sum(1)), cols.to(torch.int32),
+        matrix, kept = weight.reshape(weight.shape[0], -1), mask.reshape(mask.shape[0], -1)
+        rows, cols = kept.nonzero(as_tuple=True)
+        col_ptr, row_idx, perm = _transposed_index(kept)
+        return cls(matrix[rows, cols].contiguous(), _ptr(kept.sum(1)), cols.to(torch.int32),
                    tuple(weight.shape), col_ptr, row_idx, perm)
 
     def to_dense(self) -> torch.Tensor:
-        dense = self.values.new_zeros(self.shape)
+        dense = self.values.new_zeros(self.matrix_shape)
         dense[expand_ptr(self.row_ptr), self.col_idx.long()] = self.values
-        return dense
+        return dense.view(self.shape)
 
     def mask(self) -> torch.Tensor:
-        present = torch.zeros(self.shape, dtype=torch.bool, device=self.device)
+        present = torch.zeros(self.matrix_shape, dtype=torch.bool, device=self.device)
         present[expand_ptr(self.row_ptr), self.col_idx.long()] = True
-        return present
+        return present.view(self.shape)
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "CSR":

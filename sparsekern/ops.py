@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from sparsekern import _extension, reference
 from sparsekern.formats import CSR, BlockSparse
@@ -85,6 +86,122 @@ def sparse_linear(x: torch.Tensor, values: torch.Tensor, index: dict, shape, bia
     return y.reshape(*x.shape[:-1], out_features)
 
 
+def bsr_conv2d(x, values, block_row_ptr, block_col_idx, block_col_ptr, block_row_idx,
+               block_perm, bias, out_channels: int, stride, padding, dilation) -> torch.Tensor:
+    """Conv2d with a BlockSparse 4-D weight; x [N, C_in, H, W]; symmetric padding."""
+    return _op("bsr_conv2d")(x, values, block_row_ptr, block_col_idx, block_col_ptr,
+                             block_row_idx, block_perm, bias, out_channels, stride, padding,
+                             dilation)
+
+
+def bsr_conv2d_grad_input(grad_out, values, block_col_ptr, block_row_idx, block_perm,
+                          input_size, stride, padding, dilation) -> torch.Tensor:
+    return _op("bsr_conv2d_grad_input")(grad_out, values, block_col_ptr, block_row_idx,
+                                        block_perm, input_size, stride, padding, dilation)
+
+
+def bsr_conv2d_grad_weight(grad_out, x, block_row_ptr, block_col_idx, kernel_size, block_n,
+                           block_k, stride, padding, dilation) -> torch.Tensor:
+    """dW at the stored blocks only: [nnz_blocks, kh, kw, block_k, block_n]."""
+    return _op("bsr_conv2d_grad_weight")(grad_out, x, block_row_ptr, block_col_idx, kernel_size,
+                                         block_n, block_k, stride, padding, dilation)
+
+
+def csr_conv2d(x, values, row_ptr, col_idx, col_ptr, row_idx, perm, bias, out_channels: int,
+               kernel_size, stride, padding, dilation) -> torch.Tensor:
+    """Conv2d with a CSR weight over the (C_out, C_in*kh*kw) view; symmetric padding."""
+    return _op("csr_conv2d")(x, values, row_ptr, col_idx, col_ptr, row_idx, perm, bias,
+                             out_channels, kernel_size, stride, padding, dilation)
+
+
+def csr_conv2d_grad_input(grad_out, values, col_ptr, row_idx, perm, input_size, kernel_size,
+                          stride, padding, dilation) -> torch.Tensor:
+    return _op("csr_conv2d_grad_input")(grad_out, values, col_ptr, row_idx, perm, input_size,
+                                        kernel_size, stride, padding, dilation)
+
+
+def csr_conv2d_grad_weight(grad_out, x, row_ptr, col_idx, kernel_size, stride, padding,
+                           dilation) -> torch.Tensor:
+    """dW at the stored positions only: [nnz]."""
+    return _op("csr_conv2d_grad_weight")(grad_out, x, row_ptr, col_idx, kernel_size, stride,
+                                         padding, dilation)
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    try:
+        a, b = value
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (a, b)):
+            raise TypeError
+        return a, b
+    except (TypeError, ValueError):
+        raise ValueError(f"conv2d: {name} must be an int or a pair of ints, got {value!r}") from None
+
+
+def conv_padding(padding, kernel_size, stride, dilation):
+    """Resolves conv2d's padding (int, pair, "same", "valid") into symmetric (ph, pw) plus the
+    extra (right, bottom) that an even kernel with "same" needs: (ph, pw), (extra_w, extra_h)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0), (0, 0)
+        if padding != "same":
+            raise ValueError(f"conv2d: padding must be an int, a pair, 'same' or 'valid', got "
+                             f"{padding!r}")
+        if stride != (1, 1):
+            raise ValueError(f"conv2d: padding='same' needs stride 1, got stride={stride}")
+        total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+        low = tuple(t // 2 for t in total)
+        return low, (total[1] - 2 * low[1], total[0] - 2 * low[0])
+    ph, pw = _pair(padding, "padding")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"conv2d: padding must be >= 0, got {padding!r}")
+    return (ph, pw), (0, 0)
+
+
+def conv2d(x: torch.Tensor, weight: BlockSparse | CSR, bias: torch.Tensor | None = None,
+           stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """Like F.conv2d (groups=1) with a sparse 4-D weight; autograd-aware. x is [N, C_in, H, W]
+    or unbatched [C_in, H, W]. The output is channels_last (the layout the kernels compute in)."""
+    if not isinstance(weight, (BlockSparse, CSR)) or len(weight.shape) != 4:
+        raise TypeError(f"conv2d: weight must be a sparsekern.BlockSparse or CSR made from a "
+                        f"4-D conv weight, got {weight!r}")
+    return sparse_conv2d(x, weight.values, weight.tensors(), weight.shape, bias, stride,
+                         padding, dilation)
+
+
+def sparse_conv2d(x: torch.Tensor, values: torch.Tensor, index: dict, shape, bias=None,
+                  stride=1, padding=0, dilation=1):
+    """The dispatch behind `conv2d` and SparseConv2d: `index` holds a format's index tensors,
+    shape = (C_out, C_in, kh, kw)."""
+    out_channels, in_channels, kh, kw = shape
+    if x.dim() == 3:
+        return sparse_conv2d(x.unsqueeze(0), values, index, shape, bias, stride, padding,
+                             dilation).squeeze(0)
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        raise ValueError(f"conv2d: x must be [N, {in_channels}, H, W] (or unbatched "
+                         f"[{in_channels}, H, W]), got shape {tuple(x.shape)}")
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1:
+        raise ValueError(f"conv2d: stride and dilation must be >= 1, got stride={stride}, "
+                         f"dilation={dilation}")
+    pad, (extra_w, extra_h) = conv_padding(padding, (kh, kw), stride, dilation)
+    if extra_w or extra_h:  # "same" with an even kernel: torch pads the far side one more
+        x = F.pad(x, (0, extra_w, 0, extra_h))
+    if "block_row_ptr" in index:
+        return bsr_conv2d(x, values, index["block_row_ptr"], index["block_col_idx"],
+                          index["block_col_ptr"], index["block_row_idx"], index["block_perm"],
+                          bias, out_channels, stride, pad, dilation)
+    return csr_conv2d(x, values, index["row_ptr"], index["col_idx"], index["col_ptr"],
+                      index["row_idx"], index["perm"], bias, out_channels, (kh, kw), stride,
+                      pad, dilation)
+
+
+def _conv_out_shape(x, kernel_size, stride, padding, dilation):
+    return [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1)
+            // stride[i] + 1 for i in range(2)]
+
+
 if _HAVE_OPS:
 
     @torch.library.register_fake("sparsekern::bsr_linear")
@@ -148,8 +265,83 @@ if _HAVE_OPS:
     # Without a formula autograd would treat these ops as constants and silently return zero
     # second-order gradients; an explicit error is the honest answer.
     for _name in ("bsr_linear_grad_input", "bsr_linear_grad_weight", "csr_linear_grad_input",
-                  "csr_linear_grad_weight"):
+                  "csr_linear_grad_weight", "bsr_conv2d_grad_input", "bsr_conv2d_grad_weight",
+                  "csr_conv2d_grad_input", "csr_conv2d_grad_weight"):
         torch.library.register_autograd(f"sparsekern::{_name}", _no_double_backward)
+
+    def _channels_last(like, *size):
+        return like.new_empty(size).contiguous(memory_format=torch.channels_last)
+
+    @torch.library.register_fake("sparsekern::bsr_conv2d")
+    def _(x, values, block_row_ptr, block_col_idx, block_col_ptr, block_row_idx, block_perm,
+          bias, out_channels, stride, padding, dilation):
+        torch._check(x.dim() == 4, lambda: "bsr_conv2d: x must be 4-D")
+        oh, ow = _conv_out_shape(x, values.shape[1:3], stride, padding, dilation)
+        return _channels_last(x, x.shape[0], out_channels, oh, ow)
+
+    @torch.library.register_fake("sparsekern::bsr_conv2d_grad_input")
+    def _(grad_out, values, block_col_ptr, block_row_idx, block_perm, input_size, stride,
+          padding, dilation):
+        return _channels_last(grad_out, *input_size)
+
+    @torch.library.register_fake("sparsekern::bsr_conv2d_grad_weight")
+    def _(grad_out, x, block_row_ptr, block_col_idx, kernel_size, block_n, block_k, stride,
+          padding, dilation):
+        return x.new_empty(block_col_idx.shape[0], *kernel_size, block_k, block_n)
+
+    @torch.library.register_fake("sparsekern::csr_conv2d")
+    def _(x, values, row_ptr, col_idx, col_ptr, row_idx, perm, bias, out_channels, kernel_size,
+          stride, padding, dilation):
+        torch._check(x.dim() == 4, lambda: "csr_conv2d: x must be 4-D")
+        oh, ow = _conv_out_shape(x, kernel_size, stride, padding, dilation)
+        return _channels_last(x, x.shape[0], out_channels, oh, ow)
+
+    @torch.library.register_fake("sparsekern::csr_conv2d_grad_input")
+    def _(grad_out, values, col_ptr, row_idx, perm, input_size, kernel_size, stride, padding,
+          dilation):
+        return _channels_last(grad_out, *input_size)
+
+    @torch.library.register_fake("sparsekern::csr_conv2d_grad_weight")
+    def _(grad_out, x, row_ptr, col_idx, kernel_size, stride, padding, dilation):
+        return x.new_empty(col_idx.shape[0])
+
+    def _conv_setup(ctx, inputs, output):
+        x, values, ptr, idx, t_ptr, t_idx, perm, bias, *geometry = inputs
+        ctx.save_for_backward(x, values, ptr, idx, t_ptr, t_idx, perm)
+        ctx.has_bias = bias is not None
+        ctx.geometry = geometry  # [out_channels,] [kernel_size,] stride, padding, dilation
+
+    def _conv_backward_of(grad_input, grad_weight):
+        def backward(ctx, grad_out):
+            x, values, ptr, idx, t_ptr, t_idx, perm = ctx.saved_tensors
+            dx = dv = db = None
+            if ctx.needs_input_grad[0]:
+                dx = grad_input(ctx, grad_out, values, t_ptr, t_idx, perm, list(x.shape))
+            if ctx.needs_input_grad[1]:
+                dv = grad_weight(ctx, grad_out, x, ptr, idx, values)
+            if ctx.has_bias and ctx.needs_input_grad[7]:
+                db = grad_out.sum((0, 2, 3))
+            return (dx, dv, None, None, None, None, None, db) + (None,) * len(ctx.geometry)
+
+        return backward
+
+    torch.library.register_autograd(
+        "sparsekern::bsr_conv2d",
+        _conv_backward_of(
+            lambda ctx, dy, values, t_ptr, t_idx, perm, size: bsr_conv2d_grad_input(
+                dy, values, t_ptr, t_idx, perm, size, *ctx.geometry[1:]),
+            lambda ctx, dy, x, ptr, idx, values: bsr_conv2d_grad_weight(
+                dy, x, ptr, idx, list(values.shape[1:3]), values.shape[4], values.shape[3],
+                *ctx.geometry[1:])),
+        setup_context=_conv_setup)
+    torch.library.register_autograd(
+        "sparsekern::csr_conv2d",
+        _conv_backward_of(
+            lambda ctx, dy, values, t_ptr, t_idx, perm, size: csr_conv2d_grad_input(
+                dy, values, t_ptr, t_idx, perm, size, *ctx.geometry[1:]),
+            lambda ctx, dy, x, ptr, idx, values: csr_conv2d_grad_weight(
+                dy, x, ptr, idx, *ctx.geometry[1:])),
+        setup_context=_conv_setup)
 
     torch.library.register_autograd(
         "sparsekern::csr_linear",

@@ -68,6 +68,74 @@ template <class T>
 using pack_panels_fn = void (*)(const T* src, int64_t M, int64_t C, int64_t ld, T* dst,
                                 int64_t c0, int64_t c1);
 
+// ---- conv2d (implicit GEMM) -----------------------------------------------------------------
+// Activations are NHWC with the input zero-padded once per call, so no kernel tests bounds.
+// Offsets count elements of that padded NHWC input ("channel rows"): pix_off[m] is where output
+// pixel m's window starts, tap_off[t] how far tap t of the kh x kw window lies from that start,
+// so output pixel m at tap t reads input channel c at pix_off[m] + tap_off[t] + c. Strides,
+// dilation and padding live only in these two arrays.
+struct ConvGeometry {
+  int64_t M;               // output pixels the offsets cover
+  int64_t taps;            // kh * kw
+  const int64_t* pix_off;  // [M]
+  const int64_t* tap_off;  // [taps]
+};
+
+// BSR conv blocks are stored values[nnzb][taps][bk][bn]: per tap the linear kernels' transposed
+// block. y[m][I*bn + n] = bias + sum over stored blocks (I, J), taps t, k < bk of
+// x[pix_off[m] + tap_off[t] + J*bk + k] * values[p][t][k][n], for block rows [i0, i1) and output
+// pixels [m0, m1) (y row-major [M][ldy], i.e. NHWC).
+template <class T>
+using bsr_conv_forward_fn = void (*)(const BsrArgs<T>&, const ConvGeometry&, const T* x,
+                                     const T* bias, T* y, int64_t ldy, int64_t i0, int64_t i1,
+                                     int64_t m0, int64_t m1);
+// dX by scatter, over W^T in block form (a = the transposed index, values [q][taps][bk][bn] with
+// bk = W's output-channel block, bn = W's input-channel block): for block rows [j0, j1) and
+// output pixels [m0, m1), dx[pix_off[m] + tap_off[t] + J*bn + n] += sum_k dy[m][I*bk + k] *
+// values[q][t][k][n]. Callers split work so that no two calls write the same dx element.
+template <class T>
+using bsr_conv_grad_input_fn = void (*)(const BsrArgs<T>&, const ConvGeometry&, const T* dy,
+                                        int64_t lddy, T* dx, int64_t j0, int64_t j1, int64_t m0,
+                                        int64_t m1);
+// dw[p][t] = sum_m x[pix_off[m] + tap_off[t] + J*bk ..][k] * dy[m][I*bn + n] for the units
+// u = p * taps + t in [u0, u1); block_row[p] is the block row of stored block p.
+template <class T>
+using bsr_conv_grad_weight_fn = void (*)(const BsrArgs<T>&, const ConvGeometry&,
+                                         const int32_t* block_row, const T* dy, int64_t lddy,
+                                         const T* x, T* dw, int64_t u0, int64_t u1);
+
+// CSR conv over batch panels: the padded NHWC input of each chunk of `panel` images is stored
+// [chunk][HpWp*Ci][panel] (kernels with panel == 0 read plain NHWC: one image per chunk), so one
+// stored weight multiplies a contiguous run of images. Geometry offsets are per image.
+template <class T>
+struct CsrConvArgs {
+  int64_t chunks;           // image chunks (images when panel == 0)
+  int64_t images;           // N: lanes of the last chunk past it are padding
+  int64_t in_rows;          // channel rows of one padded input image: Hp*Wp*Ci
+  int64_t out_channels;     // R: rows of the sparse matrix (C_out)
+  const int32_t* row_ptr;   // [R+1]
+  const int64_t* col_off;   // [nnz]: tap_off[tap] + ci of each stored weight
+  const T* values;          // [nnz]
+};
+// y[n][m][r] (NHWC, [N][M][R]) = bias[r] + sum_j values[j] * x[n][pix_off[m] + col_off[j]]
+// for sparse rows [r0, r1); x in panels.
+template <class T>
+using csr_conv_forward_fn = void (*)(const CsrConvArgs<T>&, const ConvGeometry&, const T* x,
+                                     const T* bias, T* y, int64_t r0, int64_t r1);
+// dx[n][pix_off[m] + tap_off[t] + c] += sum over stored (r, c, t) of W * dy[n][m][r], for input
+// channels c in [c0, c1), with the transposed index (a.row_ptr = col_ptr over columns
+// c*taps + t, t_rows = row of each entry, a.values = values gathered into column order).
+// dy and dx in panels ([chunk][M*R][panel] and [chunk][in_rows][panel]).
+template <class T>
+using csr_conv_grad_input_fn = void (*)(const CsrConvArgs<T>&, const ConvGeometry&,
+                                        const int32_t* t_rows, const T* dy, T* dx, int64_t c0,
+                                        int64_t c1);
+// dw[j] = sum_n sum_m dy[n][m][r] * x[n][pix_off[m] + col_off[j]] for rows r in [r0, r1);
+// dy and x in panels.
+template <class T>
+using csr_conv_grad_weight_fn = void (*)(const CsrConvArgs<T>&, const ConvGeometry&,
+                                         const T* dy, const T* x, T* dw, int64_t r0, int64_t r1);
+
 template <class T>
 struct KernelTable {
   const char* name;
@@ -78,6 +146,12 @@ struct KernelTable {
   csr_spmm_fn<T> csr_spmm;
   csr_sddmm_fn<T> csr_sddmm;
   pack_panels_fn<T> pack_panels;  // null when panel == 0
+  bsr_conv_forward_fn<T> bsr_conv_forward;
+  bsr_conv_grad_input_fn<T> bsr_conv_grad_input;
+  bsr_conv_grad_weight_fn<T> bsr_conv_grad_weight;
+  csr_conv_forward_fn<T> csr_conv_forward;
+  csr_conv_grad_input_fn<T> csr_conv_grad_input;
+  csr_conv_grad_weight_fn<T> csr_conv_grad_weight;
 };
 
 // Each returns null when the instruction set was not compiled in.

@@ -1,82 +1,11 @@
 // CPU implementations of the linear ops: argument checks, ragged-edge padding, operand packing
-// and work partitioning over at::parallel_for; the arithmetic is in the kernel tables.
-#include <ATen/Parallel.h>
+// and work partitioning (helpers in common.h); the arithmetic is in the kernel tables.
 #include <torch/library.h>
 
-#include <ATen/ATen.h>
-#include <algorithm>
-#include <optional>
-#include <vector>
-
-#include "isa.h"
-#include "kernels.h"
+#include "common.h"
 
 namespace sparsekern::cpu {
 namespace {
-
-using at::Tensor;
-
-template <class T>
-const KernelTable<T>* kernels_for() {
-  if constexpr (std::is_same_v<T, float>) {
-    return float_kernels();
-  } else {
-    return scalar_kernels<T>();
-  }
-}
-
-void check_float(const Tensor& t, const char* op, const char* name, const Tensor& like) {
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ",
-              t.scalar_type(), " but expected ", like.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(),
-              " but expected ", like.device());
-}
-
-// An index tensor: int32, 1-D, contiguous, on the CPU, with `length` entries.
-void check_index(const Tensor& t, const char* op, const char* name, int64_t length) {
-  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
-  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), op, ": ", name,
-              " must be a contiguous 1-D tensor, got shape ", t.sizes());
-  TORCH_CHECK(t.numel() == length, op, ": ", name, " must have ", length, " entries, got ",
-              t.numel());
-}
-
-// A compressed pointer array: starts at 0, never decreases, ends at nnz.
-void check_ptr(const Tensor& ptr, const char* op, const char* name, int64_t rows, int64_t nnz) {
-  check_index(ptr, op, name, rows + 1);
-  const int32_t* p = ptr.data_ptr<int32_t>();
-  TORCH_CHECK(p[0] == 0 && p[rows] == nnz, op, ": ", name, " must start at 0 and end at ", nnz,
-              ", got ", p[0], " .. ", p[rows]);
-  for (int64_t i = 0; i < rows; ++i)
-    TORCH_CHECK(p[i] <= p[i + 1], op, ": ", name, " decreases at position ", i);
-}
-
-// Every entry of idx in [0, limit).
-void check_range(const Tensor& idx, const char* op, const char* name, int64_t limit) {
-  const int32_t* p = idx.data_ptr<int32_t>();
-  const int64_t n = idx.numel();
-  int32_t lo = 0, hi = 0;
-  if (n > 0) {
-    lo = hi = p[0];
-    for (int64_t i = 1; i < n; ++i) {
-      lo = std::min(lo, p[i]);
-      hi = std::max(hi, p[i]);
-    }
-  }
-  TORCH_CHECK(n == 0 || (lo >= 0 && hi < limit), op, ": ", name, " has entries in [", lo, ", ",
-              hi, "] but they must lie in [0, ", limit, ")");
-}
-
-// A compressed index over `rows` rows and `cols` columns holding `nnz` entries.
-void check_compressed(const char* op, const char* ptr_name, const Tensor& ptr,
-                      const char* idx_name, const Tensor& idx, int64_t rows, int64_t cols,
-                      int64_t nnz) {
-  check_ptr(ptr, op, ptr_name, rows, nnz);
-  check_index(idx, op, idx_name, nnz);
-  check_range(idx, op, idx_name, cols);
-}
 
 void check_matrix(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [rows, features], got shape ",
@@ -86,81 +15,6 @@ void check_matrix(const Tensor& t, const char* op, const char* name) {
                   t.scalar_type() == at::kBFloat16,
               op, ": ", name, " must be float32, float64 or bfloat16 on the CPU, got ",
               t.scalar_type());
-}
-
-// bfloat16 runs on the float32 kernels: operands are widened once per call, products
-// accumulate in fp32 and each output element is rounded to bfloat16 once.
-bool is_bf16(const Tensor& t) { return t.scalar_type() == at::kBFloat16; }
-Tensor widen(const Tensor& t) { return t.to(at::kFloat); }
-std::optional<Tensor> widen(const std::optional<Tensor>& t) {
-  return t ? std::optional<Tensor>(widen(*t)) : std::nullopt;
-}
-Tensor narrow_bf16(const Tensor& t) { return t.to(at::kBFloat16); }
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Contiguous, with the column count padded to `cols` by zeros (ragged block edges).
-Tensor padded_cols(const Tensor& t, int64_t cols) {
-  Tensor c = t.contiguous();
-  return c.size(1) == cols ? c : at::constant_pad_nd(c, {0, cols - c.size(1)});
-}
-
-Tensor unpadded_cols(const Tensor& t, int64_t cols) {
-  return t.size(1) == cols ? t : t.narrow(1, 0, cols).contiguous();
-}
-
-// [M, C] row-major -> [ceil(M/P)][C][P] batch panels (zero rows past M), see kernels.h.
-template <class T>
-Tensor to_panels(const KernelTable<T>* k, const Tensor& t) {
-  const int64_t M = t.size(0), C = t.size(1), P = k->panel, chunks = ceil_div(M, P);
-  const Tensor src = t.contiguous();
-  Tensor panels = at::empty({chunks, C, P}, t.options());
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    k->pack_panels(src.data_ptr<T>(), M, C, C, panels.data_ptr<T>(), c0, c1);
-  });
-  return panels;
-}
-
-// Runs fn(u0, u1) in parallel over consecutive ranges of units [0, units) of near-equal cost,
-// cost(u) = ptr[u+1] - ptr[u] + base_cost: pruned rows vary a lot in how much they kept
-// (magnitude pruning leaves some neurons dense), so equal unit counts would leave threads idle.
-template <class F>
-void parallel_by_cost(const int32_t* ptr, int64_t units, int64_t base_cost, F fn) {
-  const int64_t pieces = std::min<int64_t>(units, 4 * at::get_num_threads());
-  if (pieces <= 0) return;
-  const auto cost_before = [&](int64_t u) { return int64_t(ptr[u]) + base_cost * u; };
-  std::vector<int64_t> bounds(pieces + 1, units);
-  bounds[0] = 0;
-  int64_t u = 0;
-  for (int64_t p = 1; p < pieces; ++p) {
-    const int64_t target = cost_before(units) * p / pieces;
-    while (u < units && cost_before(u) < target) ++u;
-    bounds[p] = u;
-  }
-  at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      if (bounds[p] < bounds[p + 1]) fn(bounds[p], bounds[p + 1]);
-  });
-}
-
-// fn(u0, u1, m0, m1) over block rows x batch rows: by cost over block rows when there are
-// enough of them to feed every thread, else also splitting the batch.
-template <class F>
-void parallel_blocks_rows(const int32_t* ptr, int64_t units, int64_t M, F fn) {
-  const int64_t want = 4 * at::get_num_threads();
-  if (M == 0) return;
-  if (units >= want) {
-    parallel_by_cost(ptr, units, 1, [&](int64_t u0, int64_t u1) { fn(u0, u1, 0, M); });
-    return;
-  }
-  const int64_t chunk = std::max<int64_t>(ceil_div(M, ceil_div(want, std::max<int64_t>(units, 1))), 24);
-  const int64_t chunks = ceil_div(M, chunk);
-  at::parallel_for(0, units * chunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t w = b; w < e; ++w) {
-      const int64_t u = w / chunks, m0 = (w % chunks) * chunk;
-      fn(u, u + 1, m0, std::min(M, m0 + chunk));
-    }
-  });
 }
 
 // ---- BSR -----------------------------------------------------------------------------------

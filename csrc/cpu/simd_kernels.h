@@ -431,7 +431,8 @@ constexpr sparsekern::cpu::KernelTable<float> make_table(const char* name) {
           &bsr_grad_weight<Vw>,
           &csr_spmm<Vw>,
           &csr_sddmm<Vw>,
-          &pack_panels<Vw>};
+          &pack_panels<Vw>,
+          nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 }
 
 }  // namespace

@@ -26,11 +26,11 @@ FROM_DENSE_CASES = {
     "mask_int": (dict(mask=torch.ones(3, 4, dtype=torch.int64)), "mask must be a bool tensor"),
     "mask_device": (dict(mask=torch.ones(3, 4, dtype=torch.bool, device="meta")),
                     "mask is on meta but weight is on cpu"),
-    "weight_1d": (dict(weight=torch.randn(12)), "weight must be a 2-D tensor"),
-    "weight_3d": (dict(weight=torch.randn(2, 3, 4)), "weight must be a 2-D tensor"),
+    "weight_1d": (dict(weight=torch.randn(12)), "weight must be a 2-D linear weight .* or a 4-D conv weight"),
+    "weight_3d": (dict(weight=torch.randn(2, 3, 4)), "weight must be a 2-D linear weight .* or a 4-D conv weight"),
     "weight_int": (dict(weight=torch.ones(3, 4, dtype=torch.int64)),
                    "weight must be floating point, got dtype torch.int64"),
-    "weight_not_tensor": (dict(weight=[[1.0, 2.0]]), "weight must be a 2-D tensor"),
+    "weight_not_tensor": (dict(weight=[[1.0, 2.0]]), "weight must be a 2-D linear weight .* or a 4-D conv weight"),
 }
 
 

@@ -1,0 +1,478 @@
+// CPU implementations of the conv2d ops: implicit GEMM over the (C_out, C_in*kh*kw) view.
+//
+// Each call zero-pads its input once into NHWC (the layout conversion a channels_first input
+// needs anyway, fused with the padding) and describes the convolution to the kernels by two
+// offset arrays (ConvGeometry, kernels.h): where each output pixel's window starts and where each
+// tap lies inside it. No im2col is built: kernels read the padded input in place. Outputs and dX
+// are channels_last, so a chain of sparse convs (with BatchNorm/ReLU between them, which keep the
+// memory format) converts layout at most once, at the first layer.
+#include <torch/library.h>
+
+#include <array>
+
+#include "common.h"
+
+namespace sparsekern::cpu {
+namespace {
+
+using Pair = std::array<int64_t, 2>;
+
+Pair pair_arg(at::IntArrayRef v, const char* op, const char* name, int64_t min) {
+  TORCH_CHECK(v.size() == 2, op, ": ", name, " must have 2 entries, got ", v.size());
+  TORCH_CHECK(v[0] >= min && v[1] >= min, op, ": ", name, " entries must be >= ", min, ", got ",
+              v);
+  return {v[0], v[1]};
+}
+
+void check_activation(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D [N, C, H, W], got shape ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
+                  t.scalar_type() == at::kBFloat16,
+              op, ": ", name, " must be float32, float64 or bfloat16 on the CPU, got ",
+              t.scalar_type());
+}
+
+// Everything about one convolution's shape, checked once.
+struct Conv {
+  int64_t N, C, H, W;      // input (C = channels the kernels see: padded to whole blocks)
+  int64_t kh, kw, OH, OW;  // kernel and output size
+  Pair stride, padding, dilation;
+  int64_t Hp() const { return H + 2 * padding[0]; }
+  int64_t Wp() const { return W + 2 * padding[1]; }
+  int64_t taps() const { return kh * kw; }
+  int64_t pixels() const { return OH * OW; }
+};
+
+Conv make_conv(const char* op, int64_t N, int64_t C, int64_t H, int64_t W, int64_t kh,
+               int64_t kw, at::IntArrayRef stride, at::IntArrayRef padding,
+               at::IntArrayRef dilation) {
+  Conv c{N, C, H, W, kh, kw, 0, 0, pair_arg(stride, op, "stride", 1),
+         pair_arg(padding, op, "padding", 0), pair_arg(dilation, op, "dilation", 1)};
+  TORCH_CHECK(kh > 0 && kw > 0, op, ": kernel size must be positive, got ", kh, "x", kw);
+  const int64_t span_h = c.dilation[0] * (kh - 1) + 1, span_w = c.dilation[1] * (kw - 1) + 1;
+  TORCH_CHECK(c.Hp() >= span_h && c.Wp() >= span_w, op, ": the padded input (", c.Hp(), "x",
+              c.Wp(), ") is smaller than the dilated kernel (", span_h, "x", span_w, ")");
+  c.OH = (c.Hp() - span_h) / c.stride[0] + 1;
+  c.OW = (c.Wp() - span_w) / c.stride[1] + 1;
+  return c;
+}
+
+// Offsets in elements of the padded NHWC input with `channels` per pixel; `images` = how many
+// images the pixel list spans (N for BSR, 1 for the per-image offsets of CSR panels).
+struct GeometryArrays {
+  std::vector<int64_t> pix_off, tap_off;
+  ConvGeometry view() const {
+    return {int64_t(pix_off.size()), int64_t(tap_off.size()), pix_off.data(), tap_off.data()};
+  }
+};
+
+GeometryArrays geometry(const Conv& c, int64_t channels, int64_t images) {
+  GeometryArrays g;
+  g.pix_off.reserve(images * c.pixels());
+  for (int64_t n = 0; n < images; ++n)
+    for (int64_t oh = 0; oh < c.OH; ++oh)
+      for (int64_t ow = 0; ow < c.OW; ++ow)
+        g.pix_off.push_back(((n * c.Hp() + oh * c.stride[0]) * c.Wp() + ow * c.stride[1]) *
+                            channels);
+  for (int64_t dh = 0; dh < c.kh; ++dh)
+    for (int64_t dw = 0; dw < c.kw; ++dw)
+      g.tap_off.push_back((dh * c.dilation[0] * c.Wp() + dw * c.dilation[1]) * channels);
+  return g;
+}
+
+// [N, C, H, W] (any memory format) -> zero-padded NHWC [N, Hp, Wp, channels] (channels >= C:
+// ragged channel blocks), in one pass; no copy when nothing needs to change.
+Tensor padded_nhwc(const Tensor& x, const Conv& c, int64_t channels) {
+  const Tensor nhwc = x.permute({0, 2, 3, 1});
+  if (c.padding[0] == 0 && c.padding[1] == 0 && channels == x.size(1) && nhwc.is_contiguous())
+    return nhwc;
+  Tensor out = at::zeros({c.N, c.Hp(), c.Wp(), channels}, x.options());
+  out.narrow(1, c.padding[0], c.H).narrow(2, c.padding[1], c.W).narrow(3, 0, x.size(1))
+      .copy_(nhwc);
+  return out;
+}
+
+// The interior of a padded NHWC gradient as a channels_last [N, C, H, W] tensor.
+Tensor crop_nhwc(const Tensor& padded, const Conv& c, int64_t C) {
+  Tensor out = at::empty({c.N, C, c.H, c.W},
+                         padded.options().memory_format(at::MemoryFormat::ChannelsLast));
+  out.copy_(padded.narrow(1, c.padding[0], c.H).narrow(2, c.padding[1], c.W).narrow(3, 0, C)
+                .permute({0, 3, 1, 2}));
+  return out;
+}
+
+// grad_out [N, C_out, OH, OW] -> NHWC rows [N*OH*OW, cols] (cols >= C_out: ragged blocks).
+Tensor rows_nhwc(const Tensor& grad_out, int64_t cols) {
+  const Tensor nhwc = grad_out.permute({0, 2, 3, 1}).contiguous();
+  return padded_cols(nhwc.view({-1, grad_out.size(1)}), cols);
+}
+
+// The block row of every stored block (int32 [nnzb]).
+Tensor expand_rows(const Tensor& ptr, int64_t rows, int64_t nnz) {
+  Tensor out = at::empty({nnz}, ptr.options());
+  const int32_t* p = ptr.data_ptr<int32_t>();
+  int32_t* o = out.data_ptr<int32_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int32_t j = p[r]; j < p[r + 1]; ++j) o[j] = int32_t(r);
+  return out;
+}
+
+Tensor channels_last_empty(const Tensor& like, int64_t N, int64_t C, int64_t H, int64_t W) {
+  return at::empty({N, C, H, W}, like.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+// ---- BSR -----------------------------------------------------------------------------------
+
+struct BsrConvShape {
+  int64_t kh, kw, bk, bn, nnzb;
+};
+
+BsrConvShape check_bsr_conv_values(const Tensor& values, const char* op) {
+  TORCH_CHECK(values.dim() == 5, op,
+              ": values must be [nnz_blocks, kh, kw, block_k, block_n], got shape ",
+              values.sizes());
+  const int64_t bk = values.size(3), bn = values.size(4);
+  TORCH_CHECK(bk % 8 == 0 && bn % 8 == 0 && bk > 0 && bn > 0, op,
+              ": block dims must be positive multiples of 8, got block_k=", bk, " block_n=", bn);
+  return {values.size(1), values.size(2), bk, bn, values.size(0)};
+}
+
+Tensor bsr_conv2d(const Tensor& x, const Tensor& values, const Tensor& block_row_ptr,
+                  const Tensor& block_col_idx, const Tensor& block_col_ptr,
+                  const Tensor& block_row_idx, const Tensor& block_perm,
+                  const std::optional<Tensor>& bias, int64_t out_channels,
+                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  constexpr const char* op = "sparsekern.bsr_conv2d";
+  check_activation(x, op, "x");
+  check_float(values, op, "values", x);
+  if (bias) check_float(*bias, op, "bias", x);
+  if (is_bf16(x))
+    return narrow_bf16(bsr_conv2d(widen(x), widen(values), block_row_ptr, block_col_idx,
+                                  block_col_ptr, block_row_idx, block_perm, widen(bias),
+                                  out_channels, stride, padding, dilation))
+        .contiguous(at::MemoryFormat::ChannelsLast);
+  const auto [kh, kw, bk, bn, nnzb] = check_bsr_conv_values(values, op);
+  const int64_t Co = out_channels;
+  TORCH_CHECK(Co >= 0, op, ": out_channels must be >= 0, got ", Co);
+  const int64_t Nb = ceil_div(Co, bn), Kb = ceil_div(x.size(1), bk);
+  check_compressed(op, "block_row_ptr", block_row_ptr, "block_col_idx", block_col_idx, Nb, Kb,
+                   nnzb);
+  const Conv c = make_conv(op, x.size(0), Kb * bk, x.size(2), x.size(3), kh, kw, stride,
+                           padding, dilation);
+  Tensor bias_padded;
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == Co, op, ": bias must have shape [", Co,
+                "], got ", bias->sizes());
+    bias_padded = padded_cols(bias->view({1, Co}), Nb * bn).view({Nb * bn});
+  }
+  const Tensor xp = padded_nhwc(x, c, c.C);
+  const Tensor vals = values.contiguous();
+  const GeometryArrays g = geometry(c, c.C, c.N);
+  const int64_t M = c.N * c.pixels();
+  const bool ragged = Nb * bn != Co;
+  Tensor y = channels_last_empty(x, c.N, Co, c.OH, c.OW);
+  Tensor y_rows = ragged ? at::empty({M, Nb * bn}, x.options()) : y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+    const KernelTable<scalar_t>* k = scalar_kernels<scalar_t>();
+    const BsrArgs<scalar_t> args{M, bn, bk, block_row_ptr.data_ptr<int32_t>(),
+                                 block_col_idx.data_ptr<int32_t>(), vals.data_ptr<scalar_t>()};
+    const scalar_t* b = bias ? bias_padded.data_ptr<scalar_t>() : nullptr;
+    const ConvGeometry geo = g.view();
+    parallel_blocks_rows(args.row_ptr, Nb, M, [&](int64_t i0, int64_t i1, int64_t m0, int64_t m1) {
+      k->bsr_conv_forward(args, geo, xp.data_ptr<scalar_t>(), b, y_rows.data_ptr<scalar_t>(),
+                          Nb * bn, i0, i1, m0, m1);
+    });
+  });
+  if (ragged) y.permute({0, 2, 3, 1}).copy_(y_rows.narrow(1, 0, Co).view({c.N, c.OH, c.OW, Co}));
+  return y;
+}
+
+struct InputSize {
+  int64_t N, C, H, W;
+};
+
+InputSize input_size_arg(at::IntArrayRef s, const char* op) {
+  TORCH_CHECK(s.size() == 4 && s[0] >= 0 && s[1] >= 0 && s[2] > 0 && s[3] > 0, op,
+              ": input_size must be [N, C, H, W] with positive H, W, got ", s);
+  return {s[0], s[1], s[2], s[3]};
+}
+
+void check_grad_out(const Tensor& grad_out, const Conv& c, int64_t Co, const char* op) {
+  TORCH_CHECK(grad_out.size(0) == c.N && grad_out.size(1) == Co && grad_out.size(2) == c.OH &&
+                  grad_out.size(3) == c.OW,
+              op, ": grad_out must have shape [", c.N, ", ", Co, ", ", c.OH, ", ", c.OW,
+              "], got ", grad_out.sizes());
+}
+
+Tensor bsr_conv2d_grad_input(const Tensor& grad_out, const Tensor& values,
+                             const Tensor& block_col_ptr, const Tensor& block_row_idx,
+                             const Tensor& block_perm, at::IntArrayRef input_size,
+                             at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation) {
+  constexpr const char* op = "sparsekern.bsr_conv2d_grad_input";
+  check_activation(grad_out, op, "grad_out");
+  check_float(values, op, "values", grad_out);
+  if (is_bf16(grad_out))
+    return narrow_bf16(bsr_conv2d_grad_input(widen(grad_out), widen(values), block_col_ptr,
+                                             block_row_idx, block_perm, input_size, stride,
+                                             padding, dilation))
+        .contiguous(at::MemoryFormat::ChannelsLast);
+  const auto [kh, kw, bk, bn, nnzb] = check_bsr_conv_values(values, op);
+  const InputSize in = input_size_arg(input_size, op);
+  const int64_t Co = grad_out.size(1), Nb = ceil_div(Co, bn), Kb = ceil_div(in.C, bk);
+  check_compressed(op, "block_col_ptr", block_col_ptr, "block_row_idx", block_row_idx, Kb, Nb,
+                   nnzb);
+  check_index(block_perm, op, "block_perm", nnzb);
+  check_range(block_perm, op, "block_perm", nnzb);
+  const Conv c = make_conv(op, in.N, Kb * bk, in.H, in.W, kh, kw, stride, padding, dilation);
+  check_grad_out(grad_out, c, Co, op);
+  const int64_t taps = c.taps(), M = c.N * c.pixels();
+  const Tensor dy = rows_nhwc(grad_out, Nb * bn);
+  const Tensor vals = values.contiguous();
+  // W^T in block form, per tap: transposed block q = stored block perm[q], each tap transposed.
+  std::vector<int32_t> tap_perm(nnzb * taps);
+  const int32_t* perm = block_perm.data_ptr<int32_t>();
+  for (int64_t q = 0; q < nnzb; ++q)
+    for (int64_t t = 0; t < taps; ++t) tap_perm[q * taps + t] = int32_t(perm[q] * taps + t);
+  Tensor t_vals = at::empty({nnzb, kh, kw, bn, bk}, vals.options());
+  Tensor dx_padded = at::zeros({c.N, c.Hp(), c.Wp(), c.C}, grad_out.options());
+  const GeometryArrays g = geometry(c, c.C, c.N);
+  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), op, [&] {
+    const KernelTable<scalar_t>* k = scalar_kernels<scalar_t>();
+    at::parallel_for(0, nnzb * taps, 16, [&](int64_t q0, int64_t q1) {
+      k->bsr_transpose_blocks(vals.data_ptr<scalar_t>(), tap_perm.data(), bk, bn,
+                              t_vals.data_ptr<scalar_t>(), q0, q1);
+    });
+    const BsrArgs<scalar_t> args{M, bk, bn, block_col_ptr.data_ptr<int32_t>(),
+                                 block_row_idx.data_ptr<int32_t>(),
+                                 t_vals.data_ptr<scalar_t>()};
+    const ConvGeometry geo = g.view();
+    // dX is a scatter: two units may only run together when their writes cannot overlap, which
+    // holds for different input-channel blocks or different images.
+    const int64_t P = c.pixels();
+    at::parallel_for(0, Kb * c.N, 1, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t J = u / c.N, n = u % c.N;
+        k->bsr_conv_grad_input(args, geo, dy.data_ptr<scalar_t>(), Nb * bn,
+                               dx_padded.data_ptr<scalar_t>(), J, J + 1, n * P, (n + 1) * P);
+      }
+    });
+  });
+  return crop_nhwc(dx_padded, c, in.C);
+}
+
+Tensor bsr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x,
+                              const Tensor& block_row_ptr, const Tensor& block_col_idx,
+                              at::IntArrayRef kernel_size, int64_t block_n, int64_t block_k,
+                              at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation) {
+  constexpr const char* op = "sparsekern.bsr_conv2d_grad_weight";
+  check_activation(grad_out, op, "grad_out");
+  check_activation(x, op, "x");
+  check_float(x, op, "x", grad_out);
+  if (is_bf16(x))
+    return narrow_bf16(bsr_conv2d_grad_weight(widen(grad_out), widen(x), block_row_ptr,
+                                              block_col_idx, kernel_size, block_n, block_k,
+                                              stride, padding, dilation));
+  const int64_t bn = block_n, bk = block_k;
+  TORCH_CHECK(bk % 8 == 0 && bn % 8 == 0 && bk > 0 && bn > 0, op,
+              ": block dims must be positive multiples of 8, got block_n=", bn, " block_k=", bk);
+  const Pair ks = pair_arg(kernel_size, op, "kernel_size", 1);
+  const int64_t Co = grad_out.size(1), Nb = ceil_div(Co, bn), Kb = ceil_div(x.size(1), bk);
+  const int64_t nnzb = block_col_idx.numel();
+  check_compressed(op, "block_row_ptr", block_row_ptr, "block_col_idx", block_col_idx, Nb, Kb,
+                   nnzb);
+  const Conv c = make_conv(op, x.size(0), Kb * bk, x.size(2), x.size(3), ks[0], ks[1], stride,
+                           padding, dilation);
+  check_grad_out(grad_out, c, Co, op);
+  const int64_t taps = c.taps(), M = c.N * c.pixels();
+  const Tensor dy = rows_nhwc(grad_out, Nb * bn);
+  const Tensor xp = padded_nhwc(x, c, c.C);
+  const GeometryArrays g = geometry(c, c.C, c.N);
+  const Tensor block_row = expand_rows(block_row_ptr, Nb, nnzb);
+  Tensor dw = at::empty({nnzb, ks[0], ks[1], bk, bn}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+    const KernelTable<scalar_t>* k = scalar_kernels<scalar_t>();
+    const BsrArgs<scalar_t> args{M, bn, bk, block_row_ptr.data_ptr<int32_t>(),
+                                 block_col_idx.data_ptr<int32_t>(), nullptr};
+    const ConvGeometry geo = g.view();
+    at::parallel_for(0, nnzb * taps, 1, [&](int64_t u0, int64_t u1) {
+      k->bsr_conv_grad_weight(args, geo, block_row.data_ptr<int32_t>(), dy.data_ptr<scalar_t>(),
+                              Nb * bn, xp.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), u0, u1);
+    });
+  });
+  return dw;
+}
+
+// ---- CSR -----------------------------------------------------------------------------------
+
+// [N, rows] row-major -> the kernels' operand: batch panels, or itself when panel == 0.
+template <class T>
+Tensor panels_of(const KernelTable<T>* k, const Tensor& rows) {
+  return k->panel > 0 ? to_panels(k, rows) : rows.contiguous();
+}
+
+template <class T>
+int64_t chunks_of(const KernelTable<T>* k, int64_t N) {
+  return k->panel > 0 ? ceil_div(N, k->panel) : N;
+}
+
+// col_off[j] = tap_off[tap] + ci of every stored weight (column = ci * taps + tap).
+std::vector<int64_t> column_offsets(const Tensor& col_idx, const GeometryArrays& g) {
+  const int64_t taps = int64_t(g.tap_off.size());
+  const int32_t* cols = col_idx.data_ptr<int32_t>();
+  std::vector<int64_t> off(col_idx.numel());
+  for (int64_t j = 0; j < col_idx.numel(); ++j) off[j] = g.tap_off[cols[j] % taps] + cols[j] / taps;
+  return off;
+}
+
+void check_csr_conv_values(const Tensor& values, const char* op) {
+  TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D [nnz], got shape ", values.sizes());
+}
+
+Tensor csr_conv2d(const Tensor& x, const Tensor& values, const Tensor& row_ptr,
+                  const Tensor& col_idx, const Tensor& col_ptr, const Tensor& row_idx,
+                  const Tensor& perm, const std::optional<Tensor>& bias, int64_t out_channels,
+                  at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                  at::IntArrayRef dilation) {
+  constexpr const char* op = "sparsekern.csr_conv2d";
+  check_activation(x, op, "x");
+  check_float(values, op, "values", x);
+  if (bias) check_float(*bias, op, "bias", x);
+  if (is_bf16(x))
+    return narrow_bf16(csr_conv2d(widen(x), widen(values), row_ptr, col_idx, col_ptr, row_idx,
+                                  perm, widen(bias), out_channels, kernel_size, stride, padding,
+                                  dilation))
+        .contiguous(at::MemoryFormat::ChannelsLast);
+  check_csr_conv_values(values, op);
+  const Pair ks = pair_arg(kernel_size, op, "kernel_size", 1);
+  const int64_t Co = out_channels, nnz = values.numel();
+  TORCH_CHECK(Co >= 0, op, ": out_channels must be >= 0, got ", Co);
+  const Conv c = make_conv(op, x.size(0), x.size(1), x.size(2), x.size(3), ks[0], ks[1], stride,
+                           padding, dilation);
+  check_compressed(op, "row_ptr", row_ptr, "col_idx", col_idx, Co, c.C * c.taps(), nnz);
+  if (bias)
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == Co, op, ": bias must have shape [", Co,
+                "], got ", bias->sizes());
+  const Tensor xp = padded_nhwc(x, c, c.C).reshape({c.N, -1});
+  const GeometryArrays g = geometry(c, c.C, 1);
+  const std::vector<int64_t> col_off = column_offsets(col_idx, g);
+  const Tensor vals = values.contiguous();
+  const Tensor b = bias ? bias->contiguous() : Tensor();
+  Tensor y = channels_last_empty(x, c.N, Co, c.OH, c.OW);
+  if (c.N == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+    const KernelTable<scalar_t>* k = scalar_kernels<scalar_t>();
+    const Tensor xs = panels_of(k, xp);
+    const CsrConvArgs<scalar_t> args{chunks_of(k, c.N), c.N, xp.size(1), Co,
+                                     row_ptr.data_ptr<int32_t>(), col_off.data(),
+                                     vals.data_ptr<scalar_t>()};
+    const ConvGeometry geo = g.view();
+    const scalar_t* bp = bias ? b.data_ptr<scalar_t>() : nullptr;
+    parallel_by_cost(args.row_ptr, Co, 4, [&](int64_t r0, int64_t r1) {
+      k->csr_conv_forward(args, geo, xs.data_ptr<scalar_t>(), bp, y.data_ptr<scalar_t>(), r0, r1);
+    });
+  });
+  return y;
+}
+
+Tensor csr_conv2d_grad_input(const Tensor& grad_out, const Tensor& values, const Tensor& col_ptr,
+                             const Tensor& row_idx, const Tensor& perm,
+                             at::IntArrayRef input_size, at::IntArrayRef kernel_size,
+                             at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation) {
+  constexpr const char* op = "sparsekern.csr_conv2d_grad_input";
+  check_activation(grad_out, op, "grad_out");
+  check_float(values, op, "values", grad_out);
+  if (is_bf16(grad_out))
+    return narrow_bf16(csr_conv2d_grad_input(widen(grad_out), widen(values), col_ptr, row_idx,
+                                             perm, input_size, kernel_size, stride, padding,
+                                             dilation))
+        .contiguous(at::MemoryFormat::ChannelsLast);
+  check_csr_conv_values(values, op);
+  const InputSize in = input_size_arg(input_size, op);
+  const Pair ks = pair_arg(kernel_size, op, "kernel_size", 1);
+  const Conv c = make_conv(op, in.N, in.C, in.H, in.W, ks[0], ks[1], stride, padding, dilation);
+  const int64_t Co = grad_out.size(1), nnz = values.numel(), taps = c.taps();
+  check_grad_out(grad_out, c, Co, op);
+  check_compressed(op, "col_ptr", col_ptr, "row_idx", row_idx, c.C * taps, Co, nnz);
+  check_index(perm, op, "perm", nnz);
+  check_range(perm, op, "perm", nnz);
+  const Tensor t_vals = values.index_select(0, perm);
+  const Tensor dy = rows_nhwc(grad_out, Co).view({c.N, -1});
+  const GeometryArrays g = geometry(c, c.C, 1);
+  // Cost of an input channel: its stored weights over all taps (col_ptr every taps columns).
+  std::vector<int32_t> channel_ptr(c.C + 1);
+  const int32_t* cp = col_ptr.data_ptr<int32_t>();
+  for (int64_t ch = 0; ch <= c.C; ++ch) channel_ptr[ch] = cp[ch * taps];
+  const int64_t in_rows = c.Hp() * c.Wp() * c.C;
+  Tensor dx_padded;
+  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), op, [&] {
+    const KernelTable<scalar_t>* k = scalar_kernels<scalar_t>();
+    const int64_t chunks = chunks_of(k, c.N), lanes = std::max<int64_t>(k->panel, 1);
+    const Tensor dys = panels_of(k, dy);
+    Tensor dxs = at::zeros({chunks, in_rows, lanes}, grad_out.options());
+    const CsrConvArgs<scalar_t> args{chunks, c.N, in_rows, Co, col_ptr.data_ptr<int32_t>(),
+                                     nullptr, t_vals.data_ptr<scalar_t>()};
+    const ConvGeometry geo = g.view();
+    if (c.N > 0)
+      parallel_by_cost(channel_ptr.data(), c.C, 4, [&](int64_t c0, int64_t c1) {
+        k->csr_conv_grad_input(args, geo, row_idx.data_ptr<int32_t>(), dys.data_ptr<scalar_t>(),
+                               dxs.data_ptr<scalar_t>(), c0, c1);
+      });
+    // [chunk][in_rows][lane] -> [N][in_rows]
+    dx_padded = dxs.permute({0, 2, 1}).reshape({chunks * lanes, in_rows}).narrow(0, 0, c.N);
+  });
+  return crop_nhwc(dx_padded.view({c.N, c.Hp(), c.Wp(), c.C}), c, c.C);
+}
+
+Tensor csr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x, const Tensor& row_ptr,
+                              const Tensor& col_idx, at::IntArrayRef kernel_size,
+                              at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation) {
+  constexpr const char* op = "sparsekern.csr_conv2d_grad_weight";
+  check_activation(grad_out, op, "grad_out");
+  check_activation(x, op, "x");
+  check_float(x, op, "x", grad_out);
+  if (is_bf16(x))
+    return narrow_bf16(csr_conv2d_grad_weight(widen(grad_out), widen(x), row_ptr, col_idx,
+                                              kernel_size, stride, padding, dilation));
+  const Pair ks = pair_arg(kernel_size, op, "kernel_size", 1);
+  const Conv c = make_conv(op, x.size(0), x.size(1), x.size(2), x.size(3), ks[0], ks[1], stride,
+                           padding, dilation);
+  const int64_t Co = grad_out.size(1), nnz = col_idx.numel();
+  check_grad_out(grad_out, c, Co, op);
+  check_compressed(op, "row_ptr", row_ptr, "col_idx", col_idx, Co, c.C * c.taps(), nnz);
+  const Tensor xp = padded_nhwc(x, c, c.C).reshape({c.N, -1});
+  const Tensor dy = rows_nhwc(grad_out, Co).view({c.N, -1});
+  const GeometryArrays g = geometry(c, c.C, 1);
+  const std::vector<int64_t> col_off = column_offsets(col_idx, g);
+  Tensor dw = at::empty({nnz}, x.options());
+  if (c.N == 0) return dw.zero_();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+    const KernelTable<scalar_t>* k = scalar_kernels<scalar_t>();
+    const Tensor xs = panels_of(k, xp), dys = panels_of(k, dy);
+    const CsrConvArgs<scalar_t> args{chunks_of(k, c.N), c.N, xp.size(1), Co,
+                                     row_ptr.data_ptr<int32_t>(), col_off.data(), nullptr};
+    const ConvGeometry geo = g.view();
+    parallel_by_cost(args.row_ptr, Co, 4, [&](int64_t r0, int64_t r1) {
+      k->csr_conv_grad_weight(args, geo, dys.data_ptr<scalar_t>(), xs.data_ptr<scalar_t>(),
+                              dw.data_ptr<scalar_t>(), r0, r1);
+    });
+  });
+  return dw;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("bsr_conv2d", &bsr_conv2d);
+  m.impl("bsr_conv2d_grad_input", &bsr_conv2d_grad_input);
+  m.impl("bsr_conv2d_grad_weight", &bsr_conv2d_grad_weight);
+  m.impl("csr_conv2d", &csr_conv2d);
+  m.impl("csr_conv2d_grad_input", &csr_conv2d_grad_input);
+  m.impl("csr_conv2d_grad_weight", &csr_conv2d_grad_weight);
+}
+
+}  // namespace sparsekern::cpu
