@@ -97,7 +97,10 @@ def register_cuda() -> bool:
     return True
 
 
-def _enter_interpreter():
+def use_interpreter() -> None:
+    """Imports triton in interpreter mode now (sets TRITON_INTERPRET=1) unless it is imported
+    already; a RuntimeError if it was imported in compiled mode. set_backend('triton') calls it;
+    a test process calls it before anything imports triton (e.g. at collection)."""
     if "triton" in sys.modules:
         if not interpreter_active():
             raise RuntimeError(
@@ -129,7 +132,7 @@ def set_backend(name: str) -> None:
     if not _extension.available():
         raise RuntimeError("sparsekern.set_backend('triton'): the sparsekern ops are not "
                            f"registered (C++ extension not loaded: {_extension.LOAD_ERROR})")
-    _enter_interpreter()
+    use_interpreter()
     _launchers()  # import the kernels now: a broken triton fails here, not mid-model
     lib = torch.library.Library("sparsekern", "IMPL")
     with warnings.catch_warnings():
