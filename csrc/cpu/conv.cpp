@@ -174,7 +174,7 @@ Tensor bsr_conv2d(const Tensor& x, const Tensor& values, const Tensor& block_row
   Tensor y = channels_last_empty(x, c.N, Co, c.OH, c.OW);
   Tensor y_rows = ragged ? at::empty({M, Nb * bn}, x.options()) : y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
-    const KernelTable<scalar_t>* k = scalar_kernels<scalar_t>();
+    const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
     const BsrArgs<scalar_t> args{M, bn, bk, block_row_ptr.data_ptr<int32_t>(),
                                  block_col_idx.data_ptr<int32_t>(), vals.data_ptr<scalar_t>()};
     const scalar_t* b = bias ? bias_padded.data_ptr<scalar_t>() : nullptr;
@@ -239,7 +239,7 @@ Tensor bsr_conv2d_grad_input(const Tensor& grad_out, const Tensor& values,
   Tensor dx_padded = at::zeros({c.N, c.Hp(), c.Wp(), c.C}, grad_out.options());
   const GeometryArrays g = geometry(c, c.C, c.N);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), op, [&] {
-    const KernelTable<scalar_t>* k = scalar_kernels<scalar_t>();
+    const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
     at::parallel_for(0, nnzb * taps, 16, [&](int64_t q0, int64_t q1) {
       k->bsr_transpose_blocks(vals.data_ptr<scalar_t>(), tap_perm.data(), bk, bn,
                               t_vals.data_ptr<scalar_t>(), q0, q1);
@@ -293,7 +293,7 @@ Tensor bsr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x,
   const Tensor block_row = expand_rows(block_row_ptr, Nb, nnzb);
   Tensor dw = at::empty({nnzb, ks[0], ks[1], bk, bn}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
-    const KernelTable<scalar_t>* k = scalar_kernels<scalar_t>();
+    const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
     const BsrArgs<scalar_t> args{M, bn, bk, block_row_ptr.data_ptr<int32_t>(),
                                  block_col_idx.data_ptr<int32_t>(), nullptr};
     const ConvGeometry geo = g.view();
@@ -363,7 +363,7 @@ Tensor csr_conv2d(const Tensor& x, const Tensor& values, const Tensor& row_ptr,
   Tensor y = channels_last_empty(x, c.N, Co, c.OH, c.OW);
   if (c.N == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
-    const KernelTable<scalar_t>* k = scalar_kernels<scalar_t>();
+    const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
     const Tensor xs = panels_of(k, xp);
     const CsrConvArgs<scalar_t> args{chunks_of(k, c.N), c.N, xp.size(1), Co,
                                      row_ptr.data_ptr<int32_t>(), col_off.data(),
@@ -409,7 +409,7 @@ Tensor csr_conv2d_grad_input(const Tensor& grad_out, const Tensor& values, const
   const int64_t in_rows = c.Hp() * c.Wp() * c.C;
   Tensor dx_padded;
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), op, [&] {
-    const KernelTable<scalar_t>* k = scalar_kernels<scalar_t>();
+    const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
     const int64_t chunks = chunks_of(k, c.N), lanes = std::max<int64_t>(k->panel, 1);
     const Tensor dys = panels_of(k, dy);
     Tensor dxs = at::zeros({chunks, in_rows, lanes}, grad_out.options());
@@ -451,7 +451,7 @@ Tensor csr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x, const Ten
   Tensor dw = at::empty({nnz}, x.options());
   if (c.N == 0) return dw.zero_();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
-    const KernelTable<scalar_t>* k = scalar_kernels<scalar_t>();
+    const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
     const Tensor xs = panels_of(k, xp), dys = panels_of(k, dy);
     const CsrConvArgs<scalar_t> args{chunks_of(k, c.N), c.N, xp.size(1), Co,
                                      row_ptr.data_ptr<int32_t>(), col_off.data(), nullptr};

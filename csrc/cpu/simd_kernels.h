@@ -58,6 +58,7 @@ struct V8 {
   static SK_INLINE reg bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static SK_INLINE reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static SK_INLINE reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static SK_INLINE reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static SK_INLINE __m256 half_sum(reg v) { return v; }
 };
 
@@ -71,6 +72,7 @@ struct V16 {
   static SK_INLINE reg bcast(const float* p) { return _mm512_set1_ps(*p); }
   static SK_INLINE reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static SK_INLINE reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static SK_INLINE reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   // 16 lanes -> 8 lanes with the same total, so the 8-lane reductions below serve both.
   static SK_INLINE __m256 half_sum(reg v) {
     const reg high = _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(3, 2, 3, 2));
@@ -131,6 +133,35 @@ SK_INLINE void transpose_block(const float* src, int64_t ld_src, int64_t rows, i
     for (int64_t j = 0; j < cols; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
 }
 
+// The one register tile: acc[r][v] += sum_t A(r, t) * B(t)[v-th vector], with a_at(r, t) the
+// address of A(r, t) and b_at(t) that of row t of B. The BSR products differ only in how they
+// address A and B: strided rows (linear), one row pointer per output pixel and tap (conv forward
+// and dX), one pointer per pixel of the contraction (conv dW).
+template <class V, int MR, int NV, class AAt, class BAt>
+SK_INLINE void rank1(typename V::reg (&acc)[MR][NV], AAt a_at, BAt b_at, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* b_row = b_at(t);
+    typename V::reg b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = V::load(b_row + v * V::L);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const typename V::reg a = V::bcast(a_at(r, t));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(a, b[v], acc[r][v]);
+    }
+  }
+}
+
+// acc[r][v] += sum_{t<T} a_row[r][t * a_ts] * B[t*b_s + v*L]
+template <class V, int MR, int NV>
+SK_INLINE void rank1_rows(typename V::reg (&acc)[MR][NV], const float* const (&a_row)[MR],
+                          int64_t a_ts, const float* B, int64_t b_s, int64_t T) {
+  rank1<V, MR, NV>(
+      acc, [&](int r, int64_t t) { return a_row[r] + t * a_ts; },
+      [&](int64_t t) { return B + t * b_s; }, 0, T);
+}
+
 // acc[r][v] += sum_{t<T} A[r*a_rs + t*a_ts] * B[t*b_s + v*L]
 template <class V, int MR, int NV>
 SK_INLINE void rank1_update(typename V::reg (&acc)[MR][NV], const float* A, int64_t a_rs,
@@ -138,17 +169,7 @@ SK_INLINE void rank1_update(typename V::reg (&acc)[MR][NV], const float* A, int6
   const float* a_row[MR];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) a_row[r] = A + r * a_rs;
-  for (int64_t t = 0; t < T; ++t) {
-    typename V::reg b[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = V::load(B + t * b_s + v * V::L);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const typename V::reg a = V::bcast(a_row[r] + t * a_ts);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(a, b[v], acc[r][v]);
-    }
-  }
+  rank1_rows<V, MR, NV>(acc, a_row, a_ts, B, b_s, T);
 }
 
 // Prefetches `len` floats of ROWS rows (leading dim ld) into L1.
@@ -283,6 +304,172 @@ void bsr_transpose_blocks(const float* values, const int32_t* perm, int64_t bk, 
   }
 }
 
+// ---- BSR conv2d ---------------------------------------------------------------------------
+// The linear register tile with output pixels as rows: a tile's rows are any MR output pixels
+// (consecutive in N*OH*OW order, so a tile may span image rows and images), each read through
+// its own row pointer, so small feature maps (7x7, 4x4) still fill whole tiles.
+
+template <class V, int NV>
+void bsr_conv_forward_impl(const sparsekern::cpu::BsrArgs<float>& a,
+                           const sparsekern::cpu::ConvGeometry& g, const float* x,
+                           const float* bias, float* y, int64_t ldy, int64_t i0, int64_t i1,
+                           int64_t m0, int64_t m1) {
+  constexpr int MR = rank1_rows<V, NV>();
+  constexpr int NT = NV * V::L;
+  const int64_t bn = a.bn, bk = a.bk, taps = g.taps, tap_block = bk * bn;
+  for (int64_t I = i0; I < i1; ++I) {
+    const int64_t p0 = a.row_ptr[I], p1 = a.row_ptr[I + 1];
+    for (int64_t n0 = 0; n0 < bn; n0 += NT) {
+      const float* bias_tile = bias ? bias + I * bn + n0 : nullptr;
+      balanced_tiles<MR>(m0, m1, [&](int64_t m, int64_t tile_rows) {
+        with_rows<MR>(tile_rows, [&](auto R) {
+          constexpr int rows = decltype(R)::value;
+          typename V::reg acc[rows][NV];
+          for (int r = 0; r < rows; ++r)
+            for (int v = 0; v < NV; ++v)
+              acc[r][v] = bias_tile ? V::load(bias_tile + v * V::L) : V::zero();
+          const int64_t* pix = g.pix_off + m;
+          for (int64_t p = p0; p < p1; ++p) {
+            const float* w_block = a.values + p * taps * tap_block + n0;
+            const float* x_block = x + a.col_idx[p] * bk;
+            for (int64_t t = 0; t < taps; ++t) {
+              const float* x_tap = x_block + g.tap_off[t];
+              const float* a_row[rows];
+              for (int r = 0; r < rows; ++r) a_row[r] = x_tap + pix[r];
+              rank1_rows<V, rows, NV>(acc, a_row, 1, w_block + t * tap_block, bn, bk);
+            }
+          }
+          float* y_tile = y + m * ldy + I * bn + n0;
+          for (int r = 0; r < rows; ++r)
+            for (int v = 0; v < NV; ++v) V::store(y_tile + r * ldy + v * V::L, acc[r][v]);
+        });
+      });
+    }
+  }
+}
+
+// dX by scatter (kernels.h): per tap, the tile's contribution is accumulated over every stored
+// block of the column in registers, then added to dx once. A gather form would need a different
+// tap set per output phase whenever stride > 1; the scatter form is one loop for every stride.
+template <class V, int NV>
+void bsr_conv_grad_input_impl(const sparsekern::cpu::BsrArgs<float>& a,
+                              const sparsekern::cpu::ConvGeometry& g, const float* dy,
+                              int64_t lddy, float* dx, int64_t j0, int64_t j1, int64_t m0,
+                              int64_t m1) {
+  constexpr int MR = rank1_rows<V, NV>();
+  constexpr int NT = NV * V::L;
+  const int64_t bn = a.bn, bk = a.bk, taps = g.taps, tap_block = bk * bn;
+  for (int64_t J = j0; J < j1; ++J) {
+    const int64_t q0 = a.row_ptr[J], q1 = a.row_ptr[J + 1];
+    if (q0 == q1) continue;  // no stored block in this input-channel block: dx stays zero
+    for (int64_t n0 = 0; n0 < bn; n0 += NT) {
+      balanced_tiles<MR>(m0, m1, [&](int64_t m, int64_t tile_rows) {
+        with_rows<MR>(tile_rows, [&](auto R) {
+          constexpr int rows = decltype(R)::value;
+          for (int64_t t = 0; t < taps; ++t) {
+            typename V::reg acc[rows][NV];
+            for (int r = 0; r < rows; ++r)
+              for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+            for (int64_t q = q0; q < q1; ++q) {
+              const float* dy_block = dy + m * lddy + a.col_idx[q] * bk;
+              rank1_update<V, rows, NV>(acc, dy_block, lddy, 1,
+                                        a.values + (q * taps + t) * tap_block + n0, bn, bk);
+            }
+            const int64_t offset = g.tap_off[t] + J * bn + n0;
+            for (int r = 0; r < rows; ++r) {
+              float* out = dx + g.pix_off[m + r] + offset;
+              for (int v = 0; v < NV; ++v)
+                V::store(out + v * V::L, V::add(V::load(out + v * V::L), acc[r][v]));
+            }
+          }
+        });
+      });
+    }
+  }
+}
+
+// dW of one stored block and tap is a [bk][bn] GEMM over every output pixel. The pixels are cut
+// into chunks whose x and dy rows stay in L1 while all register tiles of the block sweep them;
+// the partial sums go through dw, which costs one load/store per chunk.
+template <class V, int NV>
+void bsr_conv_grad_weight_impl(const sparsekern::cpu::BsrArgs<float>& a,
+                               const sparsekern::cpu::ConvGeometry& g, const int32_t* block_row,
+                               const float* dy, int64_t lddy, const float* x, float* dw,
+                               int64_t u0, int64_t u1) {
+  constexpr int MR = rank1_rows<V, NV>();
+  constexpr int NT = NV * V::L;
+  constexpr int64_t CHUNK = 64;
+  const int64_t bn = a.bn, bk = a.bk, taps = g.taps;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t p = u / taps, t = u % taps;
+    float* dw_tap = dw + u * bk * bn;
+    if (g.M == 0) {
+      for (int64_t i = 0; i < bk * bn; ++i) dw_tap[i] = 0.f;
+      continue;
+    }
+    const float* x_tap = x + g.tap_off[t] + a.col_idx[p] * bk;
+    const float* dy_block = dy + block_row[p] * bn;
+    for (int64_t c0 = 0; c0 < g.M; c0 += CHUNK) {
+      const int64_t c1 = min64(g.M, c0 + CHUNK);
+      for (int64_t n0 = 0; n0 < bn; n0 += NT) {
+        balanced_tiles<MR>(0, bk, [&](int64_t kk, int64_t tile_rows) {
+          with_rows<MR>(tile_rows, [&](auto R) {
+            constexpr int rows = decltype(R)::value;
+            float* dw_tile = dw_tap + kk * bn + n0;
+            typename V::reg acc[rows][NV];
+            for (int r = 0; r < rows; ++r)
+              for (int v = 0; v < NV; ++v)
+                acc[r][v] = c0 == 0 ? V::zero() : V::load(dw_tile + r * bn + v * V::L);
+            rank1<V, rows, NV>(
+                acc, [&](int r, int64_t m) { return x_tap + g.pix_off[m] + kk + r; },
+                [&](int64_t m) { return dy_block + m * lddy + n0; }, c0, c1);
+            for (int r = 0; r < rows; ++r)
+              for (int v = 0; v < NV; ++v) V::store(dw_tile + r * bn + v * V::L, acc[r][v]);
+          });
+        });
+      }
+    }
+  }
+}
+
+template <class V, int NV>
+struct ConvForwardFn {
+  template <class... A>
+  static void run(A... args) { bsr_conv_forward_impl<V, NV>(args...); }
+};
+template <class V, int NV>
+struct ConvGradInputFn {
+  template <class... A>
+  static void run(A... args) { bsr_conv_grad_input_impl<V, NV>(args...); }
+};
+template <class V, int NV>
+struct ConvGradWeightFn {
+  template <class... A>
+  static void run(A... args) { bsr_conv_grad_weight_impl<V, NV>(args...); }
+};
+
+template <class Vw>
+void bsr_conv_forward(const sparsekern::cpu::BsrArgs<float>& a,
+                      const sparsekern::cpu::ConvGeometry& g, const float* x, const float* bias,
+                      float* y, int64_t ldy, int64_t i0, int64_t i1, int64_t m0, int64_t m1) {
+  by_width<Vw, ConvForwardFn>(a.bn, a, g, x, bias, y, ldy, i0, i1, m0, m1);
+}
+
+template <class Vw>
+void bsr_conv_grad_input(const sparsekern::cpu::BsrArgs<float>& a,
+                         const sparsekern::cpu::ConvGeometry& g, const float* dy, int64_t lddy,
+                         float* dx, int64_t j0, int64_t j1, int64_t m0, int64_t m1) {
+  by_width<Vw, ConvGradInputFn>(a.bn, a, g, dy, lddy, dx, j0, j1, m0, m1);
+}
+
+template <class Vw>
+void bsr_conv_grad_weight(const sparsekern::cpu::BsrArgs<float>& a,
+                          const sparsekern::cpu::ConvGeometry& g, const int32_t* block_row,
+                          const float* dy, int64_t lddy, const float* x, float* dw, int64_t u0,
+                          int64_t u1) {
+  by_width<Vw, ConvGradWeightFn>(a.bn, a, g, block_row, dy, lddy, x, dw, u0, u1);
+}
+
 // ---- CSR ----------------------------------------------------------------------------------
 
 template <class V>
@@ -290,15 +477,57 @@ constexpr int panel_width() {
   return 4 * V::L;
 }
 
-template <class V>
-SK_INLINE void spmm_accumulate(typename V::reg (&acc)[4], const float* panel, const float* values,
-                               const int32_t* cols, int64_t begin, int64_t end) {
-  constexpr int MB = panel_width<V>();
+// acc += values[j] * (the panel row of entry j) for j in [begin, end); addr(j) = that row.
+template <class V, class Addr>
+SK_INLINE void spmm_accumulate(typename V::reg (&acc)[4], const float* values, Addr addr,
+                               int64_t begin, int64_t end) {
   for (int64_t j = begin; j < end; ++j) {
     const typename V::reg v = V::bcast(values + j);
-    const float* p = panel + int64_t(cols[j]) * MB;
+    const float* p = addr(j);
 #pragma GCC unroll 4
     for (int i = 0; i < 4; ++i) acc[i] = V::fma(v, V::load(p + i * V::L), acc[i]);
+  }
+}
+
+// tile[r - g][lane] = bias[r] + sum_j values[j] * addr(j)[lane] for sparse rows [g, g + rows),
+// rows <= 8, two rows interleaved so eight independent FMA chains are in flight. addr(j) is
+// entry j's panel row: the column's row of the batch panel (linear) or, for a conv, the input
+// channel at the entry's tap of the current output pixel.
+template <class V, class Addr>
+SK_INLINE void spmm_tile(float (&tile)[8][panel_width<V>()], const int32_t* rp,
+                         const float* vals, Addr addr, const float* bias, int64_t g,
+                         int64_t rows) {
+  for (int64_t r = g; r < g + rows; r += 2) {
+    const bool pair = r + 1 < g + rows;
+    typename V::reg acc0[4], acc1[4];
+    const typename V::reg b0 = bias ? V::bcast(bias + r) : V::zero();
+    const typename V::reg b1 = bias && pair ? V::bcast(bias + r + 1) : V::zero();
+    for (int i = 0; i < 4; ++i) {
+      acc0[i] = b0;
+      acc1[i] = b1;
+    }
+    int64_t j0 = rp[r];
+    const int64_t e0 = rp[r + 1];
+    int64_t j1 = pair ? rp[r + 1] : 0;
+    const int64_t e1 = pair ? rp[r + 2] : 0;
+    const int64_t common = min64(e0 - j0, e1 - j1);
+    for (int64_t t = 0; t < common; ++t, ++j0, ++j1) {
+      const typename V::reg v0 = V::bcast(vals + j0);
+      const typename V::reg v1 = V::bcast(vals + j1);
+      const float* p0 = addr(j0);
+      const float* p1 = addr(j1);
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        acc0[i] = V::fma(v0, V::load(p0 + i * V::L), acc0[i]);
+        acc1[i] = V::fma(v1, V::load(p1 + i * V::L), acc1[i]);
+      }
+    }
+    spmm_accumulate<V>(acc0, vals, addr, j0, e0);
+    spmm_accumulate<V>(acc1, vals, addr, j1, e1);
+    for (int i = 0; i < 4; ++i) {
+      V::store(tile[r - g] + i * V::L, acc0[i]);
+      if (pair) V::store(tile[r - g + 1] + i * V::L, acc1[i]);
+    }
   }
 }
 
@@ -307,48 +536,15 @@ SK_INLINE void spmm_accumulate(typename V::reg (&acc)[4], const float* panel, co
 template <class V>
 void csr_spmm(const sparsekern::cpu::CsrSpmmArgs<float>& a, int64_t r0, int64_t r1) {
   constexpr int MB = panel_width<V>();
-  const int32_t* rp = a.row_ptr;
-  const int32_t* cols = a.col_idx;
-  const float* vals = a.values;
   alignas(64) float tile[8][MB];
   for (int64_t c = 0; c * MB < a.M; ++c) {
     const float* panel = a.panels + c * a.C * MB;
+    const auto addr = [&](int64_t j) { return panel + int64_t(a.col_idx[j]) * MB; };
     const int64_t m0 = c * MB, mv = min64(MB, a.M - m0);
     float* out = a.out + m0 * a.ldo;
     for (int64_t g = r0; g < r1; g += 8) {
       const int64_t rows = min64(8, r1 - g);
-      for (int64_t r = g; r < g + rows; r += 2) {
-        const bool pair = r + 1 < g + rows;
-        typename V::reg acc0[4], acc1[4];
-        const typename V::reg b0 = a.bias ? V::bcast(a.bias + r) : V::zero();
-        const typename V::reg b1 = a.bias && pair ? V::bcast(a.bias + r + 1) : V::zero();
-        for (int i = 0; i < 4; ++i) {
-          acc0[i] = b0;
-          acc1[i] = b1;
-        }
-        int64_t j0 = rp[r];
-        const int64_t e0 = rp[r + 1];
-        int64_t j1 = pair ? rp[r + 1] : 0;
-        const int64_t e1 = pair ? rp[r + 2] : 0;
-        const int64_t common = min64(e0 - j0, e1 - j1);
-        for (int64_t t = 0; t < common; ++t, ++j0, ++j1) {
-          const typename V::reg v0 = V::bcast(vals + j0);
-          const typename V::reg v1 = V::bcast(vals + j1);
-          const float* p0 = panel + int64_t(cols[j0]) * MB;
-          const float* p1 = panel + int64_t(cols[j1]) * MB;
-#pragma GCC unroll 4
-          for (int i = 0; i < 4; ++i) {
-            acc0[i] = V::fma(v0, V::load(p0 + i * V::L), acc0[i]);
-            acc1[i] = V::fma(v1, V::load(p1 + i * V::L), acc1[i]);
-          }
-        }
-        spmm_accumulate<V>(acc0, panel, vals, cols, j0, e0);
-        spmm_accumulate<V>(acc1, panel, vals, cols, j1, e1);
-        for (int i = 0; i < 4; ++i) {
-          V::store(tile[r - g] + i * V::L, acc0[i]);
-          if (pair) V::store(tile[r - g + 1] + i * V::L, acc1[i]);
-        }
-      }
+      spmm_tile<V>(tile, a.row_ptr, a.values, addr, a.bias, g, rows);
       for (int64_t i = 0; i < mv; i += 8)
         transpose_block(tile[0] + i, MB, rows, min64(8, mv - i), out + i * a.ldo + g, a.ldo);
     }
@@ -422,6 +618,126 @@ void csr_sddmm(const sparsekern::cpu::CsrSddmmArgs<float>& a, int64_t r0, int64_
   }
 }
 
+// ---- CSR conv2d: batch panels of images (kernels.h) -----------------------------------------
+
+// The linear SpMM tile per output pixel: entry j of the current pixel reads the panel row at
+// pix_off[m] + col_off[j]; the [8 channels][panel images] tile lands in NHWC y.
+template <class V>
+void csr_conv_forward(const sparsekern::cpu::CsrConvArgs<float>& a,
+                      const sparsekern::cpu::ConvGeometry& g, const float* x, const float* bias,
+                      float* y, int64_t r0, int64_t r1) {
+  constexpr int MB = panel_width<V>();
+  alignas(64) float tile[8][MB];
+  const int64_t R = a.out_channels, ldo = g.M * R;
+  for (int64_t c = 0; c < a.chunks; ++c) {
+    const float* panel = x + c * a.in_rows * MB;
+    const int64_t n0 = c * MB, nv = min64(MB, a.images - n0);
+    for (int64_t m = 0; m < g.M; ++m) {
+      const float* window = panel + g.pix_off[m] * MB;
+      const auto addr = [&](int64_t j) { return window + a.col_off[j] * MB; };
+      float* out = y + (n0 * g.M + m) * R;
+      for (int64_t g8 = r0; g8 < r1; g8 += 8) {
+        const int64_t rows = min64(8, r1 - g8);
+        spmm_tile<V>(tile, a.row_ptr, a.values, addr, bias, g8, rows);
+        for (int64_t i = 0; i < nv; i += 8)
+          transpose_block(tile[0] + i, MB, rows, min64(8, nv - i), out + i * ldo + g8, ldo);
+      }
+    }
+  }
+}
+
+// dX by scatter over input channels [c0, c1) (kernels.h): per channel, tap and pair of output
+// pixels, the entries of that column are reduced in registers, then added to dx once.
+template <class V>
+void csr_conv_grad_input(const sparsekern::cpu::CsrConvArgs<float>& a,
+                         const sparsekern::cpu::ConvGeometry& g, const int32_t* t_rows,
+                         const float* dy, float* dx, int64_t c0, int64_t c1) {
+  constexpr int MB = panel_width<V>();
+  const int64_t R = a.out_channels, taps = g.taps, M = g.M;
+  const int32_t* cp = a.row_ptr;
+  for (int64_t c = 0; c < a.chunks; ++c) {
+    const float* dy_panel = dy + c * M * R * MB;
+    float* dx_panel = dx + c * a.in_rows * MB;
+    for (int64_t ch = c0; ch < c1; ++ch)
+      for (int64_t t = 0; t < taps; ++t) {
+        const int64_t q0 = cp[ch * taps + t], q1 = cp[ch * taps + t + 1];
+        if (q0 == q1) continue;
+        const int64_t offset = g.tap_off[t] + ch;
+        for (int64_t m = 0; m < M; m += 2) {
+          const bool pair = m + 1 < M;
+          typename V::reg acc0[4], acc1[4];
+          for (int i = 0; i < 4; ++i) acc0[i] = acc1[i] = V::zero();
+          const float* d = dy_panel + m * R * MB;
+          for (int64_t q = q0; q < q1; ++q) {
+            const typename V::reg v = V::bcast(a.values + q);
+            const float* d0 = d + int64_t(t_rows[q]) * MB;
+            const float* d1 = pair ? d0 + R * MB : d0;
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; ++i) {
+              acc0[i] = V::fma(v, V::load(d0 + i * V::L), acc0[i]);
+              acc1[i] = V::fma(v, V::load(d1 + i * V::L), acc1[i]);
+            }
+          }
+          float* out0 = dx_panel + (g.pix_off[m] + offset) * MB;
+          for (int i = 0; i < 4; ++i)
+            V::store(out0 + i * V::L, V::add(V::load(out0 + i * V::L), acc0[i]));
+          if (pair) {
+            float* out1 = dx_panel + (g.pix_off[m + 1] + offset) * MB;
+            for (int i = 0; i < 4; ++i)
+              V::store(out1 + i * V::L, V::add(V::load(out1 + i * V::L), acc1[i]));
+          }
+        }
+      }
+  }
+}
+
+// dw[j] for rows [r0, r1): eight stored weights of a row reduced together over every pixel and
+// image chunk (the row's dy vector is loaded once per pixel for all eight).
+template <class V>
+void csr_conv_grad_weight(const sparsekern::cpu::CsrConvArgs<float>& a,
+                          const sparsekern::cpu::ConvGeometry& g, const float* dy,
+                          const float* x, float* dw, int64_t r0, int64_t r1) {
+  constexpr int MB = panel_width<V>();
+  constexpr int G = 8;
+  const int64_t R = a.out_channels, M = g.M;
+  const int64_t* col_off = a.col_off;
+  alignas(32) float sums[G];
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t j = a.row_ptr[r];
+    const int64_t e = a.row_ptr[r + 1];
+    for (; j < e; j += G) {
+      const int64_t n = min64(G, e - j);
+      typename V::reg acc[G];
+      for (int k = 0; k < G; ++k) acc[k] = V::zero();
+      for (int64_t c = 0; c < a.chunks; ++c) {
+        const float* dy_row = dy + (c * M * R + r) * MB;
+        const float* panel = x + c * a.in_rows * MB;
+        for (int64_t m = 0; m < M; ++m) {
+          typename V::reg d[4];
+          for (int i = 0; i < 4; ++i) d[i] = V::load(dy_row + m * R * MB + i * V::L);
+          const float* window = panel + g.pix_off[m] * MB;
+          if (n == G) {
+#pragma GCC unroll 8
+            for (int k = 0; k < G; ++k) {
+              const float* p = window + col_off[j + k] * MB;
+#pragma GCC unroll 4
+              for (int i = 0; i < 4; ++i) acc[k] = V::fma(d[i], V::load(p + i * V::L), acc[k]);
+            }
+          } else {
+            for (int k = 0; k < n; ++k) {
+              const float* p = window + col_off[j + k] * MB;
+              for (int i = 0; i < 4; ++i) acc[k] = V::fma(d[i], V::load(p + i * V::L), acc[k]);
+            }
+          }
+        }
+      }
+      _mm_store_ps(sums, hsum4<V>(acc[0], acc[1], acc[2], acc[3]));
+      _mm_store_ps(sums + 4, hsum4<V>(acc[4], acc[5], acc[6], acc[7]));
+      for (int k = 0; k < n; ++k) dw[j + k] = sums[k];
+    }
+  }
+}
+
 template <class Vw>
 constexpr sparsekern::cpu::KernelTable<float> make_table(const char* name) {
   return {name,
@@ -432,7 +748,12 @@ constexpr sparsekern::cpu::KernelTable<float> make_table(const char* name) {
           &csr_spmm<Vw>,
           &csr_sddmm<Vw>,
           &pack_panels<Vw>,
-          nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+          &bsr_conv_forward<Vw>,
+          &bsr_conv_grad_input<Vw>,
+          &bsr_conv_grad_weight<Vw>,
+          &csr_conv_forward<Vw>,
+          &csr_conv_grad_input<Vw>,
+          &csr_conv_grad_weight<Vw>};
 }
 
 }  // namespace
