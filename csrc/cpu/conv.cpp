@@ -124,6 +124,28 @@ Tensor channels_last_empty(const Tensor& like, int64_t N, int64_t C, int64_t H, 
 
 // ---- BSR -----------------------------------------------------------------------------------
 
+// Output pixels per unit of forward work: their input rows (channels floats each, times the
+// window's overlap) should stay in L2 while every block row of the weight sweeps them. Sweeping
+// all pixels per block row instead streams the activations from DRAM once per block row.
+int64_t pixel_chunk(int64_t channels) {
+  return std::clamp<int64_t>(32768 / std::max<int64_t>(channels, 1), 48, 384);
+}
+
+// fn(i0, i1, m0, m1) over chunks of `chunk` pixels x all block rows; only when there are too
+// few chunks to feed every thread are the block rows split as well.
+template <class F>
+void parallel_pixels_rows(int64_t M, int64_t chunk, int64_t rows, F fn) {
+  if (M == 0 || rows == 0) return;
+  const int64_t chunks = ceil_div(M, chunk), want = 2 * at::get_num_threads();
+  const int64_t groups = std::min<int64_t>(rows, ceil_div(want, chunks));
+  at::parallel_for(0, chunks * groups, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t c = w / groups, grp = w % groups, m0 = c * chunk;
+      fn(rows * grp / groups, rows * (grp + 1) / groups, m0, std::min(M, m0 + chunk));
+    }
+  });
+}
+
 struct BsrConvShape {
   int64_t kh, kw, bk, bn, nnzb;
 };
@@ -179,7 +201,7 @@ Tensor bsr_conv2d(const Tensor& x, const Tensor& values, const Tensor& block_row
                                  block_col_idx.data_ptr<int32_t>(), vals.data_ptr<scalar_t>()};
     const scalar_t* b = bias ? bias_padded.data_ptr<scalar_t>() : nullptr;
     const ConvGeometry geo = g.view();
-    parallel_blocks_rows(args.row_ptr, Nb, M, [&](int64_t i0, int64_t i1, int64_t m0, int64_t m1) {
+    parallel_pixels_rows(M, pixel_chunk(c.C), Nb, [&](int64_t i0, int64_t i1, int64_t m0, int64_t m1) {
       k->bsr_conv_forward(args, geo, xp.data_ptr<scalar_t>(), b, y_rows.data_ptr<scalar_t>(),
                           Nb * bn, i0, i1, m0, m1);
     });

@@ -309,6 +309,8 @@ void bsr_transpose_blocks(const float* values, const int32_t* perm, int64_t bk, 
 // (consecutive in N*OH*OW order, so a tile may span image rows and images), each read through
 // its own row pointer, so small feature maps (7x7, 4x4) still fill whole tiles.
 
+// Callers hand it pixel ranges small enough for their input rows to stay in L2 while every
+// block row sweeps them (conv.cpp, pixel_chunk): the pixels are the long dimension here.
 template <class V, int NV>
 void bsr_conv_forward_impl(const sparsekern::cpu::BsrArgs<float>& a,
                            const sparsekern::cpu::ConvGeometry& g, const float* x,
@@ -388,9 +390,9 @@ void bsr_conv_grad_input_impl(const sparsekern::cpu::BsrArgs<float>& a,
   }
 }
 
-// dW of one stored block and tap is a [bk][bn] GEMM over every output pixel. The pixels are cut
-// into chunks whose x and dy rows stay in L1 while all register tiles of the block sweep them;
-// the partial sums go through dw, which costs one load/store per chunk.
+// dW of one stored block and tap is a [bk][bn] GEMM over every output pixel. Pixels are the
+// outer loop, in chunks whose x and dy rows stay in L2 while all of this call's (block, tap)
+// units sweep them; partial sums go through dw (one load/store per chunk and unit).
 template <class V, int NV>
 void bsr_conv_grad_weight_impl(const sparsekern::cpu::BsrArgs<float>& a,
                                const sparsekern::cpu::ConvGeometry& g, const int32_t* block_row,
@@ -398,19 +400,17 @@ void bsr_conv_grad_weight_impl(const sparsekern::cpu::BsrArgs<float>& a,
                                int64_t u0, int64_t u1) {
   constexpr int MR = rank1_rows<V, NV>();
   constexpr int NT = NV * V::L;
-  constexpr int64_t CHUNK = 64;
+  constexpr int64_t CHUNK = 128;
   const int64_t bn = a.bn, bk = a.bk, taps = g.taps;
-  for (int64_t u = u0; u < u1; ++u) {
-    const int64_t p = u / taps, t = u % taps;
-    float* dw_tap = dw + u * bk * bn;
-    if (g.M == 0) {
-      for (int64_t i = 0; i < bk * bn; ++i) dw_tap[i] = 0.f;
-      continue;
-    }
-    const float* x_tap = x + g.tap_off[t] + a.col_idx[p] * bk;
-    const float* dy_block = dy + block_row[p] * bn;
-    for (int64_t c0 = 0; c0 < g.M; c0 += CHUNK) {
-      const int64_t c1 = min64(g.M, c0 + CHUNK);
+  if (g.M == 0)
+    for (int64_t i = u0 * bk * bn; i < u1 * bk * bn; ++i) dw[i] = 0.f;
+  for (int64_t c0 = 0; c0 < g.M; c0 += CHUNK) {
+    const int64_t c1 = min64(g.M, c0 + CHUNK);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t p = u / taps, t = u % taps;
+      float* dw_tap = dw + u * bk * bn;
+      const float* x_tap = x + g.tap_off[t] + a.col_idx[p] * bk;
+      const float* dy_block = dy + block_row[p] * bn;
       for (int64_t n0 = 0; n0 < bn; n0 += NT) {
         balanced_tiles<MR>(0, bk, [&](int64_t kk, int64_t tile_rows) {
           with_rows<MR>(tile_rows, [&](auto R) {
