@@ -26,6 +26,7 @@ import sys
 import time
 
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+ELEMENT_SIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 ARCHS = (80, 90)
 # (bk, bn) blocks of the report; 8 is a padded variant of 16 and compiles to the same tiles.
 BLOCKS = ((16, 16), (32, 32), (64, 64))
@@ -83,14 +84,13 @@ def compile_one(kernel: str, config_index: int, dtype: str, block, arch: int, pr
     from triton.compiler import ASTSource, make_backend
 
     from sparsekern.triton import interpreter_active
-    from sparsekern.triton.kernels import KERNELS
+    from sparsekern.triton.kernels import KERNELS, configs_for
 
     if interpreter_active():
         raise RuntimeError("sparsekern.triton.aot: triton is in interpreter mode in this process "
                            "(TRITON_INTERPRET=1); run the AOT compile in a fresh process")
-    autotuned, configs = KERNELS[kernel]
-    fn = autotuned.fn
-    config = configs[config_index]
+    fn = KERNELS[kernel].fn
+    config = configs_for(kernel, ELEMENT_SIZE[dtype])[config_index]
     rows = []
     for prod, sig, consts in _variants(kernel, dtype, block):
         if product is not None and prod != product:
@@ -118,8 +118,18 @@ def compile_one(kernel: str, config_index: int, dtype: str, block, arch: int, pr
             config=_config_str(config), config_index=config_index, arch=f"sm_{arch}",
             regs=regs, spills=spills, smem=int(compiled.metadata.shared),
             wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx or "wgmma" in ptx,
+            round_nearest=_rounds_to_nearest(ptx, dtype),
             compile_s=round(seconds, 2)))
     return rows
+
+
+def _rounds_to_nearest(ptx: str, dtype: str):
+    """16-bit outputs: every fp32 -> fp16/bf16 conversion in the PTX rounds to nearest even."""
+    if dtype == "float32":
+        return None
+    kind = "bf16" if dtype == "bfloat16" else "f16"
+    converts = re.findall(rf"cvt\.(\w+)(?:\.\w+)*\.{kind}(?:x2)?\.f32", ptx)
+    return bool(converts) and all(mode == "rn" for mode in converts)
 
 
 _CACHE_DIR = None
@@ -155,14 +165,13 @@ def expect_wgmma(kernel: str, product: str, dtype: str, block, config, arch: int
 
 
 def run(archs=ARCHS, dtypes=tuple(DTYPES), blocks=BLOCKS, kernels=None, log=None):
-    from sparsekern.triton.kernels import KERNELS
+    from sparsekern.triton.kernels import KERNELS, configs_for
     rows = []
-    for name in kernels or KERNELS:
-        _, configs = KERNELS[name]
+    for name, dtype in itertools.product(kernels or KERNELS, dtypes):
+        configs = configs_for(name, ELEMENT_SIZE[dtype])
         # CSR kernels do not depend on the block
         kernel_blocks = blocks if name.startswith("bsr") else blocks[:1]
-        for dtype, block, ci, arch in itertools.product(dtypes, kernel_blocks,
-                                                        range(len(configs)), archs):
+        for block, ci, arch in itertools.product(kernel_blocks, range(len(configs)), archs):
             for row in compile_one(name, ci, dtype, block, arch):
                 if not name.startswith("bsr"):
                     row["block"] = "-"

@@ -32,41 +32,60 @@ import triton.language as tl
 from triton import knobs
 
 # ---- autotune configurations (also what the AOT compile report iterates) ----------------------
+#
+# Two sets per dot kernel, chosen by the operands' element size (prune below): 16-bit types run
+# tensor-core tiles (wgmma on sm_90 needs BLOCK_M >= 64); 32/64-bit types (fp32 runs ieee FMA
+# unless tf32 is allowed) keep operand tiles small enough that sm_80 does not spill (found by the
+# AOT report: BLOCK_M=128 with 64-blocks spills 4 KB/thread in fp32 on sm_80).
 
-BSR_SPMM_CONFIGS = [
-    triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=4),
-]
-BSR_SDDMM_CONFIGS = [
-    triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=4),
-]
-CSR_SPMM_CONFIGS = [
-    triton.Config({"BLOCK_R": 16, "BLOCK_M": 128}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_R": 32, "BLOCK_M": 64}, num_warps=4, num_stages=2),
-]
-CSR_SDDMM_CONFIGS = [
-    triton.Config({"BLOCK_E": 32, "BLOCK_M": 128}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_E": 64, "BLOCK_M": 64}, num_warps=4, num_stages=2),
-]
+def _cfg(num_warps, num_stages, **tiles):
+    return triton.Config(tiles, num_warps=num_warps, num_stages=num_stages)
 
 
-def _first_config_in_interpreter(configs, named_args, **kwargs):
-    """The interpreter cannot time configs (no CUDA events): it runs the first one. Every config
-    is still compiled for sm_80/sm_90 by the AOT check (sparsekern.triton.aot)."""
-    return configs[:1] if knobs.runtime.interpret else configs
+CONFIGS = {
+    "bsr_spmm": {
+        2: [_cfg(4, 3, BLOCK_M=64), _cfg(4, 3, BLOCK_M=128), _cfg(8, 4, BLOCK_M=128)],
+        4: [_cfg(4, 2, BLOCK_M=32), _cfg(8, 2, BLOCK_M=64)],
+    },
+    "bsr_sddmm": {
+        2: [_cfg(4, 3, BLOCK_M=64), _cfg(4, 3, BLOCK_M=128), _cfg(8, 4, BLOCK_M=128)],
+        4: [_cfg(4, 2, BLOCK_M=32), _cfg(8, 3, BLOCK_M=32)],
+    },
+}
+# The CSR kernels gather on CUDA cores: one set for every type.
+_CSR_SPMM = [_cfg(4, 2, BLOCK_R=16, BLOCK_M=128), _cfg(4, 2, BLOCK_R=32, BLOCK_M=64)]
+_CSR_SDDMM = [_cfg(4, 2, BLOCK_E=32, BLOCK_M=128), _cfg(4, 2, BLOCK_E=64, BLOCK_M=64)]
+CONFIGS["csr_spmm"] = {2: _CSR_SPMM, 4: _CSR_SPMM}
+CONFIGS["csr_sddmm"] = {2: _CSR_SDDMM, 4: _CSR_SDDMM}
 
 
-_PRUNE = {"early_config_prune": _first_config_in_interpreter}
+def configs_for(kernel: str, element_size: int):
+    """The autotune configs of `kernel` for operands of `element_size` bytes (8 uses 4's)."""
+    return CONFIGS[kernel][2 if element_size <= 2 else 4]
+
+
+def _all(kernel):
+    return list({id(c): c for c in CONFIGS[kernel][2] + CONFIGS[kernel][4]}.values())
+
+
+def _pruner(kernel):
+    def prune(configs, named_args, **kwargs):
+        size = next(a.element_size() for a in named_args.values()
+                    if hasattr(a, "dtype") and a.dtype.is_floating_point)
+        wanted = configs_for(kernel, size)
+        keep = [c for c in configs if any(c is w for w in wanted)]
+        # The interpreter cannot time configs (no CUDA events): it runs the first one. Every
+        # config is compiled for sm_80/sm_90 by the AOT check (sparsekern.triton.aot).
+        return keep[:1] if knobs.runtime.interpret else keep
+
+    return {"early_config_prune": prune}
 
 
 # ---- BSR: forward and dX -------------------------------------------------------------------------
 
-@triton.autotune(configs=BSR_SPMM_CONFIGS,
+@triton.autotune(configs=_all("bsr_spmm"),
                  key=["M_BUCKET", "A_COLS", "OUT_COLS", "BLOCK_IN", "BLOCK_OUT", "TRANS"],
-                 prune_configs_by=_PRUNE)
+                 prune_configs_by=_pruner("bsr_spmm"))
 @triton.jit
 def bsr_spmm_kernel(a_ptr, v_ptr, ptr_ptr, idx_ptr, perm_ptr, bias_ptr, out_ptr,
                     M, A_COLS, OUT_COLS, M_BUCKET, stride_am, stride_om,
@@ -123,8 +142,8 @@ def bsr_spmm_kernel(a_ptr, v_ptr, ptr_ptr, idx_ptr, perm_ptr, bias_ptr, out_ptr,
 
 # ---- BSR: dW at kept blocks ----------------------------------------------------------------------
 
-@triton.autotune(configs=BSR_SDDMM_CONFIGS, key=["M_BUCKET", "N", "K", "BK", "BN"],
-                 prune_configs_by=_PRUNE)
+@triton.autotune(configs=_all("bsr_sddmm"), key=["M_BUCKET", "N", "K", "BK", "BN"],
+                 prune_configs_by=_pruner("bsr_sddmm"))
 @triton.jit
 def bsr_sddmm_kernel(dy_ptr, x_ptr, row_of_ptr, col_idx_ptr, out_ptr,
                      M, N, K, M_BUCKET, stride_dym, stride_xm,
@@ -161,8 +180,8 @@ def bsr_sddmm_kernel(dy_ptr, x_ptr, row_of_ptr, col_idx_ptr, out_ptr,
 
 # ---- CSR: forward and dX (row-split SpMM on the transposed activation) ----------------------------
 
-@triton.autotune(configs=CSR_SPMM_CONFIGS, key=["M_BUCKET", "OUT_COLS", "SRC_ROWS"],
-                 prune_configs_by=_PRUNE)
+@triton.autotune(configs=_all("csr_spmm"), key=["M_BUCKET", "OUT_COLS", "SRC_ROWS"],
+                 prune_configs_by=_pruner("csr_spmm"))
 @triton.jit
 def csr_spmm_kernel(srcT_ptr, v_ptr, ptr_ptr, idx_ptr, perm_ptr, bias_ptr, out_ptr,
                     M, OUT_COLS, SRC_ROWS, M_BUCKET, stride_src, stride_om,
@@ -208,7 +227,8 @@ def csr_spmm_kernel(srcT_ptr, v_ptr, ptr_ptr, idx_ptr, perm_ptr, bias_ptr, out_p
 
 # ---- CSR: dW at kept positions (SDDMM) -------------------------------------------------------------
 
-@triton.autotune(configs=CSR_SDDMM_CONFIGS, key=["M_BUCKET", "NNZ"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=_all("csr_sddmm"), key=["M_BUCKET", "NNZ"],
+                 prune_configs_by=_pruner("csr_sddmm"))
 @triton.jit
 def csr_sddmm_kernel(dyT_ptr, xT_ptr, row_of_ptr, col_idx_ptr, out_ptr, M, NNZ, M_BUCKET,
                      stride_dy, stride_x, ACC_F64: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -232,8 +252,8 @@ def csr_sddmm_kernel(dyT_ptr, xT_ptr, row_of_ptr, col_idx_ptr, out_ptr, M, NNZ, 
 
 
 KERNELS = {
-    "bsr_spmm": (bsr_spmm_kernel, BSR_SPMM_CONFIGS),
-    "bsr_sddmm": (bsr_sddmm_kernel, BSR_SDDMM_CONFIGS),
-    "csr_spmm": (csr_spmm_kernel, CSR_SPMM_CONFIGS),
-    "csr_sddmm": (csr_sddmm_kernel, CSR_SDDMM_CONFIGS),
+    "bsr_spmm": bsr_spmm_kernel,
+    "bsr_sddmm": bsr_sddmm_kernel,
+    "csr_spmm": csr_spmm_kernel,
+    "csr_sddmm": csr_sddmm_kernel,
 }

@@ -1,0 +1,93 @@
+"""Every Triton kernel x autotune config compiles ahead of time for sm_80 (A100) and sm_90
+(H100) with triton's bundled ptxas, no GPU needed: no register spills, shared memory within the
+architecture's limit, tensor-core MMA in the BSR kernels for 16-bit types, wgmma on sm_90 where
+Triton's Hopper lowering applies (dot M dim >= 64), and fp32 -> fp16/bf16 output conversions
+that round to nearest (the interpreter truncates instead, see test_triton_interpreter.py).
+
+bfloat16 runs every block size 16/32/64; float16 and float32 block 32 (the same code with another
+element type). The full matrix is `python -m benchmarks triton-compile` (benchmarks/gpu/).
+
+The compile runs in a subprocess: this test process runs triton in interpreter mode (chosen at
+collection by the other test_triton_* modules), and the compiler needs compiled-mode triton.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sparsekern.triton as skt
+from sparsekern.triton import aot
+
+skt.use_interpreter()  # before anything imports triton: see test_triton_interpreter.py
+from sparsekern.triton.kernels import KERNELS, configs_for  # noqa: E402  (the config lists)
+
+ROOT = Path(__file__).resolve().parents[2]
+# Largest dynamic shared memory per block (opt-in): A100 163 KiB, H100 227 KiB.
+SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+RUNS = {"bf16": (["bfloat16"], ["16x16", "32x32", "64x64"]),
+        "fp16_fp32": (["float16", "float32"], ["32x32"])}
+
+
+def _compile(dtypes, blocks, tmp_path):
+    out = tmp_path / "aot.json"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "SPARSEKERN_BACKEND")}
+    cmd = [sys.executable, "-m", "sparsekern.triton.aot", "--arch", "80", "90",
+           "--dtype", *dtypes, "--block", *blocks, "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"AOT compile failed:\n{proc.stderr[-4000:]}"
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module", params=list(RUNS))
+def report(request, tmp_path_factory):
+    dtypes, blocks = RUNS[request.param]
+    return dtypes, blocks, _compile(dtypes, blocks, tmp_path_factory.mktemp(request.param))
+
+
+def test_every_kernel_config_arch_compiled(report):
+    dtypes, blocks, rows = report
+    got = {(r["kernel"], r["config_index"], r["arch"], r["dtype"]) for r in rows}
+    want = {(k, ci, f"sm_{a}", d) for k in KERNELS for d in dtypes
+            for ci in range(len(configs_for(k, aot.ELEMENT_SIZE[d]))) for a in aot.ARCHS}
+    assert got == want
+    products = {(r["kernel"], r["product"]) for r in rows}
+    assert products == {("bsr_spmm", "forward"), ("bsr_spmm", "grad_input"),
+                        ("bsr_sddmm", "grad_weight"), ("csr_spmm", "forward"),
+                        ("csr_spmm", "grad_input"), ("csr_sddmm", "grad_weight")}
+    assert {r["block"] for r in rows if r["kernel"].startswith("bsr")} == set(blocks)
+
+
+def test_no_spills_and_resources_fit(report):
+    _, _, rows = report
+    for r in rows:
+        what = f"{r['kernel']}/{r['product']} {r['dtype']} {r['block']} {r['config']} {r['arch']}"
+        assert r["spills"] == 0, f"{what}: {r['spills']} bytes spilled"
+        assert 0 < r["regs"] <= 255, f"{what}: {r['regs']} registers"
+        assert r["smem"] <= SMEM_LIMIT[r["arch"]], f"{what}: {r['smem']} B shared memory"
+
+
+def test_tensor_cores_and_wgmma_where_expected(report):
+    _, _, rows = report
+    for r in rows:
+        what = f"{r['kernel']}/{r['product']} {r['dtype']} {r['block']} {r['config']} {r['arch']}"
+        block = tuple(int(v) for v in r["block"].split("x")) if r["block"] != "-" else None
+        arch = int(r["arch"][3:])
+        config = configs_for(r["kernel"], aot.ELEMENT_SIZE[r["dtype"]])[r["config_index"]]
+        assert r["mma"] == aot.uses_tensor_cores(r["kernel"], r["dtype"]), what
+        assert r["wgmma"] == aot.expect_wgmma(r["kernel"], r["product"], r["dtype"], block,
+                                              config, arch), what
+    # the headline kernels: every 16-bit BSR forward/dX config uses wgmma on sm_90
+    hopper = [r for r in rows if r["kernel"] == "bsr_spmm" and r["arch"] == "sm_90"
+              and r["dtype"] != "float32"]
+    assert hopper and all(r["wgmma"] for r in hopper)
+
+
+def test_outputs_round_to_nearest(report):
+    _, _, rows = report
+    for r in rows:
+        if r["dtype"] != "float32":
+            assert r["round_nearest"], f"{r['kernel']} {r['dtype']} {r['arch']}: not cvt.rn"
