@@ -300,7 +300,9 @@ class PruningHparams:
     granularity: str = hp("unstructured", "pruning unit: single weights, whole blocks (run on "
                           "sparsekern's BSR kernels) or N:M groups along the input dimension",
                           choices=("unstructured", "block", "nm"))
-    block: tuple = hp((32, 32), "granularity=block: block shape BNxBK (output x input features)",
+    block: tuple = hp((32, 32), "granularity=block: block shape BNxBK (output x input features; "
+                      "for a conv, output x input channels spanning the whole kh x kw window; "
+                      "grouped/depthwise convs are then not pruned)",
                       parse=_block, metavar="BNxBK")
     nm: tuple = hp((2, 4), "granularity=nm: keep N of every M consecutive input weights; each "
                    "round removes --prune-fraction of the kept weights of a group (at least one) "
@@ -343,10 +345,10 @@ class MethodHparams:
 
 @dataclass
 class SparseHparams:
-    format: str = hp("auto", "sparse format of pruned linear layers: auto (BSR when the mask is "
+    format: str = hp("auto", "sparse format of pruned linear/conv layers: auto (BSR when the mask is "
                      "made of whole blocks, else CSR), bsr (needs --granularity block), csr",
                      flag="--sparse-format", choices=("auto", "bsr", "csr"))
-    policy: str = hp("auto", "per pruned linear layer: auto (time both, keep the faster), "
+    policy: str = hp("auto", "per pruned linear/conv layer: auto (time both, keep the faster), "
                      "sparse (always sparsekern kernels), dense (masked dense, the usual LTH "
                      "simulation)", flag="--sparse-policy", choices=("auto", "sparse", "dense"))
     timing_repeats: int = hp(15, "repeats of the interleaved dense/sparse step timing per round",

@@ -2,9 +2,9 @@
 training and evaluation, turned back into plain dense modules for pruning and saving, and timed
 dense-masked vs sparse in the same process.
 
-Linear layers go through sparsekern (SparseLinear where the auto policy finds sparse faster, else
-its MaskedLinear). sparsekern has no sparse convolution yet, so pruned Conv2d layers train as
-MaskedConv2d (dense kernels, fixed mask) and are reported as "masked-dense".
+Linear and Conv2d layers go through sparsekern: SparseLinear / SparseConv2d where the auto policy
+finds sparse faster, else MaskedLinear / MaskedConv2d (dense kernels, fixed mask). Grouped and
+depthwise convs always run masked-dense; their decision says why.
 """
 from __future__ import annotations
 
@@ -15,63 +15,32 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekern as sk
+from sparsekern import MaskedConv2d  # noqa: F401  (moved to sparsekern.nn; imported from here)
 from sparsekern.timing import interleaved_medians
-
-
-class MaskedConv2d(nn.Conv2d):
-    """A Conv2d with a fixed mask: pruned weights take no part in the output, so they get no
-    gradient; they are stored as exact zeros."""
-
-    def __init__(self, conv: nn.Conv2d, mask: torch.Tensor):
-        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                         conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-                         conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
-        self.register_buffer("weight_mask", mask.clone())
-        with torch.no_grad():
-            self.weight.copy_(conv.weight * mask)
-            if conv.bias is not None:
-                self.bias.copy_(conv.bias)
-
-    def forward(self, x):
-        return self._conv_forward(x, self.weight * self.weight_mask, self.bias)
-
-    def mask(self) -> torch.Tensor:
-        return self.weight_mask
-
-    def to_conv(self) -> nn.Conv2d:
-        out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                        self.padding, self.dilation, self.groups, self.bias is not None,
-                        self.padding_mode, device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            out.weight.copy_(self.weight * self.weight_mask)
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
 
 
 def _module_name(param_name: str) -> str:
     return param_name[: -len(".weight")] if param_name.endswith(".weight") else ""
 
 
-def _set(model: nn.Module, name: str, module: nn.Module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 _SUPPORT: dict[str, bool] = {}
 
 
 def sparse_kernels_run_on(device: torch.device) -> bool:
-    """Whether sparsekern's linear kernels (forward and backward) run on `device`; CPU always
-    does (C++ kernels or the reference), other devices only if the extension has kernels there."""
+    """Whether sparsekern's linear and conv kernels (forward and backward) run on `device`; CPU
+    always does (C++ kernels or the reference), other devices only if the extension has kernels
+    there for both."""
     key = str(device)
     if key not in _SUPPORT:
         try:
+            eye = torch.eye(8, dtype=torch.bool, device=device)
             w = torch.ones(8, 8, device=device, requires_grad=True)
-            layer = sk.SparseLinear.from_dense(nn.Linear(8, 8).to(device),
-                                               torch.eye(8, dtype=torch.bool, device=device),
-                                               format="csr")
+            layer = sk.SparseLinear.from_dense(nn.Linear(8, 8).to(device), eye, format="csr")
             layer(w).sum().backward()
+            conv = sk.SparseConv2d.from_dense(nn.Conv2d(8, 8, 3, padding=1).to(device),
+                                              eye[:, :, None, None].expand(8, 8, 3, 3),
+                                              format="bsr")
+            conv(torch.ones(1, 8, 4, 4, device=device, requires_grad=True)).sum().backward()
             _SUPPORT[key] = True
         except (RuntimeError, NotImplementedError):
             _SUPPORT[key] = False
@@ -91,7 +60,7 @@ def sparsify_model(model: nn.Module, masks: dict[str, torch.Tensor], format: str
                    decisions: dict | None = None, repeats: int = 7,
                    example_input: torch.Tensor | None = None) -> dict[str, dict]:
     """Converts the pruned layers of a plain dense model in place; returns, per pruned weight,
-    what runs it: {"kind", "chosen": sparse | dense | masked-dense, "format", "sparsity", ...}.
+    what runs it: {"kind": linear | conv, "chosen": sparse | dense, "format", "sparsity", ...}.
 
     decisions: the result of an earlier call for the same masks -- each layer is then rebuilt
     the same way without timing (resume, and every DDP rank following rank 0).
@@ -99,44 +68,33 @@ def sparsify_model(model: nn.Module, masks: dict[str, torch.Tensor], format: str
     receives (the first layer's dX is then not timed: its input needs no gradient).
     """
     modules = dict(model.named_modules())
-    out: dict[str, dict] = {}
-    linear = {n: m for n, m in masks.items() if isinstance(modules[_module_name(n)], nn.Linear)}
-    conv = {n: m for n, m in masks.items() if isinstance(modules[_module_name(n)], nn.Conv2d)}
-    other = sorted(set(masks) - set(linear) - set(conv))
+    other = sorted(n for n in masks if not isinstance(modules.get(_module_name(n)),
+                                                      (nn.Linear, nn.Conv2d)))
     if other:
         raise ValueError(f"sparsify_model: masks for weights that are not Linear/Conv2d: {other}")
-    if linear:
-        if decisions is None:
-            sk.sparsify(model, linear, format=format, policy=policy, block=block,
-                        batch_size=batch_size, repeats=repeats, example_input=example_input)
-        else:
-            for chosen in ("sparse", "dense"):
-                chosen_masks = {n: m for n, m in linear.items()
-                                if decisions[n]["chosen"] == chosen}
-                if chosen_masks:
-                    sk.sparsify(model, chosen_masks, format=format, policy=chosen, block=block)
-        found = sk.decisions(model)
-        for n in linear:
-            d = dict(found[_module_name(n)])
-            if decisions is not None:  # keep the measurements that led to the choice
-                d = {**decisions[n], **{k: d[k] for k in ("chosen", "format", "sparsity")}}
-            out[n] = {"kind": "linear", **d}
-    for n, m in conv.items():
-        name = _module_name(n)
-        _set(model, name, MaskedConv2d(modules[name], m))
-        out[n] = {"kind": "conv", "chosen": "masked-dense", "format": "dense",
-                  "sparsity": 1.0 - int(m.sum()) / m.numel(),
-                  "note": "sparsekern has no sparse conv kernel yet"}
+    if not masks:
+        return {}
+    if decisions is None:
+        sk.sparsify(model, masks, format=format, policy=policy, block=block,
+                    batch_size=batch_size, repeats=repeats, example_input=example_input)
+    else:
+        for chosen in ("sparse", "dense"):
+            chosen_masks = {n: m for n, m in masks.items() if decisions[n]["chosen"] == chosen}
+            if chosen_masks:
+                sk.sparsify(model, chosen_masks, format=format, policy=chosen, block=block)
+    found = sk.decisions(model)
+    out = {}
+    for n in masks:
+        d = dict(found[_module_name(n)])
+        if decisions is not None:  # keep the measurements (and notes) that led to the choice
+            d = {**decisions[n], **{k: d[k] for k in ("chosen", "format", "sparsity")}}
+        out[n] = d
     return out
 
 
 def densify_model(model: nn.Module) -> nn.Module:
-    """SparseLinear / MaskedLinear / MaskedConv2d back to nn.Linear / nn.Conv2d (in place)."""
-    sk.densify(model)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, MaskedConv2d):
-            _set(model, name, module.to_conv())
-    return model
+    """Sparse / masked layers back to nn.Linear / nn.Conv2d (in place)."""
+    return sk.densify(model)
 
 
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -149,7 +107,8 @@ def current_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """{param name of the dense model: mask} read back from the converted modules."""
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, (sk.SparseLinear, sk.MaskedLinear, MaskedConv2d)):
+        if isinstance(module, (sk.SparseLinear, sk.MaskedLinear, sk.SparseConv2d,
+                               sk.MaskedConv2d)):
             out[f"{name}.weight" if name else "weight"] = module.mask().clone()
     return out
 

@@ -3,8 +3,9 @@
 One plain training loop (`Experiment.train_phase`) runs every phase of a run: the dense round 0,
 each pruned round of the ticket line, and the sanity-check branches. Around it:
 
-- after each prune the model is `sparsekern.sparsify`'d (policy auto per linear layer) for
-  training and evaluation, and turned back into a plain dense model only to save and to prune;
+- after each prune the model is `sparsekern.sparsify`'d (policy auto per linear and conv
+  layer) for training and evaluation, and turned back into a plain dense model only to save
+  and to prune;
 - a training step of the whole model is timed dense-masked vs as trained, interleaved, in this
   process (`step_ms_dense`, `step_ms_sparse`);
 - a checkpoint (dense weights, masks, optimizer, scheduler, RNG states, per-layer kernel choices)
@@ -91,7 +92,8 @@ class Experiment:
             raise UsageError(str(e)) from None
         self.template = self.fresh_model(derive_seed(c.training.seed, "init"))
         try:
-            self.prunable = pruning.prunable_names(self.template, c.pruning.exclude)
+            self.prunable = pruning.prunable_names(self.template, c.pruning.exclude,
+                                                   c.pruning.granularity)
             if c.pruning.granularity == "nm":
                 for n in self.prunable:
                     pruning.nm_groups(dict(self.template.named_parameters())[n], c.pruning.nm[1],
@@ -398,7 +400,7 @@ class Experiment:
             # still slower with the sparse kernels, this round trains masked-dense instead
             note = (f"whole training step slower with sparse kernels "
                     f"({timing['step_ms_sparse']:.2f} vs {timing['step_ms_dense']:.2f} ms)")
-            decisions = {n: {**v, "chosen": "dense", "note": note} if v["kind"] == "linear"
+            decisions = {n: {**v, "chosen": "dense", "note": note} if v["chosen"] == "sparse"
                          else v for n, v in decisions.items()}
             model = dense
             sparsify_model(model, masks, c.sparse.format, self.policy, self._block(),
@@ -431,7 +433,8 @@ class Experiment:
             "speedup": timing["step_ms_dense"] / timing["step_ms_sparse"],
             "timing_batch": timing["timing_batch"], "timing_threads": timing["timing_threads"],
             "sparse_layers": f"{kernels}/{len(decisions)}",
-            "layers": {n: {k: v[k] for k in ("kind", "chosen", "format", "sparsity") if k in v}
+            "layers": {n: {k: v[k] for k in ("kind", "chosen", "format", "sparsity", "reason")
+                           if k in v}
                        for n, v in decisions.items()},
             "wall_s": last["wall_s"], "world_size": d.world,
         }

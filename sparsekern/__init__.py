@@ -1,9 +1,11 @@
 """sparsekern: sparse (block and unstructured) linear and conv2d kernels for PyTorch."""
 from sparsekern import _extension
 from sparsekern.formats import CSR, BlockSparse
-from sparsekern.nn import MaskedLinear, SparseLinear, decisions, densify, sparsify
+from sparsekern.nn import (MaskedConv2d, MaskedLinear, SparseConv2d, SparseLinear, decisions,
+                           densify, report, sparsify)
 from sparsekern.ops import conv2d, linear
 from sparsekern.triton import get_backend, set_backend  # GPU kernels; SPARSEKERN_BACKEND
 
-__all__ = ["BlockSparse", "CSR", "linear", "conv2d", "SparseLinear", "MaskedLinear", "sparsify",
-           "densify", "decisions", "set_backend", "get_backend"]
+__all__ = ["BlockSparse", "CSR", "linear", "conv2d", "SparseLinear", "MaskedLinear", "SparseConv2d",
+           "MaskedConv2d", "sparsify", "densify", "decisions", "report", "set_backend",
+           "get_backend"]

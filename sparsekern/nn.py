@@ -1,110 +1,278 @@
-"""Modules over the sparse ops, and model-level conversion: sparsify / densify.
+"""Modules over the sparse ops, and model-level conversion: sparsify / densify / report.
 
-A SparseLinear trains its packed `values` (an nn.Parameter holding only the kept weights), so
-gradients and optimizer state exist only for kept weights; the index tensors are buffers.
+SparseLinear and SparseConv2d train their packed `values` (an nn.Parameter holding only the kept
+weights), so gradients and optimizer state exist only for kept weights; the index tensors are
+buffers. MaskedLinear and MaskedConv2d are the dense-kernel counterparts (fixed mask) that
+`sparsify` keeps where the sparse kernels are not faster or cannot run.
+
+A mask given by the user is the mask that trains. BSR stores whole blocks; when the mask is not
+made of whole blocks (format="bsr" forced with a scattered mask), the module also holds a bool
+`value_mask` buffer shaped like `values` and multiplies it in, so the weights inside a kept
+block but outside the mask get no gradient and stay exactly zero under SGD (momentum, weight
+decay), Adam and AdamW. format="auto" never needs it: BSR only for block-aligned masks, else CSR.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sparsekern.formats import BLOCK_SIZES, CSR, BlockSparse
-from sparsekern.ops import sparse_linear
+from sparsekern.ops import sparse_conv2d, sparse_linear
 from sparsekern.timing import interleaved_medians
 
 FORMATS = ("auto", "bsr", "csr")
 POLICIES = ("auto", "sparse", "dense")
 
 
+# ---------------------------------------------------------------------------------- packing
+
+def as_mask(mask, who: str = "mask") -> torch.Tensor | None:
+    """A bool mask; float/int 0/1 masks (torch.nn.utils.prune's `weight_mask`) are converted."""
+    if mask is None or not isinstance(mask, torch.Tensor) or mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{who}: a non-bool mask must hold only 0 and 1, got dtype "
+                         f"{mask.dtype} with other values")
+    return mask != 0
+
+
+def _channel_view(mask: torch.Tensor) -> torch.Tensor | None:
+    """The 2-D pattern a BSR block sees: the mask itself for a linear weight; for a conv weight
+    [C_out, C_in, kh, kw] the [C_out, C_in] channel pattern, or None when some channel pair keeps
+    only part of its kh x kw window (then no channel block packs the mask exactly)."""
+    if mask.dim() != 4:
+        return mask
+    channels = mask.flatten(2).any(dim=2)
+    if not torch.equal(channels[:, :, None, None].expand_as(mask), mask):
+        return None
+    return channels
+
+
+def _closed_under(pattern: torch.Tensor, block) -> bool:
+    """Whether the (bn, bk) block closure of a 2-D bool pattern is the pattern itself."""
+    bn, bk = block
+    n, k = pattern.shape
+    nb, kb = -(-n // bn), -(-k // bk)
+    padded = pattern.new_zeros(nb * bn, kb * bk)
+    padded[:n, :k] = pattern
+    present = padded.view(nb, bn, kb, bk).any(dim=3).any(dim=1)
+    closure = present[:, None, :, None].expand(nb, bn, kb, bk).reshape(nb * bn, kb * bk)
+    return bool((closure[:n, :k] == pattern).all())
+
+
+def is_block_aligned(mask: torch.Tensor, block) -> bool:
+    """Whether BSR with `block` stores exactly `mask` (for a conv: channel blocks over the whole
+    kh x kw window)."""
+    pattern = _channel_view(mask)
+    return pattern is not None and _closed_under(pattern, block)
+
+
 def _aligned_block(mask: torch.Tensor) -> tuple[int, int] | None:
     """The largest block (bn, bk) whose block closure of `mask` is `mask` itself, if any: a
-    ticket pruned in whole blocks of that shape runs on the BSR kernels without extra weights."""
-    n, k = mask.shape
-    for bn, bk in sorted(((bn, bk) for bn in BLOCK_SIZES for bk in BLOCK_SIZES),
-                         key=lambda b: (-b[0] * b[1], -b[0])):
-        nb, kb = -(-n // bn), -(-k // bk)
-        padded = mask.new_zeros(nb * bn, kb * bk)
-        padded[:n, :k] = mask
-        present = padded.view(nb, bn, kb, bk).any(dim=3).any(dim=1)
-        closure = present[:, None, :, None].expand(nb, bn, kb, bk).reshape(nb * bn, kb * bk)
-        if bool((closure[:n, :k] == mask).all()):
-            return bn, bk
+    ticket pruned in whole blocks of that shape runs on the BSR kernels without extra weights.
+    For a conv weight the blocks are of channels spanning the whole kh x kw window."""
+    pattern = _channel_view(mask)
+    if pattern is None:
+        return None
+    for block in sorted(((bn, bk) for bn in BLOCK_SIZES for bk in BLOCK_SIZES),
+                        key=lambda b: (-b[0] * b[1], -b[0])):
+        if _closed_under(pattern, block):
+            return block
     return None
 
 
 def pack(weight: torch.Tensor, mask: torch.Tensor | None, format: str = "auto",
          block=None) -> BlockSparse | CSR:
-    """Packs a dense weight. format="auto": BSR when the mask is made of whole blocks (the
-    largest such block shape), else CSR."""
+    """Packs a dense linear [out, in] or conv [C_out, C_in, kh, kw] weight.
+
+    format="auto": BSR when the mask is made of whole blocks (`block` if given, else the largest
+    fitting block shape), else CSR. format="bsr": `block`, else the largest fitting block, else
+    (32, 32); the stored pattern is then the block closure of the mask (see `value_mask`)."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    mask = weight.detach() != 0 if mask is None else mask
+    mask = weight.detach() != 0 if mask is None else as_mask(mask)
+    same_shape = isinstance(mask, torch.Tensor) and mask.shape == weight.shape
     if format == "auto":
         if block is None:
-            block = _aligned_block(mask) if mask.shape == weight.shape else None
+            block = _aligned_block(mask) if same_shape else None
+        elif same_shape and not is_block_aligned(mask, block):
+            block = None
         format = "bsr" if block is not None else "csr"
     if format == "bsr":
-        return BlockSparse.from_dense(weight, mask, block=block or (32, 32))
+        if block is None:
+            block = (_aligned_block(mask) if same_shape else None) or (32, 32)
+        return BlockSparse.from_dense(weight, mask, block=block)
     return CSR.from_dense(weight, mask)
 
 
-class SparseLinear(nn.Module):
-    """y = x W^T + b with W stored as BlockSparse or CSR."""
+def value_mask(packed: BlockSparse | CSR, mask: torch.Tensor) -> torch.Tensor | None:
+    """None when `packed` stores exactly `mask`; else bool like packed.values, True where the
+    stored value is inside `mask` (BSR of a mask that is not made of whole blocks)."""
+    if isinstance(packed, CSR) or torch.equal(packed.mask(), mask):
+        return None
+    ones = BlockSparse.from_dense(mask.to(packed.dtype), mask, block=packed.block)
+    return ones.values != 0
 
-    def __init__(self, weight: BlockSparse | CSR, bias: torch.Tensor | None = None):
-        super().__init__()
+
+# ---------------------------------------------------------------------------------- modules
+
+class _PackedWeight(nn.Module):
+    """What SparseLinear and SparseConv2d share: the packed weight as `values` (the only
+    parameter of the weight), its index tensors as buffers, an optional `value_mask`."""
+
+    def _setup(self, weight, bias, value_mask, who: str):
         if not isinstance(weight, (BlockSparse, CSR)):
-            raise TypeError(f"SparseLinear: weight must be BlockSparse or CSR, got "
+            raise TypeError(f"{who}: weight must be BlockSparse or CSR, got "
                             f"{type(weight).__name__}")
-        self.out_features, self.in_features = weight.shape
         self.format = "bsr" if isinstance(weight, BlockSparse) else "csr"
+        self.weight_shape = tuple(weight.shape)
         self.values = nn.Parameter(weight.values.detach().clone())
         self._index_names = tuple(n for n in weight.tensors() if n != "values")
         for name in self._index_names:
             self.register_buffer(name, getattr(weight, name).clone())
-        if bias is not None and tuple(bias.shape) != (self.out_features,):
-            raise ValueError(f"SparseLinear: bias must have shape ({self.out_features},), got "
-                             f"{tuple(bias.shape)}")
+        if value_mask is not None and (value_mask.dtype != torch.bool
+                                       or value_mask.shape != weight.values.shape):
+            raise ValueError(f"{who}: value_mask must be a bool tensor shaped like the values "
+                             f"{tuple(weight.values.shape)}, got {value_mask.dtype} "
+                             f"{tuple(value_mask.shape)}")
+        self.register_buffer("value_mask", None if value_mask is None else value_mask.clone())
+        if value_mask is not None:
+            with torch.no_grad():  # outside the mask: exact zeros, and they stay so
+                self.values.mul_(self.value_mask)
+        out = self.weight_shape[0]
+        if bias is not None and tuple(bias.shape) != (out,):
+            raise ValueError(f"{who}: bias must have shape ({out},), got {tuple(bias.shape)}")
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-
-    @classmethod
-    def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None,
-                   format: str = "bsr", block=(32, 32)) -> "SparseLinear":
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"SparseLinear.from_dense: linear must be nn.Linear, got "
-                            f"{type(linear).__name__}")
-        block = None if format == "auto" else block
-        return cls(pack(linear.weight, mask, format, block), linear.bias)
 
     def index(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self._index_names}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_linear(x, self.values, self.index(),
-                             (self.out_features, self.in_features), self.bias)
+    def _values(self) -> torch.Tensor:
+        """The values the kernels use: pruned positions inside kept blocks forced to zero (so
+        they get no gradient) when the mask is not made of whole blocks."""
+        return self.values if self.value_mask is None else self.values * self.value_mask
+
+    def _format(self, values) -> BlockSparse | CSR:
+        cls = BlockSparse if self.format == "bsr" else CSR
+        return cls(values, shape=self.weight_shape, **self.index())
 
     def weight_format(self) -> BlockSparse | CSR:
-        """The current weight as a format object (sharing this module's tensors)."""
-        cls = BlockSparse if self.format == "bsr" else CSR
-        return cls(self.values.detach(), shape=(self.out_features, self.in_features),
-                   **self.index())
+        """The current weight as a format object (sharing this module's index tensors)."""
+        return self._format(self._values().detach())
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight_format().to_dense()
 
     def mask(self) -> torch.Tensor:
-        return self.weight_format().mask()
+        """Bool like the dense weight: the weights that train (the mask it was made from)."""
+        if self.value_mask is None:
+            return self.weight_format().mask()
+        return self._format(self.value_mask.to(self.values.dtype)).to_dense() != 0
+
+    def sparsity(self) -> float:
+        return 1.0 - int(self.mask().sum()) / math.prod(self.weight_shape)
+
+    def _format_repr(self) -> str:
+        block = f", block={self.weight_format().block}" if self.format == "bsr" else ""
+        inside = ", value_mask" if self.value_mask is not None else ""
+        return f"format={self.format}{block}{inside}, sparsity={self.sparsity():.3f}"
+
+
+class SparseLinear(_PackedWeight):
+    """y = x W^T + b with W stored as BlockSparse or CSR."""
+
+    def __init__(self, weight: BlockSparse | CSR, bias: torch.Tensor | None = None,
+                 value_mask: torch.Tensor | None = None):
+        super().__init__()
+        self._setup(weight, bias, value_mask, "SparseLinear")
+        if len(self.weight_shape) != 2:
+            raise ValueError(f"SparseLinear: weight must be made from a 2-D linear weight, got "
+                             f"shape {self.weight_shape} (use SparseConv2d for a conv weight)")
+        self.out_features, self.in_features = self.weight_shape
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None,
+                   format: str = "auto", block=None) -> "SparseLinear":
+        """format: auto (BSR for a mask of whole blocks, else CSR), bsr or csr. block: (bn, bk)
+        output x input features; None = the largest block the mask is made of (bsr: else
+        32x32). mask: bool like the weight (float 0/1 accepted), None = the nonzeros."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SparseLinear.from_dense: linear must be nn.Linear, got "
+                            f"{type(linear).__name__}")
+        mask = as_mask(mask)
+        packed = pack(linear.weight, mask, format, block)
+        return cls(packed, linear.bias,
+                   value_mask(packed, mask if mask is not None else linear.weight.detach() != 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_linear(x, self._values(), self.index(),
+                             (self.out_features, self.in_features), self.bias)
 
     def to_linear(self) -> nn.Linear:
         return _linear_like(self, self.dense_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        w = self.weight_format()
-        block = f", block={w.block}" if self.format == "bsr" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"format={self.format}{block}, sparsity={w.sparsity:.3f}, "
-                f"bias={self.bias is not None}")
+                f"{self._format_repr()}, bias={self.bias is not None}")
+
+
+def _check_conv(conv, who: str):
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"{who}: conv must be nn.Conv2d, got {type(conv).__name__}")
+    if conv.groups != 1:
+        raise ValueError(f"{who}: groups={conv.groups}: the sparse conv kernels need groups=1 "
+                         f"(grouped/depthwise convs stay dense; sparsify keeps them as "
+                         f"MaskedConv2d)")
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"{who}: padding_mode={conv.padding_mode!r}: the sparse conv kernels "
+                         f"pad with zeros only")
+
+
+class SparseConv2d(_PackedWeight):
+    """Conv2d (groups=1, zero padding) with its [C_out, C_in, kh, kw] weight stored as
+    BlockSparse (blocks of (out_channels, in_channels) spanning the whole kh x kw window) or CSR
+    (over the (C_out, C_in * kh * kw) view). Accepts NCHW or channels_last input (batched or
+    not); the output is channels_last, the layout the kernels compute in, so a chain of sparse
+    convs with BatchNorm/ReLU between them converts the layout once, at the first one."""
+
+    def __init__(self, weight: BlockSparse | CSR, bias: torch.Tensor | None = None, stride=1,
+                 padding=0, dilation=1, value_mask: torch.Tensor | None = None):
+        super().__init__()
+        self._setup(weight, bias, value_mask, "SparseConv2d")
+        if len(self.weight_shape) != 4:
+            raise ValueError(f"SparseConv2d: weight must be made from a 4-D conv weight "
+                             f"[C_out, C_in, kh, kw], got shape {self.weight_shape}")
+        self.out_channels, self.in_channels, kh, kw = self.weight_shape
+        self.kernel_size = (kh, kw)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None,
+                   format: str = "auto", block=None) -> "SparseConv2d":
+        """format: auto (BSR for a mask of whole channel blocks, else CSR), bsr or csr. block:
+        (out_channels, in_channels) per block, each spanning the kh x kw window; None = the
+        largest block the mask is made of (bsr: else 32x32). mask: bool like the 4-D weight
+        (float 0/1 accepted), None = the nonzeros. stride, padding, dilation are kept."""
+        _check_conv(conv, "SparseConv2d.from_dense")
+        mask = as_mask(mask)
+        packed = pack(conv.weight, mask, format, block)
+        return cls(packed, conv.bias, conv.stride, conv.padding, conv.dilation,
+                   value_mask(packed, mask if mask is not None else conv.weight.detach() != 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_conv2d(x, self._values(), self.index(), self.weight_shape, self.bias,
+                             self.stride, self.padding, self.dilation)
+
+    def to_conv(self) -> nn.Conv2d:
+        return _conv_like(self, self.dense_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"{self._format_repr()}, bias={self.bias is not None}")
 
 
 class MaskedLinear(nn.Linear):
@@ -114,9 +282,9 @@ class MaskedLinear(nn.Linear):
     def __init__(self, linear: nn.Linear, mask: torch.Tensor):
         super().__init__(linear.in_features, linear.out_features, linear.bias is not None,
                          device=linear.weight.device, dtype=linear.weight.dtype)
-        self.register_buffer("weight_mask", mask.clone())
+        self.register_buffer("weight_mask", as_mask(mask).clone())
         with torch.no_grad():
-            self.weight.copy_(linear.weight * mask)
+            self.weight.copy_(linear.weight * self.weight_mask)
             if linear.bias is not None:
                 self.bias.copy_(linear.bias)
 
@@ -130,6 +298,30 @@ class MaskedLinear(nn.Linear):
         return _linear_like(self, self.weight.detach() * self.weight_mask, self.bias)
 
 
+class MaskedConv2d(nn.Conv2d):
+    """A Conv2d (any groups / padding mode) with a fixed mask: pruned weights take no part in
+    the output, so they get no gradient; they are stored as exact zeros."""
+
+    def __init__(self, conv: nn.Conv2d, mask: torch.Tensor):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                         conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                         conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+        self.register_buffer("weight_mask", as_mask(mask).clone())
+        with torch.no_grad():
+            self.weight.copy_(conv.weight * self.weight_mask)
+            if conv.bias is not None:
+                self.bias.copy_(conv.bias)
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight * self.weight_mask, self.bias)
+
+    def mask(self) -> torch.Tensor:
+        return self.weight_mask
+
+    def to_conv(self) -> nn.Conv2d:
+        return _conv_like(self, self.weight.detach() * self.weight_mask, self.bias)
+
+
 def _linear_like(module, weight, bias) -> nn.Linear:
     out = nn.Linear(module.in_features, module.out_features, bias is not None,
                     device=weight.device, dtype=weight.dtype)
@@ -140,6 +332,54 @@ def _linear_like(module, weight, bias) -> nn.Linear:
     return out
 
 
+def _conv_like(module, weight, bias) -> nn.Conv2d:
+    out = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                    module.padding, module.dilation, getattr(module, "groups", 1),
+                    bias is not None, getattr(module, "padding_mode", "zeros"),
+                    device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)
+    return out
+
+
+# ---------------------------------------------------------------------------------- sparsify
+
+_LINEAR = (nn.Linear, MaskedLinear, SparseLinear)
+_CONV = (nn.Conv2d, MaskedConv2d, SparseConv2d)
+
+
+def _kind(module: nn.Module) -> str | None:
+    """linear / conv for the layers sparsify converts (plain or already converted), else None;
+    subclasses of nn.Linear / nn.Conv2d other than sparsekern's are not converted."""
+    if type(module) in _LINEAR:
+        return "linear"
+    if type(module) in _CONV:
+        return "conv"
+    return None
+
+
+def _plain(module: nn.Module) -> nn.Module:
+    """The plain nn.Linear / nn.Conv2d a converted layer stands for (zeros where pruned)."""
+    if isinstance(module, (SparseLinear, MaskedLinear)):
+        return module.to_linear()
+    if isinstance(module, (SparseConv2d, MaskedConv2d)):
+        return module.to_conv()
+    return module
+
+
+def _dense_reason(module: nn.Module) -> str | None:
+    """Why a layer cannot run on the sparse kernels, or None."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return (f"groups={module.groups}: the sparse conv kernels need groups=1 (grouped / "
+                    f"depthwise convs stay dense)")
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r}: the sparse conv kernels pad with zeros"
+    return None
+
+
 def _train_step_fn(module: nn.Module, x: torch.Tensor):
     def step():
         module.zero_grad(set_to_none=True)
@@ -148,8 +388,13 @@ def _train_step_fn(module: nn.Module, x: torch.Tensor):
     return step
 
 
-def _choose(linear: nn.Linear, sparse: SparseLinear, mask, x: torch.Tensor, repeats: int):
-    dense = MaskedLinear(linear, mask)
+def _masked(module: nn.Module, mask: torch.Tensor) -> nn.Module:
+    return MaskedConv2d(module, mask) if isinstance(module, nn.Conv2d) else MaskedLinear(module,
+                                                                                          mask)
+
+
+def _choose(module, sparse, mask, x: torch.Tensor, repeats: int):
+    dense = _masked(module, mask)
     times = interleaved_medians({"dense": _train_step_fn(dense, x),
                                  "sparse": _train_step_fn(sparse, x)}, warmup=2,
                                 repeats=repeats)
@@ -161,14 +406,20 @@ def _timing_inputs(model: nn.Module, names, example_input, batch_size: int) -> d
     """{layer name: the input its timing uses}. With an example input: what the layer really
     receives in model(example_input), including whether it needs a gradient (the first layer's
     input usually does not, so its dX is not timed). Without: batch_size random rows that need
-    a gradient, from a private generator so the caller's random stream is untouched."""
+    a gradient (linear layers only: a conv's spatial size is not known from its weight), from a
+    private generator so the caller's random stream is untouched."""
     modules = dict(model.named_modules())
     if example_input is None:
         out = {}
         for name in names:
-            w = modules[name].weight
+            module = modules[name]
+            if isinstance(module, nn.Conv2d):
+                raise ValueError(f"sparsify: policy='auto' times each layer on its input; conv "
+                                 f"layer {name!r} needs example_input=<a batch for the model> "
+                                 f"(or pass policy='sparse' / 'dense')")
+            w = module.weight
             generator = torch.Generator(device=w.device).manual_seed(0)
-            out[name] = torch.randn(batch_size, modules[name].in_features, device=w.device,
+            out[name] = torch.randn(batch_size, module.in_features, device=w.device,
                                     dtype=w.dtype, generator=generator, requires_grad=True)
         return out
     seen = {}
@@ -191,52 +442,94 @@ def _timing_inputs(model: nn.Module, names, example_input, batch_size: int) -> d
     return {name: x.detach().clone().requires_grad_(x.requires_grad) for name, x in seen.items()}
 
 
+def _targets(model: nn.Module, masks) -> dict[str, torch.Tensor]:
+    """{layer name: bool mask} of the layers to convert, checked against the model."""
+    modules = dict(model.named_modules())
+    if masks is None:
+        targets = {}
+        for name, module in modules.items():
+            if type(module) in (nn.Linear, nn.Conv2d):
+                mask = module.weight.detach() != 0
+                if not bool(mask.all()):
+                    targets[name] = mask
+        return targets
+    known = {f"{n}.weight" for n, m in modules.items() if _kind(m)}
+    unknown = sorted(set(masks) - known)
+    if unknown:
+        for key in unknown:
+            module = modules.get(key[: -len(".weight")] if key.endswith(".weight") else None)
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                raise ValueError(f"masks: layer {key[:-len('.weight')]!r} is a "
+                                 f"{type(module).__name__} (a subclass of nn.Linear / "
+                                 f"nn.Conv2d); sparsify converts plain nn.Linear / nn.Conv2d "
+                                 f"layers only")
+        raise ValueError(f"masks: no nn.Linear / nn.Conv2d weight named {unknown}; known: "
+                         f"{sorted(known)}")
+    targets = {}
+    for key, mask in masks.items():
+        name = key[: -len(".weight")]
+        mask = as_mask(mask, f"masks[{key!r}]")
+        module = modules[name]
+        shape = tuple(module.weight_shape if isinstance(module, _PackedWeight)
+                      else module.weight.shape)
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape:
+            raise ValueError(f"masks[{key!r}]: shape {tuple(getattr(mask, 'shape', ()))} does "
+                             f"not match the weight's {shape}")
+        targets[name] = mask
+    return targets
+
+
 def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None,
              format: str = "auto", policy: str = "auto", block=None, batch_size: int = 256,
              repeats: int = 7, example_input=None) -> nn.Module:
-    """Replaces the pruned nn.Linear layers of `model` (in place) and returns it.
+    """Replaces the pruned nn.Linear and nn.Conv2d layers of `model` (in place) and returns it.
 
-    masks: {"<layer>.weight": bool tensor}; layers not named stay as they are. None: every Linear
-    with zeros in its weight is pruned where it is zero. policy="auto" times a training step of
-    each layer both ways (interleaved, median of `repeats`) and keeps the faster; "sparse" /
-    "dense" force the choice. The timing input is what each layer receives in
-    model(example_input) when one is given (a real batch: its size, and no dX for a layer whose
-    input needs no gradient), else batch_size random rows. Each decision is readable afterwards
-    via `decisions(model)`.
+    masks: {"<layer>.weight": bool tensor like the weight}; layers not named stay as they are
+    (BatchNorm and everything else is never touched). A layer that an earlier call converted is
+    converted again with the new mask. None: every Linear / Conv2d with zeros in its weight is
+    pruned where it is zero. policy="auto" times a training step of each layer both ways
+    (interleaved, median of `repeats`) and keeps the faster; "sparse" / "dense" force the
+    choice. Grouped / depthwise convs (and padding modes other than zeros) stay dense
+    (MaskedConv2d) under every policy, with the reason in their decision. The timing input is
+    what each layer receives in model(example_input) when one is given (a real batch: its size,
+    and no dX for a layer whose input needs no gradient), else batch_size random rows (linear
+    layers; conv layers need example_input). Each decision is readable afterwards via
+    `decisions(model)` and printable via `report(model)`.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if masks is not None:
-        names = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        unknown = sorted(set(masks) - names)
-        if unknown:
-            raise ValueError(f"masks: no nn.Linear weight named {unknown}; known: {sorted(names)}")
-    targets = {}
-    for name, module in model.named_modules():
-        if type(module) is not nn.Linear:
-            continue
-        if masks is None:
-            mask = module.weight.detach() != 0
-            if not bool(mask.all()):
-                targets[name] = mask
-        elif f"{name}.weight" in masks:
-            targets[name] = masks[f"{name}.weight"]
-    inputs = (_timing_inputs(model, targets, example_input, batch_size)
-              if policy == "auto" and targets else {})
+    targets = _targets(model, masks)
+    for name in targets:  # converted earlier: back to the plain layer the new mask applies to
+        module = model.get_submodule(name)
+        if _plain(module) is not module:
+            _set_submodule(model, name, _plain(module))
+    timed = [n for n in targets if _dense_reason(model.get_submodule(n)) is None]
+    inputs = (_timing_inputs(model, timed, example_input, batch_size)
+              if policy == "auto" and timed else {})
     for name, mask in targets.items():
         module = model.get_submodule(name)
-        sparse = SparseLinear.from_dense(module, mask, format=format,
-                                         block=block or (32, 32))
-        decision = {"format": sparse.format, "sparsity": sparse.weight_format().sparsity}
-        if policy == "auto":
-            chosen, dense, times = _choose(module, sparse, mask, inputs[name], repeats)
-            decision.update(dense_ms=times["dense"] * 1e3, sparse_ms=times["sparse"] * 1e3,
-                            timed_input=list(inputs[name].shape),
-                            timed_grad_input=inputs[name].requires_grad)
+        kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
+        decision = {"name": name, "kind": kind, "shape": list(module.weight.shape),
+                    "sparsity": 1.0 - int(mask.sum()) / mask.numel()}
+        reason = _dense_reason(module)
+        if reason is not None:
+            chosen, sparse, dense = "dense", None, _masked(module, mask)
+            decision.update(format="dense", reason=reason)
         else:
-            chosen, dense = policy, MaskedLinear(module, mask) if policy == "dense" else None
+            cls = SparseConv2d if kind == "conv" else SparseLinear
+            sparse = cls.from_dense(module, mask, format=format, block=block)
+            decision["format"] = sparse.format
+            if sparse.format == "bsr":
+                decision["block"] = list(sparse.weight_format().block)
+            if policy == "auto":
+                chosen, dense, times = _choose(module, sparse, mask, inputs[name], repeats)
+                decision.update(dense_ms=times["dense"] * 1e3, sparse_ms=times["sparse"] * 1e3,
+                                timed_input=list(inputs[name].shape),
+                                timed_grad_input=inputs[name].requires_grad)
+            else:
+                chosen, dense = policy, _masked(module, mask) if policy == "dense" else None
         decision["chosen"] = chosen
         replacement = sparse if chosen == "sparse" else dense
         replacement.sparsekern_decision = decision
@@ -245,11 +538,11 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None,
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """Replaces every SparseLinear / MaskedLinear (in place) by an nn.Linear with zeros where
-    pruned, and returns the model."""
+    """Replaces every SparseLinear / MaskedLinear / SparseConv2d / MaskedConv2d (in place) by
+    the plain nn.Linear / nn.Conv2d with zeros where pruned, and returns the model."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, (SparseLinear, MaskedLinear)):
-            _set_submodule(model, name, module.to_linear())
+        if _plain(module) is not module:
+            _set_submodule(model, name, _plain(module))
     return model
 
 
@@ -259,9 +552,30 @@ def decisions(model: nn.Module) -> dict[str, dict]:
             if hasattr(m, "sparsekern_decision")}
 
 
+def report(model: nn.Module) -> str:
+    """The decisions of `sparsify` as a printable table, one row per converted layer: name,
+    kind, weight shape, sparsity, format, measured dense / sparse ms of a training step, choice
+    (and why a layer stayed dense when it cannot run sparse)."""
+    rows = []
+    for name, d in decisions(model).items():
+        fmt = d["format"] + (f" {d['block'][0]}x{d['block'][1]}" if "block" in d else "")
+        ms = [f"{d[k]:.3f}" if k in d else "-" for k in ("dense_ms", "sparse_ms")]
+        speedup = f"{d['dense_ms'] / d['sparse_ms']:.2f}x" if "dense_ms" in d else "-"
+        rows.append([name, d["kind"], "x".join(map(str, d["shape"])),
+                     f"{100 * d['sparsity']:.1f}%", fmt, *ms, speedup, d["chosen"],
+                     d.get("reason", "")])
+    header = ["layer", "kind", "shape", "sparsity", "format", "dense ms", "sparse ms",
+              "speedup", "chosen", "note"]
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+             for r in [header] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module):
     if not name:
-        raise ValueError("sparsify/densify: the model itself is a Linear layer; wrap it in a "
-                         "container (e.g. nn.Sequential) to convert it in place")
+        raise ValueError("sparsify/densify: the model itself is a Linear/Conv2d layer; wrap it "
+                         "in a container (e.g. nn.Sequential) to convert it in place")
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

@@ -1,16 +1,21 @@
 """Mask makers. A mask is a bool tensor shaped like its weight ({param name: mask}); True = kept.
 
 Scores come from a registered strategy (magnitude, random); `prune` removes a fraction of the
-remaining units, where a unit is one weight (unstructured), one BNxBK block of the
-(out_features, in_features) view of the weight (block: the mask then runs on sparsekern's BSR
-kernels), or one weight inside its group of M consecutive input weights (nm). Counts are exact:
-global pruning removes round(fraction * remaining) units over all layers together, layerwise
-pruning the same per layer.
+remaining units, where a unit is one weight (unstructured), one block (block: the mask then
+runs on sparsekern's BSR kernels), or one weight inside its group of M consecutive input weights
+(nm). A block of a linear weight is BN output x BK input features; a block of a conv weight
+[C_out, C_in, kh, kw] is BN output x BK input channels spanning the whole kh x kw window (the
+BSR conv block), scored by the mean |w| over it. Counts are exact: global pruning removes
+round(fraction * remaining) units over all layers together, layerwise pruning the same per
+layer. Global pruning never removes a layer's last unit: a layer it would empty keeps its
+highest-scoring unit (a few units more than the exact count, with a warning naming the layers),
+so the network is never cut in two.
 """
 from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -38,13 +43,18 @@ def layer_weights(model: nn.Module) -> list[str]:
             if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
-def prunable_names(model: nn.Module, exclude=("first_conv", "classifier")) -> list[str]:
+def prunable_names(model: nn.Module, exclude=("first_conv", "classifier"),
+                   granularity: str = "unstructured") -> list[str]:
     """Layer weights minus the excluded ones. Tokens: first_conv (the first Conv2d),
     classifier (the last Linear), first_layer (the first Linear or Conv2d), or glob patterns
     over parameter names ("fcs.0.weight") or module names ("fcs.0"). A pattern that matches no
-    layer weight is an error, so a typo cannot silently prune everything."""
+    layer weight is an error, so a typo cannot silently prune everything. With
+    granularity="block", grouped / depthwise convs are not prunable: they have no BSR kernel
+    and a channel block of a depthwise conv is whole channels, so they stay dense."""
     names = layer_weights(model)
     modules = dict(model.named_modules())
+    if granularity == "block":
+        names = [n for n in names if getattr(modules[n[: -len(".weight")]], "groups", 1) == 1]
     convs = [n for n in names if isinstance(modules[n[: -len(".weight")]], nn.Conv2d)]
     linears = [n for n in names if isinstance(modules[n[: -len(".weight")]], nn.Linear)]
     excluded = set()
@@ -88,14 +98,26 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+def _channels(t: torch.Tensor) -> torch.Tensor:
+    """What a block is cut from: [out, in] as is; a conv [C_out, C_in, kh, kw] summed over its
+    kh x kw window to [C_out, C_in] (a BSR conv block spans the whole window)."""
+    return t.sum(dim=(2, 3)) if t.dim() == 4 else _rows(t)
+
+
+def _block_shape(shape) -> tuple[int, int]:
+    """The 2-D shape blocks tile: (out, in) of a linear weight, (C_out, C_in) of a conv."""
+    return (shape[0], shape[1]) if len(shape) == 4 else (shape[0], math.prod(shape[1:]))
+
+
 def _grid(shape2d, block):
     bn, bk = block
     return math.ceil(shape2d[0] / bn), math.ceil(shape2d[1] / bk)
 
 
 def block_sum(t: torch.Tensor, block) -> torch.Tensor:
-    """[out, in] -> [Nb, Kb] sums over each block (ragged edge blocks are zero-padded)."""
-    t = _rows(t)
+    """[out, in] (or a conv [C_out, C_in, kh, kw]) -> [Nb, Kb] sums over each block, a conv
+    block spanning the whole kh x kw window (ragged edge blocks are zero-padded)."""
+    t = _channels(t)
     bn, bk = block
     nb, kb = _grid(t.shape, block)
     padded = t.new_zeros(nb * bn, kb * bk)
@@ -104,10 +126,12 @@ def block_sum(t: torch.Tensor, block) -> torch.Tensor:
 
 
 def block_expand(grid: torch.Tensor, shape, block) -> torch.Tensor:
-    """[Nb, Kb] per block -> per weight, shaped like the weight."""
+    """[Nb, Kb] per block -> per weight, shaped like the weight (a conv block over every tap)."""
     bn, bk = block
-    rows = (shape[0], math.prod(shape[1:]))
+    rows = _block_shape(shape)
     full = grid.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[: rows[0], : rows[1]]
+    if len(shape) == 4:
+        return full[:, :, None, None].expand(tuple(shape)).contiguous()
     return full.reshape(shape).contiguous()
 
 
@@ -157,6 +181,21 @@ def _keep_top_per_group(scores: torch.Tensor, kept: torch.Tensor,
     return rank < counts.unsqueeze(-1)
 
 
+def _keep_one_per_layer(new: dict, us: dict, uk: dict) -> dict:
+    """Global pruning never empties a layer that had kept units: such a layer keeps its
+    highest-scoring unit (and a warning names it)."""
+    emptied = [n for n in new if bool(uk[n].any()) and not bool(new[n].any())]
+    for n in emptied:
+        best = int(torch.where(uk[n], us[n], torch.full_like(us[n], -math.inf)).argmax())
+        new[n] = new[n].clone()
+        new[n][best] = True
+    if emptied:
+        warnings.warn(f"global pruning would remove every unit of {emptied}; each keeps its "
+                      f"highest-scoring unit so the network is not cut in two", RuntimeWarning,
+                      stacklevel=3)
+    return new
+
+
 def _units(scores, masks, granularity, block):
     """(unit scores, unit kept) per layer for unstructured / block granularity, flattened."""
     us, uk = {}, {}
@@ -175,8 +214,8 @@ def _from_units(unit_kept, masks, granularity, block):
     out = {}
     for n, mask in masks.items():
         if granularity == "block":
-            out[n] = block_expand(unit_kept[n].view(_grid(_rows(mask).shape, block)), mask.shape,
-                                  block)
+            out[n] = block_expand(unit_kept[n].view(_grid(_block_shape(mask.shape), block)),
+                                  mask.shape, block)
         else:
             out[n] = unit_kept[n].view(mask.shape).clone()
     return out
@@ -214,6 +253,7 @@ def prune(scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], fract
         kept = _keep_top(flat_s, flat_k, remaining - _round(fraction * remaining))
         for n, part in zip(names, kept.split([us[n].numel() for n in names])):
             new[n] = part
+        new = _keep_one_per_layer(new, us, uk)
     else:
         for n in masks:
             remaining = int(uk[n].sum())
@@ -243,7 +283,8 @@ def prune_to(scores, masks, target_sparsity: float, granularity="unstructured", 
         names = list(masks)
         kept = _keep_top(torch.cat([us[n] for n in names]), torch.cat([uk[n] for n in names]),
                          keep)
-        new = dict(zip(names, kept.split([us[n].numel() for n in names])))
+        new = _keep_one_per_layer(dict(zip(names, kept.split([us[n].numel() for n in names]))),
+                                  us, uk)
     else:
         new = {}
         for n in masks:

@@ -1,6 +1,7 @@
 """Pruning math: exact counts for global and layerwise pruning, excluded layers untouched, block
 masks made of whole blocks (and run on BSR), N:M groups valid, baselines keep layer counts."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -25,6 +26,15 @@ def _kept(masks):
     return sum(int(m.sum()) for m in masks.values())
 
 
+def _prune_noting_floor(*args, **kwargs):
+    """prune(), plus the layers whose last unit the no-layer-collapse rule kept (warned)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        new = pruning.prune(*args, **kwargs)
+    text = "".join(str(c.message) for c in caught)
+    return new, [n for n in new if f"'{n}'" in text]
+
+
 SHAPES = [(40, 30), (64, 64), (10, 3, 3, 3)]
 
 
@@ -35,11 +45,28 @@ def test_global_prunes_exactly_the_fraction_of_remaining(fraction):
     scores = pruning.magnitude_scores(w)
     for _ in range(3):
         remaining = _kept(masks)
-        new = pruning.prune(scores, masks, fraction, "global")
-        assert _kept(new) == remaining - math.floor(fraction * remaining + 0.5)
-        for n in masks:  # never revives a pruned weight
+        new, floored = _prune_noting_floor(scores, masks, fraction, "global")
+        # a layer the exact count would empty keeps its best unit, and the warning names it
+        assert all(int(new[n].sum()) == 1 for n in floored)
+        assert _kept(new) == remaining - math.floor(fraction * remaining + 0.5) + len(floored)
+        for n in masks:  # never revives a pruned weight, never empties a layer
             assert not bool((new[n] & ~masks[n]).any())
+            assert bool(new[n].any())
         masks = new
+
+
+def test_global_pruning_never_removes_a_whole_layer():
+    """Layer collapse: a layer whose weights are all small would be pruned away entirely by the
+    exact global count; it keeps its highest-scoring unit instead, with a warning."""
+    w = _weights(SHAPES)
+    w["l2.weight"] *= 1e-3
+    with pytest.warns(RuntimeWarning, match=r"every unit of \['l2.weight'\]"):
+        new = pruning.prune(pruning.magnitude_scores(w), _full(w), 0.8, "global")
+    assert int(new["l2.weight"].sum()) == 1
+    assert bool(new["l2.weight"].view(-1)[w["l2.weight"].abs().argmax()])
+    with pytest.warns(RuntimeWarning, match="every unit of"):
+        new = pruning.prune_to(pruning.magnitude_scores(w), _full(w), 0.8)
+    assert int(new["l2.weight"].sum()) == 1
 
 
 def test_global_keeps_the_largest_magnitudes_across_layers():
@@ -112,13 +139,45 @@ def test_block_masks_are_whole_blocks(scope, block):
     units = {n: pruning.block_pattern(m, block).numel() for n, m in masks.items()}
     for _ in range(3):
         remaining = sum(int(pruning.block_pattern(m, block).sum()) for m in masks.values())
-        masks = pruning.prune(pruning.magnitude_scores(w), masks, 0.3, scope, "block", block)
+        masks, floored = _prune_noting_floor(pruning.magnitude_scores(w), masks, 0.3, scope,
+                                             "block", block)
         for n, m in masks.items():
             assert pruning.is_block_aligned(m, block), n
         after = sum(int(pruning.block_pattern(m, block).sum()) for m in masks.values())
         if scope == "global":
-            assert after == remaining - math.floor(0.3 * remaining + 0.5)
+            assert after == remaining - math.floor(0.3 * remaining + 0.5) + len(floored)
     assert sum(units.values()) > 0
+
+
+def test_conv_block_units_are_channel_blocks_over_the_whole_window():
+    """A conv weight's block is BN output x BK input channels spanning every kh x kw tap (the
+    BSR conv block), scored by its mean |w|; the masks run on SparseConv2d's BSR kernels."""
+    g = torch.Generator().manual_seed(3)
+    w = {"c.weight": torch.randn(32, 24, 3, 3, generator=g)}
+    w["c.weight"][:8, :8] *= 10  # the strongest channel block
+    masks = pruning.prune(pruning.magnitude_scores(w), _full(w), 0.75, "global", "block", (8, 8))
+    m = masks["c.weight"]
+    assert pruning.block_pattern(m, (8, 8)).shape == (4, 3)  # channel grid, not C_in*kh*kw
+    assert int(pruning.block_pattern(m, (8, 8)).sum()) == 3  # 12 blocks - round(0.75 * 12)
+    assert bool(m[:8, :8].all())
+    channels = m.flatten(2)
+    assert bool((channels.all(2) == channels.any(2)).all())  # each channel pair: all taps or none
+    scores = pruning.block_sum(w["c.weight"].abs(), (8, 8))
+    kept = pruning.block_pattern(m, (8, 8))
+    assert scores[kept].min() >= scores[~kept].max()
+    conv = nn.Sequential(nn.Conv2d(24, 32, 3, padding=1, bias=False))
+    with torch.no_grad():
+        conv[0].weight.copy_(w["c.weight"])
+    sk.sparsify(conv, {"0.weight": m}, policy="sparse")
+    assert isinstance(conv[0], sk.SparseConv2d) and conv[0].format == "bsr"
+    assert conv[0].weight_format().block == (8, 8) and torch.equal(conv[0].mask(), m)
+
+
+def test_block_granularity_leaves_grouped_convs_unpruned():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3, groups=16),
+                          nn.Conv2d(16, 32, 1), nn.Flatten(), nn.Linear(32, 10))
+    assert pruning.prunable_names(model, ()) == ["0.weight", "1.weight", "2.weight", "4.weight"]
+    assert pruning.prunable_names(model, (), "block") == ["0.weight", "2.weight", "4.weight"]
 
 
 def test_block_ticket_runs_on_bsr():

@@ -39,8 +39,8 @@ def test_pruned_weights_stay_exactly_zero_under_momentum_and_weight_decay(policy
     masks = _pruned(model, exclude=())  # conv and linear layers, classifier included
     decisions = sparsify_model(model, masks, policy=policy)
     assert {d["chosen"] for n, d in decisions.items() if d["kind"] == "linear"} == {policy}
-    assert {d["chosen"] for n, d in decisions.items() if d["kind"] == "conv"} == {"masked-dense"}
-    assert isinstance(model.conv2, MaskedConv2d)
+    assert {d["chosen"] for n, d in decisions.items() if d["kind"] == "conv"} == {policy}
+    assert isinstance(model.conv2, MaskedConv2d if policy == "dense" else sk.SparseConv2d)
     t = parse_config(["--optimizer", optimizer, "--weight-decay", "0.05", "--lr", "0.1"] +
                      (["--nesterov"] if optimizer == "sgd" else [])).training
     opt = make_optimizer(t, model.parameters())
@@ -234,14 +234,18 @@ def test_block_and_nm_tickets_train(tmp_path):
         assert bool((pruning.nm_counts(m, 4) == 2).all())
 
 
-def test_conv_tickets_run_masked_dense_and_say_so(tmp_path):
+def test_conv_tickets_train_on_sparse_conv_kernels(tmp_path):
     run = run_inprocess(["--model", "lenet5", "--epochs", "1", "--rounds", "1", "--rewind",
                          "init", "--no-progress", "--timing-repeats", "1", "--branches", "none",
-                         "--batch-size", "256", "--threads", "1"], tmp_path)
+                         "--batch-size", "256", "--threads", "1", "--sparse-policy", "sparse"],
+                        tmp_path)
     result = json.load(open(os.path.join(run, "round_01", "result.json")))
     assert "conv1.weight" not in result["layers"]  # the first conv is excluded by default
-    assert result["layers"]["conv2.weight"]["chosen"] == "masked-dense"
+    assert result["layers"]["conv2.weight"] == {**result["layers"]["conv2.weight"],
+                                                "kind": "conv", "chosen": "sparse",
+                                                "format": "csr"}
     assert result["layers"]["fc1.weight"]["kind"] == "linear"
+    assert result["sparse_layers"] == "3/3"  # conv2, fc1, fc2: conv layers count
     ck = load(os.path.join(run, "round_01", "checkpoint.pt"))
     assert int((ck["model"]["conv2.weight"][~ck["masks"]["conv2.weight"]] != 0).sum()) == 0
 

@@ -153,19 +153,42 @@ def test_training_matches_dense_masked_training(fmt):
         assert_close(densified[i].weight, dense_model[i].weight, 1e-4, f"densified {i}")
 
 
-def test_bsr_unaligned_mask_trains_its_block_closure():
-    """With a mask that is not block-aligned, BSR trains the whole block closure (documented):
-    after training, weights outside the closure are still exactly zero."""
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_bsr_unaligned_mask_trains_only_the_mask(optimizer):
+    """format="bsr" with a mask that is not made of whole blocks stores the block closure, but
+    the mask that trains is the given one: the weights inside kept blocks and outside the mask
+    stay exactly zero through training with momentum and weight decay (issue 8)."""
     linear = nn.Linear(40, 32, dtype=torch.float64)
-    mask = unstructured_mask(32, 40, 0.97)
+    mask = unstructured_mask(32, 40, 0.9)
     layer = sk.SparseLinear.from_dense(linear, mask, format="bsr", block=BLOCK)
-    closure = layer.mask()
-    assert bool((closure | ~mask).all())  # closure contains the mask
-    _sparse_training(layer, torch.randn(16, 40, dtype=torch.float64),
-                     torch.randn(16, 32, dtype=torch.float64), 5)
+    assert layer.value_mask is not None and torch.equal(layer.mask(), mask)
+    closure = sk.BlockSparse.from_dense(linear.weight, mask, block=BLOCK).mask()
+    assert bool((closure & ~mask).any())  # there are such weights to keep at zero
+    x, target = torch.randn(16, 40, dtype=torch.float64), torch.randn(16, 32, dtype=torch.float64)
+    opt = (torch.optim.SGD(layer.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+           if optimizer == "sgd" else torch.optim.AdamW(layer.parameters(), lr=0.01,
+                                                        weight_decay=0.1))
+    for _ in range(10):
+        opt.zero_grad()
+        F.mse_loss(layer(x), target).backward()
+        opt.step()
     weight = sk.densify(nn.Sequential(layer))[0].weight
-    assert bool((weight[~closure] == 0).all())
-    assert bool((weight[closure & ~mask] != 0).any())
+    assert bool((weight[~mask] == 0).all())
+    assert bool((weight[mask] != 0).all())
+    assert_close(layer(x), F.linear(x, linear.weight * 0 + weight, layer.bias), 1e-12)
+    # format="auto" (the default) never needs a value mask: CSR for a scattered mask
+    assert sk.SparseLinear.from_dense(linear, mask).format == "csr"
+
+
+def test_float_masks_are_accepted():
+    """A float 0/1 mask (torch.nn.utils.prune's weight_mask) is converted; other values are
+    refused with the argument named."""
+    linear = nn.Linear(16, 8)
+    mask = unstructured_mask(8, 16, 0.5)
+    layer = sk.SparseLinear.from_dense(linear, mask.float())
+    assert torch.equal(layer.mask(), mask)
+    with pytest.raises(ValueError, match="mask: a non-bool mask must hold only 0 and 1"):
+        sk.SparseLinear.from_dense(linear, mask.float() * 0.5)
 
 
 @pytest.mark.parametrize("fmt", ["bsr", "csr"])
@@ -310,7 +333,7 @@ def test_densify_restores_identical_outputs():
 
 def test_sparsify_rejects_unknown_layer():
     model = _model()
-    with pytest.raises(ValueError, match=r"no nn.Linear weight named \['fc9.weight'\]"):
+    with pytest.raises(ValueError, match=r"no nn.Linear / nn.Conv2d weight named \['fc9.weight'\]"):
         sk.sparsify(model, masks={"fc9.weight": torch.ones(3, 3, dtype=torch.bool)},
                     policy="sparse")
     assert type(model.fc1) is nn.Linear  # nothing converted
