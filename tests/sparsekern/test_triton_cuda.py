@@ -18,7 +18,7 @@ import torch
 
 import sparsekern as sk
 import sparsekern.triton as skt
-from _sk_helpers import (FORMATS, OPS, assert_close, format_ops, op_args, random_problem,
+from _sk_helpers import (FORMATS, assert_close, format_ops, op_args, random_problem,
                          rebuild, reference_op, rel_err, run_op)
 from sparsekern import reference
 
@@ -90,7 +90,7 @@ def test_autograd_and_compile_on_cuda(fmt):
         assert_close(a.float(), b.float(), 1e-6, "compiled grad")
 
 
-@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("name", skt.OP_NAMES)
 def test_opcheck_on_cuda(name):
     _direct()
     W, x, dy, bias = _cuda_problem(name.split("_")[0], torch.float32, m=16, n=48, k=64)
