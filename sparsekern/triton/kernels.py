@@ -44,7 +44,8 @@ def _cfg(num_warps, num_stages, **tiles):
 
 CONFIGS = {
     "bsr_spmm": {
-        2: [_cfg(4, 3, BLOCK_M=64), _cfg(4, 3, BLOCK_M=128), _cfg(8, 4, BLOCK_M=128)],
+        2: [_cfg(4, 3, BLOCK_M=64), _cfg(4, 3, BLOCK_M=128), _cfg(8, 4, BLOCK_M=128),
+            _cfg(8, 3, BLOCK_M=256)],
         4: [_cfg(4, 2, BLOCK_M=32), _cfg(8, 2, BLOCK_M=64)],
     },
     "bsr_sddmm": {

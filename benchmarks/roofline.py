@@ -1,0 +1,205 @@
+"""`python -m benchmarks roofline --gpu h100|a100`: predicted GPU time of the sparsekern Triton
+kernels from their own tiles, vs cuBLAS dense, for y = x W^T with a 4096 x 4096 weight and
+8192 rows in bfloat16 (the issue's headline shape), at 80/90/95% sparsity, blocks 16/32/64,
+forward and training step (forward + dX + dW at kept blocks).
+
+A model, not a measurement (no GPU was available where it was written). For each kernel and each
+autotune config (the autotuner would pick the fastest, so the model does too) it counts, from the
+kernel's loop structure (sparsekern/triton/kernels.py):
+
+* FLOPs: 2 x BLOCK_M x bk x bn per kept block a program visits (no padding at these shapes);
+* HBM bytes: compulsory traffic (activations once, kept values once, output once, the index),
+  re-reads assumed to hit L2 where the working set fits (stated per kernel below);
+* L2 -> SM bytes: every tile a program loads (activation tile, weight block, 4-byte block column
+  index, 4-byte perm for dX, row pointers), i.e. the re-reads of x by every block row;
+* SM time: per kept-block step max(tensor-core time, shared-memory read time) + a fixed per-step
+  overhead, per program a fixed prologue/epilogue latency shared by the CTAs resident on the SM
+  (occupancy from the compiled kernel's registers and shared memory, `triton.compile` for the
+  architecture), whole waves of CTAs.
+
+predicted time = max(HBM time, L2 time, SM time) + launch overhead. cuBLAS dense = 2MNK / (peak x
+cuBLAS efficiency); training step = 3 such GEMMs. Every assumption is a named constant in GPUS
+and printed into the report.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from benchmarks import gpu_report
+
+M_ROWS, N_OUT, K_IN = 8192, 4096, 4096
+SPARSITIES = (0.80, 0.90, 0.95)
+BLOCKS = (16, 32, 64)
+ELEM = 2  # bf16 bytes
+
+GPUS = {
+    "h100": dict(
+        name="H100 SXM5 80GB", arch=90, sms=132, clock_ghz=1.83,
+        peak_tflops=989.4,            # dense bf16 tensor (NVIDIA datasheet); = 4096 flop/clk/SM
+        cublas_efficiency=0.75,       # cuBLAS bf16 8192x4096x4096 ~ 740 TFLOP/s (assumption)
+        mma_sync_fraction=0.60,       # legacy mma.sync (dW with bk < 64) vs wgmma peak (assumption)
+        hbm_tbs=3.35,                 # HBM3 (datasheet)
+        l2_tbs=7.0,                   # L2 -> SM read bandwidth (assumption: Chips and Cheese's
+                                      # ~5.5 TB/s on H100 PCIe scaled to 132 SMs / SXM clocks)
+        l2_mb=50, smem_b_per_clk=128, smem_per_sm=228 * 1024, regs_per_sm=65536,
+        step_overhead_clk=40,         # per kept block: index load, loop, barrier (assumption)
+        program_overhead_clk=1500,    # per CTA: pipeline fill + epilogue latency (assumption)
+        launch_us=4.0),               # per kernel launch (assumption)
+    "a100": dict(
+        name="A100 SXM4 80GB", arch=80, sms=108, clock_ghz=1.41,
+        peak_tflops=312.0, cublas_efficiency=0.80, mma_sync_fraction=1.0,
+        hbm_tbs=2.04, l2_tbs=4.5, l2_mb=40, smem_b_per_clk=128, smem_per_sm=164 * 1024,
+        regs_per_sm=65536, step_overhead_clk=40, program_overhead_clk=1500, launch_us=4.0),
+}
+
+
+def _occupancy(gpu, facts, warps):
+    by_smem = gpu["smem_per_sm"] // max(facts["smem"], 1)
+    by_regs = gpu["regs_per_sm"] // (max(facts["regs"], 1) * 32 * warps)
+    return max(1, min(by_smem, by_regs, 64 // warps, 32))
+
+
+def _tc_flops_per_clk(gpu, wgmma):
+    per_clk = gpu["peak_tflops"] * 1e12 / (gpu["sms"] * gpu["clock_ghz"] * 1e9)
+    return per_clk if wgmma or gpu["arch"] < 90 else per_clk * gpu["mma_sync_fraction"]
+
+
+def _finish(gpu, flops, hbm, l2, programs, cycles_per_program, occ):
+    # Co-resident CTAs share their SM's tensor cores and shared memory, so the SM time is the
+    # throughput cycles of the busiest SM: ceil(programs / SMs) CTAs (round-robin), the tail
+    # wave included; latency (program overhead) is already divided by the occupancy.
+    sm_s = math.ceil(programs / gpu["sms"]) * cycles_per_program / (gpu["clock_ghz"] * 1e9)
+    hbm_s, l2_s = hbm / (gpu["hbm_tbs"] * 1e12), l2 / (gpu["l2_tbs"] * 1e12)
+    bound = max((hbm_s, "HBM"), (l2_s, "L2"), (sm_s, "SM"))
+    return dict(flops=flops, hbm_bytes=hbm, l2_bytes=l2, programs=programs, occupancy=occ,
+                hbm_us=hbm_s * 1e6, l2_us=l2_s * 1e6, sm_us=sm_s * 1e6, bound=bound[1],
+                time_us=bound[0] * 1e6 + gpu["launch_us"])
+
+
+def bsr_spmm(gpu, facts, config, block, sparsity, transposed):
+    """Forward (block rows, x tiles) or dX (block columns, dY tiles, + perm)."""
+    bm, warps = config["BLOCK_M"], config["num_warps"]
+    nb, kb = N_OUT // block, K_IN // block
+    nnzb = round((1 - sparsity) * nb * kb)
+    out_blocks = kb if transposed else nb
+    a_cols = N_OUT if transposed else K_IN
+    out_cols = K_IN if transposed else N_OUT
+    m_tiles = math.ceil(M_ROWS / bm)
+    programs = out_blocks * m_tiles
+    steps = m_tiles * nnzb  # kept blocks visited, summed over programs
+    index_b = 8 if transposed else 4
+    flops = 2 * M_ROWS * block * block * nnzb
+    # HBM: a once (its m-tile slab, bm x a_cols, is shared by the consecutive programs of one
+    # m-tile: the output block is the fastest grid axis), kept values once (they fit L2), out
+    # once, the index once.
+    hbm = (M_ROWS * a_cols + nnzb * block * block + M_ROWS * out_cols) * ELEM \
+        + (out_blocks + 1) * 4 + nnzb * index_b
+    l2 = steps * ((bm * block + block * block) * ELEM + index_b) + programs * 8 \
+        + M_ROWS * out_cols * ELEM
+    tc = 2 * bm * block * block / _tc_flops_per_clk(gpu, facts["wgmma"] or gpu["arch"] < 90)
+    smem = (bm * block + math.ceil(bm / 64) * block * block) * ELEM / gpu["smem_b_per_clk"]
+    occ = _occupancy(gpu, facts, warps)
+    per_program = (steps / programs) * (max(tc, smem) + gpu["step_overhead_clk"]) \
+        + gpu["program_overhead_clk"] / occ
+    return _finish(gpu, flops, hbm, l2, programs, per_program, occ)
+
+
+def bsr_sddmm(gpu, facts, config, block, sparsity):
+    """dW at kept blocks: one CTA per kept block, BLOCK_M chunks of x^T and dY reduced."""
+    bm, warps = config["BLOCK_M"], config["num_warps"]
+    nb, kb = N_OUT // block, K_IN // block
+    nnzb = round((1 - sparsity) * nb * kb)
+    chunks = math.ceil(M_ROWS / bm)
+    flops = 2 * M_ROWS * block * block * nnzb
+    occ = _occupancy(gpu, facts, warps)
+    resident = gpu["sms"] * occ
+    # HBM: CTAs run in block-id (= block-row) order and sweep M at the same pace, so a wave of
+    # resident CTAs streams the dY slabs of its block rows once and the x columns it touches
+    # once; the next wave re-reads x (64 MB does not stay in L2 across waves).
+    waves = max(1.0, nnzb / resident)
+    rows_per_wave = resident / max(nnzb / nb, 1e-9)
+    col_frac = 1 - sparsity ** min(rows_per_wave, nb)
+    hbm = (waves * M_ROWS * K_IN * col_frac + M_ROWS * N_OUT + nnzb * block * block) * ELEM \
+        + (nb + 1) * 4 + nnzb * 8
+    l2 = nnzb * chunks * 2 * bm * block * ELEM + nnzb * (8 + block * block * ELEM)
+    tc = 2 * bm * block * block / _tc_flops_per_clk(gpu, facts["wgmma"] or gpu["arch"] < 90)
+    smem = 2 * bm * block * ELEM / gpu["smem_b_per_clk"]
+    per_program = chunks * (max(tc, smem) + gpu["step_overhead_clk"]) \
+        + gpu["program_overhead_clk"] / occ
+    return _finish(gpu, flops, hbm, l2, nnzb, per_program, occ)
+
+
+def cublas_us(gpu):
+    return 2 * M_ROWS * N_OUT * K_IN / (gpu["peak_tflops"] * 1e12 * gpu["cublas_efficiency"]) \
+        * 1e6 + gpu["launch_us"]
+
+
+def compile_facts(gpu, blocks):
+    """(kernel, product, block, config_index) -> regs/smem/wgmma of the bf16 build for the GPU's
+    architecture, from triton.compile (sparsekern.triton.aot; run in a subprocess if this
+    process has triton in interpreter mode)."""
+    rows = gpu_report.aot_rows(archs=[gpu["arch"]], dtypes=["bfloat16"],
+                               blocks=[f"{b}x{b}" for b in blocks],
+                               kernels=["bsr_spmm", "bsr_sddmm"])
+    return {(r["kernel"], r["product"], int(r["block"].split("x")[0]), r["config_index"]): r
+            for r in rows}
+
+
+def model(gpu_name, sparsities=SPARSITIES, blocks=BLOCKS):
+    from sparsekern.triton.aot import ELEMENT_SIZE  # noqa: F401  (import check only)
+    gpu = GPUS[gpu_name]
+    facts = compile_facts(gpu, blocks)
+    configs = gpu_report.config_dicts()
+    dense = cublas_us(gpu)
+    rows = []
+    for block in blocks:
+        for s in sparsities:
+            best = {}
+            for product in ("forward", "grad_input", "grad_weight"):
+                kernel = "bsr_sddmm" if product == "grad_weight" else "bsr_spmm"
+                cands = []
+                for ci, cfg in enumerate(configs[kernel]):
+                    f = facts[(kernel, product, block, ci)]
+                    if kernel == "bsr_spmm":
+                        r = bsr_spmm(gpu, f, cfg, block, s, product == "grad_input")
+                    else:
+                        r = bsr_sddmm(gpu, f, cfg, block, s)
+                    r.update(config=f["config"], regs=f["regs"], smem=f["smem"],
+                             wgmma=f["wgmma"])
+                    cands.append(r)
+                best[product] = min(cands, key=lambda r: r["time_us"])
+            fwd = best["forward"]["time_us"]
+            train = fwd + best["grad_input"]["time_us"] + best["grad_weight"]["time_us"]
+            rows.append(dict(
+                gpu=gpu_name, block=block, sparsity=s, dense_forward_us=dense,
+                dense_train_us=3 * dense, forward_us=fwd, train_us=train,
+                forward_speedup=dense / fwd, train_speedup=3 * dense / train,
+                ideal=1 / (1 - s), kernels=best))
+    return dict(gpu=gpu_name, assumptions=gpu, shape=dict(M=M_ROWS, N=N_OUT, K=K_IN,
+                                                          dtype="bfloat16"), rows=rows)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks roofline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", nargs="+", default=["h100", "a100"], choices=list(GPUS))
+    p.add_argument("--out", default=None, help="folder for RESULTS.md / roofline.json "
+                   "(default benchmarks/gpu)")
+    a = p.parse_args(argv)
+    results = [model(g) for g in a.gpu]
+    for res in results:
+        for r in res["rows"]:
+            print(f"{res['gpu']} block {r['block']:2d} sparsity {r['sparsity']:.2f}: forward "
+                  f"{r['forward_us']:7.1f} us ({r['forward_speedup']:.2f}x), train "
+                  f"{r['train_us']:7.1f} us ({r['train_speedup']:.2f}x); dense "
+                  f"{r['dense_forward_us']:.1f} us / step {r['dense_train_us']:.1f} us")
+    paths = gpu_report.save_section("roofline", ["python", "-m", "benchmarks", "roofline",
+                                                 *argv], {"models": results}, a.out)
+    print("wrote", *paths)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
