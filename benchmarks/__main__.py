@@ -6,6 +6,19 @@ from benchmarks import linear
 BENCHMARKS = {"linear": linear.main}
 
 
+def _lazy(module):
+    """GPU subcommands import their module (and triton) only when chosen."""
+    def run(argv):
+        import importlib
+        return importlib.import_module(f"benchmarks.{module}").main(argv)
+    return run
+
+
+# GPU path (sparsekern/triton): model and compile report need no GPU; gpu-bench needs CUDA.
+BENCHMARKS.update({"roofline": _lazy("roofline"), "triton-compile": _lazy("triton_compile"),
+                   "gpu-bench": _lazy("gpu_bench")})
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in BENCHMARKS:
         print(f"usage: python -m benchmarks {{{','.join(BENCHMARKS)}}} [options]\n"

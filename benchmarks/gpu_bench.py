@@ -1,0 +1,124 @@
+"""`python -m benchmarks gpu-bench --device cuda`: measured GPU time of the sparsekern Triton
+kernels vs cuBLAS dense and torch's own block-sparse kernels, with `triton.testing.do_bench`
+(median of its repeats, after warm-up, L2 flushed between runs).
+
+Cases: bf16 (or --dtype float16), x [M, K] with M = 8192 (and --rows), weights 4096x4096 and the
+BERT-base / ViT-B MLP shapes (3072x768, 768x3072), square blocks 16/32/64 at 80/90/95% sparsity
+with an exact kept count per block row. Modes: forward (y = x W^T) and training step (forward +
+dX + dW at kept blocks, through autograd). Peers: forward torch.sparse `bsr_dense_mm` (Triton,
+torch/sparse/_triton_ops.py) on the same blocks; dW `sampled_addmm` on a BSR layout, where torch
+supports the case (else reported n/a with torch's message). Writes benchmarks/gpu/cuda.json and
+regenerates benchmarks/gpu/RESULTS.md. Needs a CUDA device (exits with a message otherwise).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from benchmarks import gpu_report
+
+SHAPES = {"4096x4096": (4096, 4096), "mlp_up_3072x768": (3072, 768),
+          "mlp_down_768x3072": (768, 3072)}
+
+
+def _block_mask(n, k, block, sparsity, generator, device):
+    nb, kb = n // block, k // block
+    keep = max(1, round((1 - sparsity) * kb))
+    scores = torch.rand(nb, kb, generator=generator)
+    present = torch.zeros(nb, kb, dtype=torch.bool)
+    present.scatter_(1, scores.argsort(1)[:, :keep], True)
+    return present.repeat_interleave(block, 0).repeat_interleave(block, 1).to(device)
+
+
+def _peer_forward(w_dense, block):
+    try:
+        from torch.sparse._triton_ops import bsr_dense_mm
+    except ImportError as exc:
+        return None, f"import: {exc}"
+    bsr = w_dense.to_sparse_bsr((block, block))
+    return (lambda x: bsr_dense_mm(bsr, x.t())), None
+
+
+def run_case(name, n, k, m, block, sparsity, dtype, generator):
+    import triton.testing as tt
+
+    import sparsekern as sk
+    dev = "cuda"
+    mask = _block_mask(n, k, block, sparsity, generator, dev)
+    w = torch.randn(n, k, device=dev, dtype=dtype) * mask
+    W = sk.BlockSparse.from_dense(w, mask, block=(block, block))
+    x = torch.randn(m, k, device=dev, dtype=dtype)
+    dy = torch.randn(m, n, device=dev, dtype=dtype)
+    rows = []
+    # forward
+    dense_ms = tt.do_bench(lambda: torch.nn.functional.linear(x, w), return_mode="median")
+    sparse_ms = tt.do_bench(lambda: sk.linear(x, W), return_mode="median")
+    peer, why = _peer_forward(w, block)
+    peer_ms = tt.do_bench(lambda: peer(x), return_mode="median") if peer else None
+    rows.append(dict(case=name, block=block, sparsity=sparsity, mode="forward",
+                     dense_ms=dense_ms, sparse_ms=sparse_ms, speedup=dense_ms / sparse_ms,
+                     peer="bsr_dense_mm" if peer else why, peer_ms=peer_ms))
+    # training step: forward + dX + dW (dense: the three GEMMs through autograd)
+    xg = x.clone().requires_grad_()
+    wg = w.clone().requires_grad_()
+    values = W.values.clone().requires_grad_()
+    Wt = sk.BlockSparse(values, W.block_row_ptr, W.block_col_idx, W.shape, W.block_col_ptr,
+                        W.block_row_idx, W.block_perm)
+
+    def dense_step():
+        torch.autograd.grad(torch.nn.functional.linear(xg, wg), (xg, wg), dy)
+
+    def sparse_step():
+        torch.autograd.grad(sk.linear(xg, Wt), (xg, values), dy)
+
+    dense_ms = tt.do_bench(dense_step, return_mode="median")
+    sparse_ms = tt.do_bench(sparse_step, return_mode="median")
+    rows.append(dict(case=name, block=block, sparsity=sparsity, mode="train",
+                     dense_ms=dense_ms, sparse_ms=sparse_ms, speedup=dense_ms / sparse_ms,
+                     peer=None, peer_ms=None))
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks gpu-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cuda"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--rows", type=int, nargs="+", default=[8192])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--blocks", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/gpu)")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu-bench: no CUDA device on this machine; nothing measured (the roofline and "
+              "compile sections need no GPU)", file=sys.stderr)
+        return 2
+    import sparsekern.triton as skt
+    if skt.interpreter_active():
+        print("gpu-bench: triton runs in the interpreter here (TRITON_INTERPRET=1); unset it",
+              file=sys.stderr)
+        return 2
+    dtype = getattr(torch, a.dtype)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name in a.shapes:
+        n, k = SHAPES[name]
+        for m in a.rows:
+            for block in a.blocks:
+                for s in a.sparsities:
+                    for r in run_case(f"{name} M={m}", n, k, m, block, s, dtype, gen):
+                        rows.append(r)
+                        print(f"{r['case']} b{block} {s:.0%} {r['mode']}: dense "
+                              f"{r['dense_ms']:.3f} ms, sparse {r['sparse_ms']:.3f} ms "
+                              f"({r['speedup']:.2f}x)", flush=True)
+    paths = gpu_report.save_section("cuda", ["python", "-m", "benchmarks", "gpu-bench", *argv],
+                                    {"rows": rows, "dtype": a.dtype}, a.out)
+    print("wrote", *paths)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
