@@ -81,6 +81,12 @@ GeometryArrays geometry(const Conv& c, int64_t channels, int64_t images) {
   return g;
 }
 
+// Channels stored per pixel of a padded activation: C plus a few unused ones, so that pixels are
+// not a multiple of 4 KB apart. With power-of-two channel counts they would be, and every tap
+// and neighbouring pixel of a window would fall into the same L1 set (8 ways): the windows the
+// kernels read thrash L1 instead of staying in it. `unit` = the kernels' vector of channels.
+int64_t pixel_stride(int64_t channels, int64_t unit) { return channels + unit; }
+
 // [N, C, H, W] (any memory format) -> zero-padded NHWC [N, Hp, Wp, channels] (channels >= C:
 // ragged channel blocks), in one pass; no copy when nothing needs to change.
 Tensor padded_nhwc(const Tensor& x, const Conv& c, int64_t channels) {
@@ -188,9 +194,9 @@ Tensor bsr_conv2d(const Tensor& x, const Tensor& values, const Tensor& block_row
                 "], got ", bias->sizes());
     bias_padded = padded_cols(bias->view({1, Co}), Nb * bn).view({Nb * bn});
   }
-  const Tensor xp = padded_nhwc(x, c, c.C);
+  const Tensor xp = padded_nhwc(x, c, pixel_stride(c.C, 8));
   const Tensor vals = values.contiguous();
-  const GeometryArrays g = geometry(c, c.C, c.N);
+  const GeometryArrays g = geometry(c, pixel_stride(c.C, 8), c.N);
   const int64_t M = c.N * c.pixels();
   const bool ragged = Nb * bn != Co;
   Tensor y = channels_last_empty(x, c.N, Co, c.OH, c.OW);
@@ -258,8 +264,8 @@ Tensor bsr_conv2d_grad_input(const Tensor& grad_out, const Tensor& values,
   for (int64_t q = 0; q < nnzb; ++q)
     for (int64_t t = 0; t < taps; ++t) tap_perm[q * taps + t] = int32_t(perm[q] * taps + t);
   Tensor t_vals = at::empty({nnzb, kh, kw, bn, bk}, vals.options());
-  Tensor dx_padded = at::zeros({c.N, c.Hp(), c.Wp(), c.C}, grad_out.options());
-  const GeometryArrays g = geometry(c, c.C, c.N);
+  Tensor dx_padded = at::zeros({c.N, c.Hp(), c.Wp(), pixel_stride(c.C, 8)}, grad_out.options());
+  const GeometryArrays g = geometry(c, pixel_stride(c.C, 8), c.N);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), op, [&] {
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
     at::parallel_for(0, nnzb * taps, 16, [&](int64_t q0, int64_t q1) {
@@ -310,8 +316,8 @@ Tensor bsr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x,
   check_grad_out(grad_out, c, Co, op);
   const int64_t taps = c.taps(), M = c.N * c.pixels();
   const Tensor dy = rows_nhwc(grad_out, Nb * bn);
-  const Tensor xp = padded_nhwc(x, c, c.C);
-  const GeometryArrays g = geometry(c, c.C, c.N);
+  const Tensor xp = padded_nhwc(x, c, pixel_stride(c.C, 8));
+  const GeometryArrays g = geometry(c, pixel_stride(c.C, 8), c.N);
   const Tensor block_row = expand_rows(block_row_ptr, Nb, nnzb);
   Tensor dw = at::empty({nnzb, ks[0], ks[1], bk, bn}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
@@ -340,6 +346,15 @@ int64_t chunks_of(const KernelTable<T>* k, int64_t N) {
   return k->panel > 0 ? ceil_div(N, k->panel) : N;
 }
 
+// Panels [chunks][rows][panel] -> the row-major [N, rows] `out` (the kernels' NHWC).
+template <class T>
+void unpack_into(const KernelTable<T>* k, const Tensor& panels, int64_t N, Tensor& out) {
+  const int64_t chunks = panels.size(0), rows = panels.size(1);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    k->unpack_panels(panels.data_ptr<T>(), N, rows, out.data_ptr<T>(), rows, c0, c1);
+  });
+}
+
 // col_off[j] = tap_off[tap] + ci of every stored weight (column = ci * taps + tap).
 std::vector<int64_t> column_offsets(const Tensor& col_idx, const GeometryArrays& g) {
   const int64_t taps = int64_t(g.tap_off.size());
@@ -347,6 +362,33 @@ std::vector<int64_t> column_offsets(const Tensor& col_idx, const GeometryArrays&
   std::vector<int64_t> off(col_idx.numel());
   for (int64_t j = 0; j < col_idx.numel(); ++j) off[j] = g.tap_off[cols[j] % taps] + cols[j] / taps;
   return off;
+}
+
+// Column segments for the SIMD forward (kernels.h, CsrConvArgs::seg_ptr): wide enough that a
+// row holds ~8 entries per segment at this density, narrow enough that a segment's panel rows
+// stay in L1. seg[r * (S + 1) + b] = first entry of row r at column >= b * width.
+struct Segments {
+  std::vector<int32_t> ptr;
+  int64_t count;
+};
+
+Segments column_segments(const Tensor& row_ptr, const Tensor& col_idx, int64_t rows,
+                         int64_t cols) {
+  const int64_t nnz = col_idx.numel();
+  const double density = rows * cols > 0 ? double(nnz) / double(rows * cols) : 1.0;
+  const int64_t width = std::clamp<int64_t>(int64_t(8.0 / std::max(density, 1e-9)), 64, 256);
+  Segments s{{}, std::max<int64_t>(ceil_div(cols, width), 1)};
+  s.ptr.resize(rows * (s.count + 1));
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  const int32_t* ci = col_idx.data_ptr<int32_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    int32_t j = rp[r];
+    for (int64_t b = 0; b <= s.count; ++b) {
+      while (j < rp[r + 1] && (b == s.count || ci[j] < b * width)) ++j;
+      s.ptr[r * (s.count + 1) + b] = b == 0 ? rp[r] : j;
+    }
+  }
+  return s;
 }
 
 void check_csr_conv_values(const Tensor& values, const char* op) {
@@ -377,9 +419,10 @@ Tensor csr_conv2d(const Tensor& x, const Tensor& values, const Tensor& row_ptr,
   if (bias)
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == Co, op, ": bias must have shape [", Co,
                 "], got ", bias->sizes());
-  const Tensor xp = padded_nhwc(x, c, c.C).reshape({c.N, -1});
-  const GeometryArrays g = geometry(c, c.C, 1);
+  const Tensor xp = padded_nhwc(x, c, pixel_stride(c.C, 1)).reshape({c.N, -1});
+  const GeometryArrays g = geometry(c, pixel_stride(c.C, 1), 1);
   const std::vector<int64_t> col_off = column_offsets(col_idx, g);
+  const Segments seg = column_segments(row_ptr, col_idx, Co, c.C * c.taps());
   const Tensor vals = values.contiguous();
   const Tensor b = bias ? bias->contiguous() : Tensor();
   Tensor y = channels_last_empty(x, c.N, Co, c.OH, c.OW);
@@ -389,12 +432,14 @@ Tensor csr_conv2d(const Tensor& x, const Tensor& values, const Tensor& row_ptr,
     const Tensor xs = panels_of(k, xp);
     const CsrConvArgs<scalar_t> args{chunks_of(k, c.N), c.N, xp.size(1), Co,
                                      row_ptr.data_ptr<int32_t>(), col_off.data(),
-                                     vals.data_ptr<scalar_t>()};
+                                     vals.data_ptr<scalar_t>(), seg.ptr.data(), seg.count};
     const ConvGeometry geo = g.view();
     const scalar_t* bp = bias ? b.data_ptr<scalar_t>() : nullptr;
+    Tensor ys = k->panel > 0 ? at::empty({args.chunks, c.pixels() * Co, k->panel}, x.options()) : y;
     parallel_by_cost(args.row_ptr, Co, 4, [&](int64_t r0, int64_t r1) {
-      k->csr_conv_forward(args, geo, xs.data_ptr<scalar_t>(), bp, y.data_ptr<scalar_t>(), r0, r1);
+      k->csr_conv_forward(args, geo, xs.data_ptr<scalar_t>(), bp, ys.data_ptr<scalar_t>(), r0, r1);
     });
+    if (k->panel > 0) unpack_into(k, ys, c.N, y);
   });
   return y;
 }
@@ -423,30 +468,34 @@ Tensor csr_conv2d_grad_input(const Tensor& grad_out, const Tensor& values, const
   check_range(perm, op, "perm", nnz);
   const Tensor t_vals = values.index_select(0, perm);
   const Tensor dy = rows_nhwc(grad_out, Co).view({c.N, -1});
-  const GeometryArrays g = geometry(c, c.C, 1);
+  const GeometryArrays g = geometry(c, pixel_stride(c.C, 1), 1);
   // Cost of an input channel: its stored weights over all taps (col_ptr every taps columns).
   std::vector<int32_t> channel_ptr(c.C + 1);
   const int32_t* cp = col_ptr.data_ptr<int32_t>();
   for (int64_t ch = 0; ch <= c.C; ++ch) channel_ptr[ch] = cp[ch * taps];
-  const int64_t in_rows = c.Hp() * c.Wp() * c.C;
+  const int64_t in_rows = c.Hp() * c.Wp() * pixel_stride(c.C, 1);
   Tensor dx_padded;
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), op, [&] {
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
     const int64_t chunks = chunks_of(k, c.N), lanes = std::max<int64_t>(k->panel, 1);
     const Tensor dys = panels_of(k, dy);
     Tensor dxs = at::zeros({chunks, in_rows, lanes}, grad_out.options());
-    const CsrConvArgs<scalar_t> args{chunks, c.N, in_rows, Co, col_ptr.data_ptr<int32_t>(),
-                                     nullptr, t_vals.data_ptr<scalar_t>()};
+    const CsrConvArgs<scalar_t> args{chunks,  c.N,     in_rows, Co, col_ptr.data_ptr<int32_t>(),
+                                     nullptr, t_vals.data_ptr<scalar_t>(), nullptr, 0};
     const ConvGeometry geo = g.view();
     if (c.N > 0)
       parallel_by_cost(channel_ptr.data(), c.C, 4, [&](int64_t c0, int64_t c1) {
         k->csr_conv_grad_input(args, geo, row_idx.data_ptr<int32_t>(), dys.data_ptr<scalar_t>(),
                                dxs.data_ptr<scalar_t>(), c0, c1);
       });
-    // [chunk][in_rows][lane] -> [N][in_rows]
-    dx_padded = dxs.permute({0, 2, 1}).reshape({chunks * lanes, in_rows}).narrow(0, 0, c.N);
+    if (k->panel > 0) {
+      dx_padded = at::empty({c.N, in_rows}, grad_out.options());
+      unpack_into(k, dxs, c.N, dx_padded);
+    } else {
+      dx_padded = dxs.view({c.N, in_rows});
+    }
   });
-  return crop_nhwc(dx_padded.view({c.N, c.Hp(), c.Wp(), c.C}), c, c.C);
+  return crop_nhwc(dx_padded.view({c.N, c.Hp(), c.Wp(), pixel_stride(c.C, 1)}), c, c.C);
 }
 
 Tensor csr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x, const Tensor& row_ptr,
@@ -466,9 +515,9 @@ Tensor csr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x, const Ten
   const int64_t Co = grad_out.size(1), nnz = col_idx.numel();
   check_grad_out(grad_out, c, Co, op);
   check_compressed(op, "row_ptr", row_ptr, "col_idx", col_idx, Co, c.C * c.taps(), nnz);
-  const Tensor xp = padded_nhwc(x, c, c.C).reshape({c.N, -1});
+  const Tensor xp = padded_nhwc(x, c, pixel_stride(c.C, 1)).reshape({c.N, -1});
   const Tensor dy = rows_nhwc(grad_out, Co).view({c.N, -1});
-  const GeometryArrays g = geometry(c, c.C, 1);
+  const GeometryArrays g = geometry(c, pixel_stride(c.C, 1), 1);
   const std::vector<int64_t> col_off = column_offsets(col_idx, g);
   Tensor dw = at::empty({nnz}, x.options());
   if (c.N == 0) return dw.zero_();
@@ -476,7 +525,8 @@ Tensor csr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x, const Ten
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
     const Tensor xs = panels_of(k, xp), dys = panels_of(k, dy);
     const CsrConvArgs<scalar_t> args{chunks_of(k, c.N), c.N, xp.size(1), Co,
-                                     row_ptr.data_ptr<int32_t>(), col_off.data(), nullptr};
+                                     row_ptr.data_ptr<int32_t>(), col_off.data(), nullptr,
+                                     nullptr, 0};
     const ConvGeometry geo = g.view();
     parallel_by_cost(args.row_ptr, Co, 4, [&](int64_t r0, int64_t r1) {
       k->csr_conv_grad_weight(args, geo, dys.data_ptr<scalar_t>(), xs.data_ptr<scalar_t>(),

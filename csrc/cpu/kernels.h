@@ -116,9 +116,16 @@ struct CsrConvArgs {
   const int32_t* row_ptr;   // [R+1]
   const int64_t* col_off;   // [nnz]: tap_off[tap] + ci of each stored weight
   const T* values;          // [nnz]
+  // Column segments of the forward: row r's entries of columns [b*S, (b+1)*S) are
+  // [seg_ptr[r*(segments+1) + b], seg_ptr[r*(segments+1) + b + 1]). The SIMD forward walks one
+  // segment of many rows while that segment's input lines stay in L1; null elsewhere.
+  const int32_t* seg_ptr;
+  int64_t segments;
 };
-// y[n][m][r] (NHWC, [N][M][R]) = bias[r] + sum_j values[j] * x[n][pix_off[m] + col_off[j]]
-// for sparse rows [r0, r1); x in panels.
+// y[n][m][r] = bias[r] + sum_j values[j] * x[n][pix_off[m] + col_off[j]] for sparse rows
+// [r0, r1); x in panels, y in panels too ([chunk][M*R][panel], which is NHWC when panel == 0):
+// written in the order it is computed, where NHWC would scatter each tile over `panel` images
+// a power-of-two stride apart (one cache set). unpack_panels makes it NHWC afterwards.
 template <class T>
 using csr_conv_forward_fn = void (*)(const CsrConvArgs<T>&, const ConvGeometry&, const T* x,
                                      const T* bias, T* y, int64_t r0, int64_t r1);
@@ -136,6 +143,12 @@ template <class T>
 using csr_conv_grad_weight_fn = void (*)(const CsrConvArgs<T>&, const ConvGeometry&,
                                          const T* dy, const T* x, T* dw, int64_t r0, int64_t r1);
 
+// The inverse of pack_panels: dst[(c*P + i) * ld + k] = src[c][k][i] for chunks [c0, c1) and
+// rows c*P + i < M.
+template <class T>
+using unpack_panels_fn = void (*)(const T* src, int64_t M, int64_t C, T* dst, int64_t ld,
+                                  int64_t c0, int64_t c1);
+
 template <class T>
 struct KernelTable {
   const char* name;
@@ -146,6 +159,7 @@ struct KernelTable {
   csr_spmm_fn<T> csr_spmm;
   csr_sddmm_fn<T> csr_sddmm;
   pack_panels_fn<T> pack_panels;  // null when panel == 0
+  unpack_panels_fn<T> unpack_panels;  // null when panel == 0
   bsr_conv_forward_fn<T> bsr_conv_forward;
   bsr_conv_grad_input_fn<T> bsr_conv_grad_input;
   bsr_conv_grad_weight_fn<T> bsr_conv_grad_weight;

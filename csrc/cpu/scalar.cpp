@@ -176,6 +176,7 @@ const KernelTable<T>* scalar_kernels() {
                                         &csr_spmm<T>,
                                         &csr_sddmm<T>,
                                         nullptr,
+                                        nullptr,
                                         &bsr_conv_forward<T>,
                                         &bsr_conv_grad_input<T>,
                                         &bsr_conv_grad_weight<T>,

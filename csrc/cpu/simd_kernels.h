@@ -489,10 +489,31 @@ SK_INLINE void spmm_accumulate(typename V::reg (&acc)[4], const float* values, A
   }
 }
 
+// acc0 += entries [j0, e0), acc1 += entries [j1, e1): two sparse rows interleaved so eight
+// independent FMA chains are in flight. addr(j) is entry j's panel row: the column's row of the
+// batch panel (linear) or, for a conv, the input channel at the entry's tap of the current pixel.
+template <class V, class Addr>
+SK_INLINE void spmm_pair(typename V::reg (&acc0)[4], typename V::reg (&acc1)[4],
+                         const float* vals, Addr addr, int64_t j0, int64_t e0, int64_t j1,
+                         int64_t e1) {
+  const int64_t common = min64(e0 - j0, e1 - j1);
+  for (int64_t t = 0; t < common; ++t, ++j0, ++j1) {
+    const typename V::reg v0 = V::bcast(vals + j0);
+    const typename V::reg v1 = V::bcast(vals + j1);
+    const float* p0 = addr(j0);
+    const float* p1 = addr(j1);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      acc0[i] = V::fma(v0, V::load(p0 + i * V::L), acc0[i]);
+      acc1[i] = V::fma(v1, V::load(p1 + i * V::L), acc1[i]);
+    }
+  }
+  spmm_accumulate<V>(acc0, vals, addr, j0, e0);
+  spmm_accumulate<V>(acc1, vals, addr, j1, e1);
+}
+
 // tile[r - g][lane] = bias[r] + sum_j values[j] * addr(j)[lane] for sparse rows [g, g + rows),
-// rows <= 8, two rows interleaved so eight independent FMA chains are in flight. addr(j) is
-// entry j's panel row: the column's row of the batch panel (linear) or, for a conv, the input
-// channel at the entry's tap of the current output pixel.
+// rows <= 8.
 template <class V, class Addr>
 SK_INLINE void spmm_tile(float (&tile)[8][panel_width<V>()], const int32_t* rp,
                          const float* vals, Addr addr, const float* bias, int64_t g,
@@ -506,24 +527,8 @@ SK_INLINE void spmm_tile(float (&tile)[8][panel_width<V>()], const int32_t* rp,
       acc0[i] = b0;
       acc1[i] = b1;
     }
-    int64_t j0 = rp[r];
-    const int64_t e0 = rp[r + 1];
-    int64_t j1 = pair ? rp[r + 1] : 0;
-    const int64_t e1 = pair ? rp[r + 2] : 0;
-    const int64_t common = min64(e0 - j0, e1 - j1);
-    for (int64_t t = 0; t < common; ++t, ++j0, ++j1) {
-      const typename V::reg v0 = V::bcast(vals + j0);
-      const typename V::reg v1 = V::bcast(vals + j1);
-      const float* p0 = addr(j0);
-      const float* p1 = addr(j1);
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) {
-        acc0[i] = V::fma(v0, V::load(p0 + i * V::L), acc0[i]);
-        acc1[i] = V::fma(v1, V::load(p1 + i * V::L), acc1[i]);
-      }
-    }
-    spmm_accumulate<V>(acc0, vals, addr, j0, e0);
-    spmm_accumulate<V>(acc1, vals, addr, j1, e1);
+    spmm_pair<V>(acc0, acc1, vals, addr, rp[r], rp[r + 1], pair ? rp[r + 1] : 0,
+                 pair ? rp[r + 2] : 0);
     for (int i = 0; i < 4; ++i) {
       V::store(tile[r - g] + i * V::L, acc0[i]);
       if (pair) V::store(tile[r - g + 1] + i * V::L, acc1[i]);
@@ -579,6 +584,21 @@ void pack_panels(const float* src, int64_t M, int64_t C, int64_t ld, float* dst,
 }
 
 template <class V>
+void unpack_panels(const float* src, int64_t M, int64_t C, float* dst, int64_t ld, int64_t c0,
+                   int64_t c1) {
+  constexpr int P = panel_width<V>();
+  for (int64_t c = c0; c < c1; ++c) {
+    const float* panel = src + c * C * P;
+    for (int64_t i = 0; i < P && c * P + i < M; i += 8) {
+      const int64_t rows = min64(8, M - c * P - i);
+      for (int64_t k = 0; k < C; k += 8)
+        transpose_block(panel + k * P + i, P, min64(8, C - k), rows, dst + (c * P + i) * ld + k,
+                        ld);
+    }
+  }
+}
+
+template <class V>
 void csr_sddmm(const sparsekern::cpu::CsrSddmmArgs<float>& a, int64_t r0, int64_t r1) {
   constexpr int MB = panel_width<V>();
   constexpr int G = 8;  // stored scalars reduced together
@@ -620,34 +640,52 @@ void csr_sddmm(const sparsekern::cpu::CsrSddmmArgs<float>& a, int64_t r0, int64_
 
 // ---- CSR conv2d: batch panels of images (kernels.h) -----------------------------------------
 
-// The linear SpMM tile per output pixel: entry j of the current pixel reads the panel row at
-// pix_off[m] + col_off[j]; the [8 channels][panel images] tile lands in NHWC y.
+// Per output pixel, the row pairs of the linear SpMM, one column segment at a time (kernels.h):
+// a pixel's whole window (kh*kw*C_in panel rows, ~300 KB at 256 channels) does not fit L1, one
+// segment's share of it does, and every row of the block reads it from there. Between segments
+// the partial sums wait in y, whose RB rows of this pixel (RB * panel floats) stay in L1 too.
 template <class V>
 void csr_conv_forward(const sparsekern::cpu::CsrConvArgs<float>& a,
                       const sparsekern::cpu::ConvGeometry& g, const float* x, const float* bias,
                       float* y, int64_t r0, int64_t r1) {
   constexpr int MB = panel_width<V>();
-  alignas(64) float tile[8][MB];
-  const int64_t R = a.out_channels, ldo = g.M * R;
+  constexpr int64_t RB = 64;
+  const int64_t R = a.out_channels, S = a.segments, ldseg = S + 1;
   for (int64_t c = 0; c < a.chunks; ++c) {
     const float* panel = x + c * a.in_rows * MB;
-    const int64_t n0 = c * MB, nv = min64(MB, a.images - n0);
     for (int64_t m = 0; m < g.M; ++m) {
       const float* window = panel + g.pix_off[m] * MB;
       const auto addr = [&](int64_t j) { return window + a.col_off[j] * MB; };
-      float* out = y + (n0 * g.M + m) * R;
-      for (int64_t g8 = r0; g8 < r1; g8 += 8) {
-        const int64_t rows = min64(8, r1 - g8);
-        spmm_tile<V>(tile, a.row_ptr, a.values, addr, bias, g8, rows);
-        for (int64_t i = 0; i < nv; i += 8)
-          transpose_block(tile[0] + i, MB, rows, min64(8, nv - i), out + i * ldo + g8, ldo);
+      float* out = y + (c * g.M + m) * R * MB;
+      for (int64_t rb = r0; rb < r1; rb += RB) {
+        const int64_t re = min64(r1, rb + RB);
+        for (int64_t b = 0; b < S; ++b)
+          for (int64_t r = rb; r < re; r += 2) {
+            const bool pair = r + 1 < re;
+            const int32_t* s0 = a.seg_ptr + r * ldseg + b;
+            const int32_t* s1 = pair ? s0 + ldseg : s0;
+            float* p0 = out + r * MB;
+            float* p1 = pair ? p0 + MB : p0;
+            typename V::reg acc0[4], acc1[4];
+            for (int i = 0; i < 4; ++i) {
+              acc0[i] = b > 0 ? V::load(p0 + i * V::L) : bias ? V::bcast(bias + r) : V::zero();
+              acc1[i] = b > 0 ? V::load(p1 + i * V::L)
+                              : bias && pair ? V::bcast(bias + r + 1) : V::zero();
+            }
+            spmm_pair<V>(acc0, acc1, a.values, addr, s0[0], s0[1], s1[0], pair ? s1[1] : s1[0]);
+            for (int i = 0; i < 4; ++i) {
+              V::store(p0 + i * V::L, acc0[i]);
+              if (pair) V::store(p1 + i * V::L, acc1[i]);
+            }
+          }
       }
     }
   }
 }
 
-// dX by scatter over input channels [c0, c1) (kernels.h): per channel, tap and pair of output
-// pixels, the entries of that column are reduced in registers, then added to dx once.
+// dX by scatter over input channels [c0, c1) (kernels.h): per pair of output pixels, channel and
+// tap, the entries of that column are reduced in registers, then added to dx once. Pixels are
+// the outer loop so that a pixel's dy panel rows (C_out of them) stay in L1 for every column.
 template <class V>
 void csr_conv_grad_input(const sparsekern::cpu::CsrConvArgs<float>& a,
                          const sparsekern::cpu::ConvGeometry& g, const int32_t* t_rows,
@@ -658,16 +696,15 @@ void csr_conv_grad_input(const sparsekern::cpu::CsrConvArgs<float>& a,
   for (int64_t c = 0; c < a.chunks; ++c) {
     const float* dy_panel = dy + c * M * R * MB;
     float* dx_panel = dx + c * a.in_rows * MB;
-    for (int64_t ch = c0; ch < c1; ++ch)
-      for (int64_t t = 0; t < taps; ++t) {
-        const int64_t q0 = cp[ch * taps + t], q1 = cp[ch * taps + t + 1];
-        if (q0 == q1) continue;
-        const int64_t offset = g.tap_off[t] + ch;
-        for (int64_t m = 0; m < M; m += 2) {
-          const bool pair = m + 1 < M;
+    for (int64_t m = 0; m < M; m += 2) {
+      const bool pair = m + 1 < M;
+      const float* d = dy_panel + m * R * MB;
+      for (int64_t ch = c0; ch < c1; ++ch)
+        for (int64_t t = 0; t < taps; ++t) {
+          const int64_t q0 = cp[ch * taps + t], q1 = cp[ch * taps + t + 1];
+          if (q0 == q1) continue;
           typename V::reg acc0[4], acc1[4];
           for (int i = 0; i < 4; ++i) acc0[i] = acc1[i] = V::zero();
-          const float* d = dy_panel + m * R * MB;
           for (int64_t q = q0; q < q1; ++q) {
             const typename V::reg v = V::bcast(a.values + q);
             const float* d0 = d + int64_t(t_rows[q]) * MB;
@@ -678,6 +715,7 @@ void csr_conv_grad_input(const sparsekern::cpu::CsrConvArgs<float>& a,
               acc1[i] = V::fma(v, V::load(d1 + i * V::L), acc1[i]);
             }
           }
+          const int64_t offset = g.tap_off[t] + ch;
           float* out0 = dx_panel + (g.pix_off[m] + offset) * MB;
           for (int i = 0; i < 4; ++i)
             V::store(out0 + i * V::L, V::add(V::load(out0 + i * V::L), acc0[i]));
@@ -687,7 +725,7 @@ void csr_conv_grad_input(const sparsekern::cpu::CsrConvArgs<float>& a,
               V::store(out1 + i * V::L, V::add(V::load(out1 + i * V::L), acc1[i]));
           }
         }
-      }
+    }
   }
 }
 
@@ -748,6 +786,7 @@ constexpr sparsekern::cpu::KernelTable<float> make_table(const char* name) {
           &csr_spmm<Vw>,
           &csr_sddmm<Vw>,
           &pack_panels<Vw>,
+          &unpack_panels<Vw>,
           &bsr_conv_forward<Vw>,
           &bsr_conv_grad_input<Vw>,
           &bsr_conv_grad_weight<Vw>,
