@@ -1,9 +1,9 @@
 """`python -m benchmarks <benchmark> [options]`; see benchmarks/__init__.py."""
 import sys
 
-from benchmarks import linear
+from benchmarks import conv, linear, model
 
-BENCHMARKS = {"linear": linear.main}
+BENCHMARKS = {"linear": linear.main, "conv": conv.main, "model": model.main}
 
 
 def _lazy(module):

@@ -7,7 +7,7 @@ runs on sparsekern's BSR kernels), or one weight inside its group of M consecuti
 [C_out, C_in, kh, kw] is BN output x BK input channels spanning the whole kh x kw window (the
 BSR conv block), scored by the mean |w| over it. Counts are exact: global pruning removes
 round(fraction * remaining) units over all layers together, layerwise pruning the same per
-layer. Global pruning never removes a layer's last unit: a layer it would empty keeps its
+layer. Pruning never removes a layer's last unit: a layer the count would empty keeps its
 highest-scoring unit (a few units more than the exact count, with a warning naming the layers),
 so the network is never cut in two.
 """
@@ -182,7 +182,7 @@ def _keep_top_per_group(scores: torch.Tensor, kept: torch.Tensor,
 
 
 def _keep_one_per_layer(new: dict, us: dict, uk: dict) -> dict:
-    """Global pruning never empties a layer that had kept units: such a layer keeps its
+    """Pruning never empties a layer that had kept units: such a layer keeps its
     highest-scoring unit (and a warning names it)."""
     emptied = [n for n in new if bool(uk[n].any()) and not bool(new[n].any())]
     for n in emptied:
@@ -190,7 +190,7 @@ def _keep_one_per_layer(new: dict, us: dict, uk: dict) -> dict:
         new[n] = new[n].clone()
         new[n][best] = True
     if emptied:
-        warnings.warn(f"global pruning would remove every unit of {emptied}; each keeps its "
+        warnings.warn(f"pruning would remove every unit of {emptied}; each keeps its "
                       f"highest-scoring unit so the network is not cut in two", RuntimeWarning,
                       stacklevel=3)
     return new
@@ -258,6 +258,7 @@ def prune(scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], fract
         for n in masks:
             remaining = int(uk[n].sum())
             new[n] = _keep_top(us[n], uk[n], remaining - _round(fraction * remaining))
+        new = _keep_one_per_layer(new, us, uk)
     return _from_units(new, masks, granularity, block)
 
 
@@ -290,6 +291,7 @@ def prune_to(scores, masks, target_sparsity: float, granularity="unstructured", 
         for n in masks:
             keep = min(int(uk[n].sum()), uk[n].numel() - _round(target_sparsity * uk[n].numel()))
             new[n] = _keep_top(us[n], uk[n], max(keep, 0))
+        new = _keep_one_per_layer(new, us, uk)
     return _from_units(new, masks, granularity, block)
 
 
