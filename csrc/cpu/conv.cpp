@@ -419,7 +419,8 @@ Tensor csr_conv2d(const Tensor& x, const Tensor& values, const Tensor& row_ptr,
   if (bias)
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == Co, op, ": bias must have shape [", Co,
                 "], got ", bias->sizes());
-  const Tensor xp = padded_nhwc(x, c, pixel_stride(c.C, 1)).reshape({c.N, -1});
+  const int64_t in_rows = c.Hp() * c.Wp() * pixel_stride(c.C, 1);
+  const Tensor xp = padded_nhwc(x, c, pixel_stride(c.C, 1)).reshape({c.N, in_rows});
   const GeometryArrays g = geometry(c, pixel_stride(c.C, 1), 1);
   const std::vector<int64_t> col_off = column_offsets(col_idx, g);
   const Segments seg = column_segments(row_ptr, col_idx, Co, c.C * c.taps());
@@ -467,7 +468,7 @@ Tensor csr_conv2d_grad_input(const Tensor& grad_out, const Tensor& values, const
   check_index(perm, op, "perm", nnz);
   check_range(perm, op, "perm", nnz);
   const Tensor t_vals = values.index_select(0, perm);
-  const Tensor dy = rows_nhwc(grad_out, Co).view({c.N, -1});
+  const Tensor dy = rows_nhwc(grad_out, Co).view({c.N, c.pixels() * Co});
   const GeometryArrays g = geometry(c, pixel_stride(c.C, 1), 1);
   // Cost of an input channel: its stored weights over all taps (col_ptr every taps columns).
   std::vector<int32_t> channel_ptr(c.C + 1);
@@ -515,8 +516,9 @@ Tensor csr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x, const Ten
   const int64_t Co = grad_out.size(1), nnz = col_idx.numel();
   check_grad_out(grad_out, c, Co, op);
   check_compressed(op, "row_ptr", row_ptr, "col_idx", col_idx, Co, c.C * c.taps(), nnz);
-  const Tensor xp = padded_nhwc(x, c, pixel_stride(c.C, 1)).reshape({c.N, -1});
-  const Tensor dy = rows_nhwc(grad_out, Co).view({c.N, -1});
+  const int64_t in_rows = c.Hp() * c.Wp() * pixel_stride(c.C, 1);
+  const Tensor xp = padded_nhwc(x, c, pixel_stride(c.C, 1)).reshape({c.N, in_rows});
+  const Tensor dy = rows_nhwc(grad_out, Co).view({c.N, c.pixels() * Co});
   const GeometryArrays g = geometry(c, pixel_stride(c.C, 1), 1);
   const std::vector<int64_t> col_off = column_offsets(col_idx, g);
   Tensor dw = at::empty({nnz}, x.options());
