@@ -573,6 +573,68 @@ def report(model: nn.Module) -> str:
     return "\n".join(lines)
 
 
+class _LeafTracer(torch.fx.Tracer):
+    """Traces a model down to its modules, never into sparsekern's or torch's layers."""
+
+    def is_leaf_module(self, module, qualified_name):
+        return isinstance(module, (_PackedWeight, MaskedLinear, MaskedConv2d)) or \
+            super().is_leaf_module(module, qualified_name)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """For inference: folds every BatchNorm2d that directly follows a conv layer (SparseConv2d,
+    MaskedConv2d or nn.Conv2d, whose output goes nowhere else) into that conv, in place, and
+    replaces the BatchNorm by nn.Identity. The conv then carries weight * gamma / sqrt(var + eps)
+    (same mask, same format) and bias beta + (bias - mean) * gamma / sqrt(var + eps): one pass
+    over the activations less per layer. The model must be in eval mode (the running statistics
+    are folded) and traceable by torch.fx; returns the model and the names folded as
+    `model.sparsekern_folded` ([(conv, batchnorm), ...])."""
+    if model.training:
+        raise ValueError("fold_batchnorm: the model is in training mode; call model.eval() "
+                         "first (folding uses the BatchNorm running statistics)")
+    graph = _LeafTracer().trace(model)
+    modules = dict(model.named_modules())
+    folded = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+            continue
+        source = node.args[0] if node.args else None
+        if (not isinstance(source, torch.fx.Node) or source.op != "call_module"
+                or len(source.users) != 1):
+            continue
+        conv, bn = modules[source.target], modules[node.target]
+        if not isinstance(conv, (SparseConv2d, nn.Conv2d)) or bn.running_mean is None:
+            continue
+        _set_submodule(model, source.target, _fold(conv, bn))
+        _set_submodule(model, node.target, nn.Identity())
+        folded.append((source.target, node.target))
+    model.sparsekern_folded = folded
+    return model
+
+
+def _fold(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
+    with torch.no_grad():
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
+            1.0 / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias if bn.affine else torch.zeros_like(scale)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+        new_bias = shift + (bias - bn.running_mean) * scale
+        if isinstance(conv, SparseConv2d):
+            mask = conv.mask()
+            weight = conv.dense_weight() * scale.view(-1, 1, 1, 1)
+            block = conv.weight_format().block if conv.format == "bsr" else None
+            packed = pack(weight, mask, conv.format, block)
+            out = SparseConv2d(packed, new_bias, conv.stride, conv.padding, conv.dilation,
+                               value_mask(packed, mask))
+        else:
+            out = _conv_like(conv, conv.weight * scale.view(-1, 1, 1, 1), new_bias)
+            if isinstance(conv, MaskedConv2d):
+                out = MaskedConv2d(out, conv.mask())
+    if hasattr(conv, "sparsekern_decision"):
+        out.sparsekern_decision = {**conv.sparsekern_decision, "folded_batchnorm": True}
+    return out
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module):
     if not name:
         raise ValueError("sparsify/densify: the model itself is a Linear/Conv2d layer; wrap it "

@@ -254,6 +254,44 @@ def test_sparsify_converts_an_already_converted_layer_with_the_new_mask():
     assert isinstance(model[0], sk.SparseConv2d) and torch.equal(model[0].mask(), quarter)
 
 
+def test_fold_batchnorm_keeps_the_eval_logits():
+    dense, masks = _resnet20_ticket("block", 0.75)
+    for m in dense.modules():  # non-trivial running statistics and affine parameters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.normal_(m.weight)
+            nn.init.normal_(m.bias)
+    model = sk.sparsify(copy.deepcopy(dense), masks, policy="sparse")
+    with pytest.raises(ValueError, match="training mode"):
+        sk.fold_batchnorm(model)
+    model.eval()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        sk.fold_batchnorm(model)
+        assert_close(model(x), before, 1e-5, "folded logits")
+    assert len(model.sparsekern_folded) == 21  # every BatchNorm follows a conv
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    conv = model.blocks[4].conv1
+    assert isinstance(conv, sk.SparseConv2d) and conv.bias is not None
+    assert torch.equal(conv.mask(), masks["blocks.4.conv1.weight"])  # same mask and format
+    assert sk.decisions(model)["blocks.4.conv1"]["folded_batchnorm"] is True
+    branch = _Branch().eval()  # a conv whose output also goes elsewhere keeps its BatchNorm
+    sk.fold_batchnorm(branch)
+    assert branch.sparsekern_folded == [] and isinstance(branch.bn, nn.BatchNorm2d)
+
+
+class _Branch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
 # ---- errors --------------------------------------------------------------------------------
 
 def test_bad_input_names_the_argument():
