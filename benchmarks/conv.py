@@ -344,7 +344,7 @@ def evaluate_targets(rows, sparseprop_reason) -> list[dict]:
     return out
 
 
-def base_metadata(command: str, args) -> dict:
+def base_metadata(command: str, args, min_repeats: int = MIN_REPEATS) -> dict:
     """What any run of these benchmarks is: command, machine, ISA, versions, timing settings."""
     return {"command": command, "python": sys.executable,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -354,7 +354,7 @@ def base_metadata(command: str, args) -> dict:
             "dtype": "float32", "sparsities": list(args.sparsities),
             "timing": {"warmup": args.warmup, "max_repeats": args.repeats,
                        "group_budget_s": args.group_budget, "seed": args.seed,
-                       "min_repeats": min(MIN_REPEATS, args.repeats), "retries": args.retries,
+                       "min_repeats": min(min_repeats, args.repeats), "retries": args.retries,
                        "disturbed_threshold": DISTURBED}}
 
 
@@ -483,7 +483,7 @@ def _csv(cast, allowed=None, what=""):
     return parse
 
 
-def common_options(p: argparse.ArgumentParser, budget: float):
+def common_options(p: argparse.ArgumentParser, budget: float, min_repeats: int = MIN_REPEATS):
     p.add_argument("--out", type=Path, default=None,
                    help="folder for RESULTS.md, results.json and the PNG (default: see above; "
                         "with --quick a new temporary folder)")
@@ -492,7 +492,7 @@ def common_options(p: argparse.ArgumentParser, budget: float):
                    help="sparsekern kernel instruction set (set_isa), e.g. avx2")
     p.add_argument("--warmup", type=int, default=None, help="warm-up rounds per group (2)")
     p.add_argument("--repeats", type=int, default=None,
-                   help=f"timed rounds per group, an upper bound (15), at least {MIN_REPEATS} "
+                   help=f"timed rounds per group, an upper bound (15), at least {min_repeats} "
                         f"unless fewer are asked for")
     p.add_argument("--group-budget", type=float, default=None,
                    help=f"seconds of timed rounds one group aims at (default {budget:g})")

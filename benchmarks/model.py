@@ -36,7 +36,8 @@ from torch import nn
 
 import sparsekern as sk
 from benchmarks import conv, plots, report
-from benchmarks.linear import DISTURBED, MIN_REPEATS, Timing, select_isa, time_group
+from benchmarks.linear import DISTURBED, Timing, select_isa
+from sparsekern.timing import interleaved_medians
 from lth import pruning
 from lth.hparams import ModelHparams
 from lth.models import build_model
@@ -56,6 +57,16 @@ TARGETS = (("vgg16", "block", "inference", 0.90, 4.0), ("vgg16", "block", "train
            ("resnet18", "block", "inference", 0.90, 3.0),
            ("resnet20", "block", "inference", 0.90, 2.0))
 TARGET_BATCH = 128
+MIN_REPEATS = 5  # a whole-model training step takes up to ~2 s on 2 cores: 5 is the floor
+
+
+def time_group(fns, timing: Timing):
+    """Medians (s) and repeats: as many rounds as fit the budget, capped by --repeats, at
+    least MIN_REPEATS (fewer only when --repeats asks)."""
+    round_s = sum(interleaved_medians(fns, warmup=0, repeats=1).values())
+    floor = min(MIN_REPEATS, timing.max_repeats)
+    repeats = max(floor, min(timing.max_repeats, int(timing.group_budget_s / round_s)))
+    return interleaved_medians(fns, warmup=timing.warmup, repeats=repeats), repeats
 
 
 # --- tickets ------------------------------------------------------------------------------------
@@ -318,7 +329,7 @@ def parse_args(argv):
                    help="sparsify policy of the sparse model (default auto)")
     p.add_argument("--policy-repeats", type=int, default=None,
                    help="repeats of sparsify's per-layer timing (default 5; 2 with --quick)")
-    conv.common_options(p, 3.0)
+    conv.common_options(p, 3.0, MIN_REPEATS)
     args = p.parse_args(argv)
     quick = args.quick
     args.models = args.models or (QUICK_MODELS if quick else MODELS)
@@ -339,7 +350,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(args.threads)
     select_isa(args.isa)
     command = shlex.join(["python", "-m", "benchmarks", "model", *argv])
-    results = conv.base_metadata(command, args)
+    results = conv.base_metadata(command, args, MIN_REPEATS)
     results.update(models=list(args.models), masks=list(args.masks),
                    blocks={m: args.block or BLOCKS[m] for m in args.models},
                    batch_sizes=list(args.batch_sizes), modes=list(args.modes),

@@ -8,7 +8,8 @@ from pathlib import Path
 def speedup_plot(path: Path, title: str, panels: dict[str, dict[str, list[tuple]]],
                  ideal: dict[str, list[tuple]] | None = None) -> Path:
     """One panel per key of `panels`, each a {series label: [(sparsity, speedup), ...]} line
-    plot; `ideal` (optional, per panel: a list of points or {label: points}) is drawn dashed. Returns the written path."""
+    plot; `ideal` (optional, per panel: a list of points or {label: points}) is drawn dashed.
+    Returns the written path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

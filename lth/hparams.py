@@ -345,8 +345,8 @@ class MethodHparams:
 
 @dataclass
 class SparseHparams:
-    format: str = hp("auto", "sparse format of pruned linear/conv layers: auto (BSR when the mask is "
-                     "made of whole blocks, else CSR), bsr (needs --granularity block), csr",
+    format: str = hp("auto", "sparse format of pruned linear/conv layers: auto (BSR when the mask "
+                     "is made of whole blocks, else CSR), bsr (needs --granularity block), csr",
                      flag="--sparse-format", choices=("auto", "bsr", "csr"))
     policy: str = hp("auto", "per pruned linear/conv layer: auto (time both, keep the faster), "
                      "sparse (always sparsekern kernels), dense (masked dense, the usual LTH "
