@@ -159,7 +159,10 @@ def measure_config(name, kind, sparsity, batch, args, gen) -> list[dict]:
     timing = Timing(args.warmup, args.repeats, args.group_budget)
     rows = []
     for mode in args.modes:
-        if mode == "inference":
+        if mode == "inference" and args.fold_bn:  # both folded: a fair deployment pair
+            fns = {"dense": inference_fn(sk.fold_batchnorm(copy.deepcopy(dense).eval()), x),
+                   "sparse": inference_fn(sk.fold_batchnorm(copy.deepcopy(sparse).eval()), x)}
+        elif mode == "inference":
             fns = {"dense": inference_fn(dense, x), "sparse": inference_fn(sparse, x)}
         else:  # train copies: the timing steps change their weights
             fns = {"dense": train_fn(copy.deepcopy(dense), x, y),
@@ -169,7 +172,8 @@ def measure_config(name, kind, sparsity, batch, args, gen) -> list[dict]:
         rows.append({
             "model": name, "masks": kind, "block": block if kind == "block" else None,
             "sparsity": sparsity, "sparsity_measured": pruning.sparsity(masks), "batch": batch,
-            "mode": mode, "ms": {k: v * 1e3 for k, v in medians.items()}, "speedup": speedup,
+            "mode": mode, "bn_folded": mode == "inference" and args.fold_bn,
+            "ms": {k: v * 1e3 for k, v in medians.items()}, "speedup": speedup,
             "ideal": 1.0 / (1.0 - sparsity), "flop_ideal": ideal,
             "fraction_of_flop_ideal": speedup / ideal, "repeats": repeats,
             "warmup": args.warmup, "relative_error_logits": error,
@@ -265,7 +269,8 @@ def markdown(results: dict) -> str:
                   "FLOP ideal", "fraction", "sparse layers", "logits rel. error"]
         body = [[r["masks"] + (f" {r['block']}x{r['block']}" if r["block"] else "")
                  + (" (busy)" if r.get("disturbed") else ""), f"{r['sparsity']:.0%}",
-                 str(r["batch"]), r["mode"], report.fmt_ms(r["ms"]["dense"]),
+                 str(r["batch"]), r["mode"] + (" (BN folded)" if r.get("bn_folded") else ""),
+                 report.fmt_ms(r["ms"]["dense"]),
                  report.fmt_ms(r["ms"]["sparse"]), f"**{r['speedup']:.2f}x**",
                  f"{r['flop_ideal']:.1f}x", f"{r['fraction_of_flop_ideal']:.2f}",
                  r["sparse_layers"], f"{r['relative_error_logits']:.1e}"] for r in sel]
@@ -325,6 +330,9 @@ def parse_args(argv):
                    help=f"comma list (default: {','.join(map(str, BATCHES))})")
     p.add_argument("--modes", type=conv._csv(str, MODES, "mode"), default=MODES,
                    help="comma list of inference,train (default: both)")
+    p.add_argument("--fold-bn", action="store_true",
+                   help="inference: fold BatchNorm into the preceding conv (sk.fold_batchnorm) "
+                        "in both the dense and the sparse model")
     p.add_argument("--policy", default="auto", choices=("auto", "sparse"),
                    help="sparsify policy of the sparse model (default auto)")
     p.add_argument("--policy-repeats", type=int, default=None,
@@ -355,6 +363,7 @@ def main(argv: list[str]) -> int:
                    blocks={m: args.block or BLOCKS[m] for m in args.models},
                    batch_sizes=list(args.batch_sizes), modes=list(args.modes),
                    policy=args.policy, policy_repeats=args.policy_repeats,
+                   fold_bn=args.fold_bn,
                    optimizer="SGD(lr=0.01, momentum=0.9, weight_decay=5e-4)",
                    input_shape=list(INPUT_SHAPE))
     m = results["machine"]

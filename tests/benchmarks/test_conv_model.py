@@ -90,7 +90,7 @@ def test_model_quick_run_writes_results(tmp_path):
     out = tmp_path / "model"
     cmd = [sys.executable, "-m", "benchmarks", "model", "--quick", "--out", str(out),
            "--batch-sizes", "2", "--threads", "1", "--repeats", "1", "--warmup", "0",
-           "--policy-repeats", "1"]
+           "--policy-repeats", "1", "--fold-bn"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
     results = json.loads((out / "results.json").read_text())
@@ -98,6 +98,7 @@ def test_model_quick_run_writes_results(tmp_path):
         (k, m) for k in model.MASKS for m in model.MODES}
     for row in results["model"]:
         assert row["model"] == "resnet20" and row["batch"] == 2
+        assert row["bn_folded"] == (row["mode"] == "inference")
         assert row["relative_error_logits"] < 1e-4
         assert {"dense", "sparse"} == row["ms"].keys() and row["flop_ideal"] > 1
         names = [d["name"] for d in row["decisions"]]
