@@ -245,3 +245,93 @@ def rebuild(W, values: torch.Tensor):
         return sk.BlockSparse(values, W.block_row_ptr, W.block_col_idx, W.shape,
                               W.block_col_ptr, W.block_row_idx, W.block_perm)
     return sk.CSR(values, W.row_ptr, W.col_idx, W.shape, W.col_ptr, W.row_idx, W.perm)
+
+
+# ---- conv2d --------------------------------------------------------------------------------
+
+CONV_BSR_OPS = ("bsr_conv2d", "bsr_conv2d_grad_input", "bsr_conv2d_grad_weight")
+CONV_CSR_OPS = ("csr_conv2d", "csr_conv2d_grad_input", "csr_conv2d_grad_weight")
+CONV_OPS = CONV_BSR_OPS + CONV_CSR_OPS
+
+
+def pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def conv_out_hw(hw, kernel, stride, padding, dilation) -> tuple[int, int]:
+    return tuple((hw[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+                 for i in range(2))
+
+
+def conv_mask(fmt, c_out, c_in, kernel, *, block=(16, 16), sparsity=0.5, empty=False,
+              structured=True, generator=None) -> torch.Tensor:
+    """Bool [C_out, C_in, kh, kw]. BSR + structured: whole (bn, bk) channel blocks spanning the
+    window; empty=True empties block row 1 and block column 0. Otherwise unstructured over the
+    (C_out, C_in*kh*kw) view; empty=True empties output channel 1, every tap of input channel 0
+    and the last column."""
+    kh, kw = kernel
+    if fmt == "bsr" and structured:
+        nb, kb = math.ceil(c_out / block[0]), math.ceil(c_in / block[1])
+        rows = (1,) if empty and nb > 1 else ()
+        cols = (0,) if empty and kb > 1 else ()
+        m = block_mask(c_out, c_in, block, sparsity, rows, cols, generator)
+        return m[:, :, None, None].expand(-1, -1, kh, kw).contiguous()
+    k = c_in * kh * kw
+    rows = (1,) if empty and c_out > 1 else ()
+    cols = tuple(sorted(set(range(kh * kw)) | {k - 1})) if empty and c_in > 1 else ()
+    return unstructured_mask(c_out, k, sparsity, rows, cols, generator).view(c_out, c_in, kh, kw)
+
+
+def conv_problem(fmt, n, c_in, c_out, hw, kernel=3, stride=1, padding=0, dilation=1, *,
+                 block=(16, 16), sparsity=0.5, dtype=torch.float32, empty=False,
+                 structured=True, generator=None):
+    """(W, x, dy, bias, geometry) for a conv2d with a random sparse 4-D weight of the given
+    format; geometry = (stride, padding, dilation) as pairs (symmetric padding, as the ops)."""
+    kernel, geometry = pair(kernel), (pair(stride), pair(padding), pair(dilation))
+    w = randn(c_out, c_in, *kernel, dtype=dtype, generator=generator)
+    mask = conv_mask(fmt, c_out, c_in, kernel, block=block, sparsity=sparsity, empty=empty,
+                     structured=structured, generator=generator)
+    W = make_format(fmt, w, mask, block)
+    x = randn(n, c_in, *pair(hw), dtype=dtype, generator=generator)
+    dy = randn(n, c_out, *conv_out_hw(pair(hw), kernel, *geometry), dtype=dtype,
+               generator=generator)
+    return W, x, dy, randn(c_out, dtype=dtype, generator=generator), geometry
+
+
+def conv_op_args(name: str, W, x, dy, bias, geometry):
+    """The argument tuple of torch.ops.sparsekern.<name> (= reference.<name>) for conv weight W."""
+    stride, padding, dilation = (list(g) for g in geometry)
+    c_out, _, kh, kw = W.shape
+    if name == "bsr_conv2d":
+        return (x, W.values, W.block_row_ptr, W.block_col_idx, W.block_col_ptr,
+                W.block_row_idx, W.block_perm, bias, c_out, stride, padding, dilation)
+    if name == "bsr_conv2d_grad_input":
+        return (dy, W.values, W.block_col_ptr, W.block_row_idx, W.block_perm, list(x.shape),
+                stride, padding, dilation)
+    if name == "bsr_conv2d_grad_weight":
+        bn, bk = W.block
+        return (dy, x, W.block_row_ptr, W.block_col_idx, [kh, kw], bn, bk, stride, padding,
+                dilation)
+    if name == "csr_conv2d":
+        return (x, W.values, W.row_ptr, W.col_idx, W.col_ptr, W.row_idx, W.perm, bias, c_out,
+                [kh, kw], stride, padding, dilation)
+    if name == "csr_conv2d_grad_input":
+        return (dy, W.values, W.col_ptr, W.row_idx, W.perm, list(x.shape), [kh, kw], stride,
+                padding, dilation)
+    if name == "csr_conv2d_grad_weight":
+        return (dy, x, W.row_ptr, W.col_idx, [kh, kw], stride, padding, dilation)
+    raise KeyError(name)
+
+
+def check_conv_op(name, W, x, dy, bias, geometry, tol=None):
+    """Runs conv op `name` on poisoned memory and compares it with the float64 reference;
+    forward and dX must come back channels_last (the ops' documented layout)."""
+    args = conv_op_args(name, W, x, dy, bias, geometry)
+    dtype = x.dtype
+    with poisoned(dy.numel(), x.numel(), W.values.numel(), dtype=dtype):
+        out = run_op(name, args)
+    assert out.dtype == dtype, f"{name}: output dtype {out.dtype} != input dtype {dtype}"
+    if not name.endswith("grad_weight"):
+        assert out.is_contiguous(memory_format=torch.channels_last), f"{name}: not channels_last"
+    assert_close(out, reference_op(name, args), TOL[dtype] if tol is None else tol, name)
+    return out
