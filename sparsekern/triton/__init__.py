@@ -34,8 +34,12 @@ import torch
 from sparsekern import _extension
 
 BACKENDS = ("cpu", "triton")
-OP_NAMES = ("bsr_linear", "bsr_linear_grad_input", "bsr_linear_grad_weight",
-            "csr_linear", "csr_linear_grad_input", "csr_linear_grad_weight")
+LINEAR_OPS = ("bsr_linear", "bsr_linear_grad_input", "bsr_linear_grad_weight",
+              "csr_linear", "csr_linear_grad_input", "csr_linear_grad_weight")
+CONV_OPS = ("bsr_conv2d", "bsr_conv2d_grad_input", "bsr_conv2d_grad_weight")
+OP_NAMES = LINEAR_OPS + CONV_OPS  # the ops with Triton kernels
+# No GPU kernel yet: a CUDA tensor gets an error saying so (never a silent slow path).
+NO_GPU_KERNEL = ("csr_conv2d", "csr_conv2d_grad_input", "csr_conv2d_grad_weight")
 
 _cuda_lib = None   # Library registering the Triton launchers for CUDA tensors
 _cpu_lib = None    # Library overriding the C++ CPU kernels while the triton backend is on
@@ -82,6 +86,21 @@ def _cpu_impl(name):
     return impl
 
 
+def _no_gpu_kernel(name):
+    def impl(*args):
+        raise NotImplementedError(
+            f"sparsekern.{name}: there is no GPU kernel for unstructured (CSR) conv2d yet; on "
+            "CUDA use a block-sparse conv weight (format='bsr') or keep the layer dense")
+
+    impl.__name__ = f"no_gpu_{name}"
+    return impl
+
+
+def _existing(names):
+    """The ops of `names` whose schema the loaded extension defines."""
+    return [n for n in names if hasattr(torch.ops.sparsekern, n)]
+
+
 def register_cuda() -> bool:
     """Registers the Triton launchers as the CUDA kernels of the sparsekern ops (idempotent).
     False when the ops do not exist (extension not loaded: everything runs the reference)."""
@@ -91,8 +110,10 @@ def register_cuda() -> bool:
     if not _extension.available():
         return False
     lib = torch.library.Library("sparsekern", "IMPL")
-    for name in OP_NAMES:
+    for name in _existing(OP_NAMES):
         lib.impl(name, _cuda_impl(name), "CUDA")
+    for name in _existing(NO_GPU_KERNEL):
+        lib.impl(name, _no_gpu_kernel(name), "CUDA")
     _cuda_lib = lib
     return True
 
@@ -137,7 +158,7 @@ def set_backend(name: str) -> None:
     lib = torch.library.Library("sparsekern", "IMPL")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
-        for op in OP_NAMES:
+        for op in _existing(OP_NAMES):
             lib.impl(op, _cpu_impl(op), "CPU")
     _cpu_lib = lib
 

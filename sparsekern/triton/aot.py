@@ -59,12 +59,37 @@ def _variants(kernel: str, dtype: str, block):
                    SRC_ROWS="i32", M_BUCKET="i32", stride_src="i32", stride_om="i32")
         return [("forward", sig, dict(HAS_PERM=False, HAS_BIAS=True, ACC_F64=False)),
                 ("grad_input", sig, dict(HAS_PERM=True, HAS_BIAS=False, ACC_F64=False))]
+    if kernel.startswith("bsr_conv"):
+        # conv geometry ints (H, W, KW, stride, ...) take any value: no divisibility hint
+        geo = dict(H="i32", W="i32", C_IN="i32", OH="i32", OW="i32", C_OUT="i32", KW="i32",
+                   TAPS="i32", SH="i32", SW="i32", PH="i32", PW="i32", DH="i32", DW="i32")
+        consts = dict(BK=bk, BN=bn, PAD_K=max(bk, 16), PAD_N=max(bn, 16), ACC_F64=False,
+                      PRECISION=prec)
+        if kernel == "bsr_conv_fwd":
+            sig = dict(x_ptr=f"*{t}", v_ptr=f"*{t}", ptr_ptr="*i32", idx_ptr="*i32",
+                       bias_ptr=f"*{t}", out_ptr=f"*{t}", P="i32", P_BUCKET="i32", **geo)
+            return [("conv_forward", sig, dict(consts, HAS_BIAS=True))]
+        if kernel == "bsr_conv_dx":
+            sig = dict(dy_ptr=f"*{t}", v_ptr=f"*{t}", ptr_ptr="*i32", row_idx_ptr="*i32",
+                       perm_ptr="*i32", out_ptr=f"*{t}", Q="i32", Q_BUCKET="i32", **geo)
+            return [("conv_grad_input", sig, consts)]
+        sig = dict(dy_ptr=f"*{t}", x_ptr=f"*{t}", row_of_ptr="*i32", col_idx_ptr="*i32",
+                   out_ptr=f"*{t}", P="i32", P_BUCKET="i32", **geo)
+        return [("conv_grad_weight", sig, consts)]
     if kernel == "csr_sddmm":
         sig = dict(dyT_ptr=f"*{t}", xT_ptr=f"*{t}", row_of_ptr="*i32", col_idx_ptr="*i32",
                    out_ptr=f"*{t}", M="i32", NNZ="i32", M_BUCKET="i32", stride_dy="i32",
                    stride_x="i32")
         return [("grad_weight", sig, dict(ACC_F64=False))]
     raise KeyError(kernel)
+
+
+def _aligned(kernel, name):
+    """Arguments a launch at the report's shapes passes 16-divisible (pointers; linear sizes;
+    conv channel counts and pixel counts), as triton's launcher would detect."""
+    if not kernel.startswith("bsr_conv"):
+        return True
+    return name.endswith("_ptr") or name in ("C_IN", "C_OUT", "P", "Q", "P_BUCKET", "Q_BUCKET")
 
 
 def _parse_ptxas(log: str):
@@ -99,7 +124,7 @@ def compile_one(kernel: str, config_index: int, dtype: str, block, arch: int, pr
         signature = {name: "constexpr" if name in constexprs else sig[name]
                      for name in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                 if name in sig}
+                 if name in sig and _aligned(kernel, name)}
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         target = GPUTarget("cuda", arch, 32)
         options = make_backend(target).parse_options(
@@ -156,11 +181,15 @@ def uses_tensor_cores(kernel: str, dtype: str) -> bool:
 
 def expect_wgmma(kernel: str, product: str, dtype: str, block, config, arch: int) -> bool:
     """Where Triton's sm_90 lowering uses wgmma: a 16-bit tl.dot whose M dim (rows of the
-    accumulator) is at least 64 with 4 warps per warpgroup. Forward/dX: M = BLOCK_M (>= 64 in
-    every config); dW: M = bk (64-blocks only)."""
+    accumulator) is at least 64 with 4 warps per warpgroup. Forward/dX (linear and conv): M =
+    BLOCK_M / BLOCK_P (>= 64 in every 16-bit config); dW: M = bk (64-blocks only).
+    """
     if arch < 90 or not uses_tensor_cores(kernel, dtype):
         return False
-    m_dim = config.kwargs["BLOCK_M"] if kernel == "bsr_spmm" else block[0]
+    if kernel in ("bsr_spmm", "bsr_conv_fwd", "bsr_conv_dx"):
+        m_dim = config.kwargs.get("BLOCK_M", config.kwargs.get("BLOCK_P"))
+    else:  # dW: the accumulator is [bk, bn]
+        m_dim = block[0]
     return m_dim >= 64 and config.num_warps % 4 == 0
 
 

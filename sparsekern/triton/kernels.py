@@ -258,3 +258,180 @@ KERNELS = {
     "csr_spmm": csr_spmm_kernel,
     "csr_sddmm": csr_sddmm_kernel,
 }
+
+
+# ---- BSR conv2d: implicit GEMM over kept channel blocks, NHWC ------------------------------------
+#
+# Conv weights are the BSR format over (C_out, C_in) channel blocks spanning the kh x kw window:
+# values[nnz_blocks, kh, kw, bk, bn]. Activations are channels_last, so a pixel's channels are
+# contiguous: every kept block and tap is one tl.dot of a gathered [BLOCK_P, bk] pixel tile
+# (zero where the tap falls into the padding) with the [bk, bn] weight slice. No im2col buffer.
+
+CONFIGS["bsr_conv_fwd"] = {
+    2: [_cfg(4, 3, BLOCK_P=64), _cfg(4, 3, BLOCK_P=128), _cfg(8, 3, BLOCK_P=128)],
+    # fp32 FMA: BLOCK_P=32 with 4 warps spilled 8 KB on sm_80 at 64-blocks (AOT report)
+    4: [_cfg(8, 2, BLOCK_P=32), _cfg(8, 2, BLOCK_P=64)],
+}
+CONFIGS["bsr_conv_dx"] = CONFIGS["bsr_conv_fwd"]
+CONFIGS["bsr_conv_dw"] = {
+    2: [_cfg(4, 3, BLOCK_P=64), _cfg(4, 3, BLOCK_P=128)],
+    4: [_cfg(4, 2, BLOCK_P=32), _cfg(8, 3, BLOCK_P=32)],
+}
+
+
+@triton.autotune(configs=_all("bsr_conv_fwd"),
+                 key=["P_BUCKET", "C_IN", "C_OUT", "TAPS", "BK", "BN"],
+                 prune_configs_by=_pruner("bsr_conv_fwd"))
+@triton.jit
+def bsr_conv_fwd_kernel(x_ptr, v_ptr, ptr_ptr, idx_ptr, bias_ptr, out_ptr,
+                        P, H, W, C_IN, OH, OW, C_OUT, P_BUCKET, KW, TAPS,
+                        SH, SW, PH, PW, DH, DW,
+                        BK: tl.constexpr, BN: tl.constexpr, PAD_K: tl.constexpr,
+                        PAD_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_F64: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_P: tl.constexpr):
+    """out[p, i*BN + c] = sum over kept blocks t of block row i and taps (dh, dw):
+    x[pixel(p) shifted by the tap, j(t)*BK + k] * values[t, dh, dw, k, c]  (+ bias)."""
+    pid_o = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    start = tl.load(ptr_ptr + pid_o)
+    end = tl.load(ptr_ptr + pid_o + 1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < P
+    n = offs_p // (OH * OW)
+    rem = offs_p % (OH * OW)
+    ih0 = (rem // OW) * SH - PH
+    iw0 = (rem % OW) * SW - PW
+    offs_k = tl.arange(0, PAD_K)
+    offs_n = tl.arange(0, PAD_N)
+    w_off = offs_k[:, None] * BN + offs_n[None, :]
+    w_ok = (offs_k < BK)[:, None] & (offs_n < BN)[None, :]
+    if ACC_F64:
+        acc = tl.zeros((BLOCK_P, PAD_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_P, PAD_N), dtype=tl.float32)
+    for s in range(start * TAPS, end * TAPS):
+        t = s // TAPS
+        tap = s % TAPS
+        j = tl.load(idx_ptr + t)
+        ih = ih0 + (tap // KW) * DH
+        iw = iw0 + (tap % KW) * DW
+        ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        pix = ((n * H + ih) * W + iw).to(tl.int64)
+        cin = j * BK + offs_k
+        a = tl.load(x_ptr + pix[:, None] * C_IN + cin[None, :],
+                    mask=ok[:, None] & ((offs_k < BK) & (cin < C_IN))[None, :], other=0.0)
+        w = tl.load(v_ptr + s * (BK * BN) + w_off, mask=w_ok, other=0.0)  # < 2**31: launcher
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    cout = pid_o * BN + offs_n
+    c_ok = (offs_n < BN) & (cout < C_OUT)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cout, mask=c_ok, other=0.0)[None, :].to(acc.dtype)
+    tl.store(out_ptr + offs_p[:, None].to(tl.int64) * C_OUT + cout[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+@triton.autotune(configs=_all("bsr_conv_dx"),
+                 key=["Q_BUCKET", "C_IN", "C_OUT", "TAPS", "BK", "BN"],
+                 prune_configs_by=_pruner("bsr_conv_dx"))
+@triton.jit
+def bsr_conv_dx_kernel(dy_ptr, v_ptr, ptr_ptr, row_idx_ptr, perm_ptr, out_ptr,
+                       Q, H, W, C_IN, OH, OW, C_OUT, Q_BUCKET, KW, TAPS,
+                       SH, SW, PH, PW, DH, DW,
+                       BK: tl.constexpr, BN: tl.constexpr, PAD_K: tl.constexpr,
+                       PAD_N: tl.constexpr, ACC_F64: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_P: tl.constexpr):
+    """dX[q, j*BK + k] = sum over kept blocks of block column j (transposed index) and taps:
+    dY[output pixel that reads q through the tap, i*BN + c] * values[perm, dh, dw, k, c]."""
+    pid_o = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    start = tl.load(ptr_ptr + pid_o)
+    end = tl.load(ptr_ptr + pid_o + 1)
+    offs_q = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    q_ok = offs_q < Q
+    n = offs_q // (H * W)
+    rem = offs_q % (H * W)
+    th0 = rem // W + PH
+    tw0 = rem % W + PW
+    offs_k = tl.arange(0, PAD_K)
+    offs_n = tl.arange(0, PAD_N)
+    wt_off = offs_n[:, None] + offs_k[None, :] * BN          # [c, k] of a [k][c] slice
+    wt_ok = (offs_n < BN)[:, None] & (offs_k < BK)[None, :]
+    if ACC_F64:
+        acc = tl.zeros((BLOCK_P, PAD_K), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_P, PAD_K), dtype=tl.float32)
+    for s in range(start * TAPS, end * TAPS):
+        t = s // TAPS
+        tap = s % TAPS
+        i = tl.load(row_idx_ptr + t)
+        b = tl.load(perm_ptr + t)
+        th = th0 - (tap // KW) * DH
+        tw = tw0 - (tap % KW) * DW
+        oh = th // SH
+        ow = tw // SW
+        ok = q_ok & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0) & (oh < OH) & (ow < OW)
+        pix = ((n * OH + oh) * OW + ow).to(tl.int64)
+        cout = i * BN + offs_n
+        g = tl.load(dy_ptr + pix[:, None] * C_OUT + cout[None, :],
+                    mask=ok[:, None] & ((offs_n < BN) & (cout < C_OUT))[None, :], other=0.0)
+        w = tl.load(v_ptr + (b.to(tl.int64) * TAPS + tap) * (BK * BN) + wt_off, mask=wt_ok,
+                    other=0.0)
+        acc = tl.dot(g, w, acc, input_precision=PRECISION)
+    cin = pid_o * BK + offs_k
+    k_ok = (offs_k < BK) & (cin < C_IN)
+    tl.store(out_ptr + offs_q[:, None].to(tl.int64) * C_IN + cin[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=q_ok[:, None] & k_ok[None, :])
+
+
+@triton.autotune(configs=_all("bsr_conv_dw"),
+                 key=["P_BUCKET", "C_IN", "C_OUT", "TAPS", "BK", "BN"],
+                 prune_configs_by=_pruner("bsr_conv_dw"))
+@triton.jit
+def bsr_conv_dw_kernel(dy_ptr, x_ptr, row_of_ptr, col_idx_ptr, out_ptr,
+                       P, H, W, C_IN, OH, OW, C_OUT, P_BUCKET, KW, TAPS,
+                       SH, SW, PH, PW, DH, DW,
+                       BK: tl.constexpr, BN: tl.constexpr, PAD_K: tl.constexpr,
+                       PAD_N: tl.constexpr, ACC_F64: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_P: tl.constexpr):
+    """values-grad[b, dh, dw, k, c] = sum over output pixels p of
+    x[pixel(p) shifted by (dh, dw), j*BK + k] * dY[p, i*BN + c], kept block b at (i, j)."""
+    b = tl.program_id(0)
+    tap = tl.program_id(1)
+    i = tl.load(row_of_ptr + b)
+    j = tl.load(col_idx_ptr + b)
+    offs_k = tl.arange(0, PAD_K)
+    offs_n = tl.arange(0, PAD_N)
+    cin = j * BK + offs_k
+    cout = i * BN + offs_n
+    k_ok = (offs_k < BK) & (cin < C_IN)
+    n_ok = (offs_n < BN) & (cout < C_OUT)
+    dh = (tap // KW) * DH - PH
+    dw = (tap % KW) * DW - PW
+    if ACC_F64:
+        acc = tl.zeros((PAD_K, PAD_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((PAD_K, PAD_N), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < P
+        n = offs_p // (OH * OW)
+        rem = offs_p % (OH * OW)
+        ih = (rem // OW) * SH + dh
+        iw = (rem % OW) * SW + dw
+        ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        pix = ((n * H + ih) * W + iw).to(tl.int64)
+        xt = tl.load(x_ptr + pix[None, :] * C_IN + cin[:, None],
+                     mask=k_ok[:, None] & ok[None, :], other=0.0)           # [PAD_K, BLOCK_P]
+        g = tl.load(dy_ptr + offs_p[:, None].to(tl.int64) * C_OUT + cout[None, :],
+                    mask=p_ok[:, None] & n_ok[None, :], other=0.0)          # [BLOCK_P, PAD_N]
+        acc = tl.dot(xt, g, acc, input_precision=PRECISION)
+    out_off = (b.to(tl.int64) * TAPS + tap) * (BK * BN) + offs_k[:, None] * BN + offs_n[None, :]
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty),
+             mask=(offs_k < BK)[:, None] & (offs_n < BN)[None, :])
+
+
+KERNELS.update({
+    "bsr_conv_fwd": bsr_conv_fwd_kernel,
+    "bsr_conv_dx": bsr_conv_dx_kernel,
+    "bsr_conv_dw": bsr_conv_dw_kernel,
+})

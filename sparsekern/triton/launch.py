@@ -284,6 +284,163 @@ def csr_linear_grad_weight(grad_out, x, row_ptr, col_idx):
     return out
 
 
+# ---- BSR conv2d (implicit GEMM, NHWC) ------------------------------------------------------------
+
+CL = torch.channels_last
+
+
+def _pair(op, name, v, minimum):
+    v = [int(a) for a in v]
+    if len(v) != 2 or min(v) < minimum:
+        raise ValueError(f"{op}: {name} must be 2 ints >= {minimum}, got {v}")
+    return v
+
+
+def _conv_geometry(op, h, w, kh, kw, stride, padding, dilation):
+    (sh, sw), (ph, pw), (dh, dw) = (_pair(op, "stride", stride, 1),
+                                    _pair(op, "padding", padding, 0),
+                                    _pair(op, "dilation", dilation, 1))
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"{op}: the padded input ({h + 2 * ph}x{w + 2 * pw}) is smaller than "
+                         f"the dilated kernel ({dh * (kh - 1) + 1}x{dw * (kw - 1) + 1})")
+    return oh, ow, (sh, sw, ph, pw, dh, dw)
+
+
+def _conv_values(op, values):
+    if values.dim() != 5:
+        raise ValueError(f"{op}: values must be [nnz_blocks, kh, kw, bk, bn], got "
+                         f"{tuple(values.shape)}")
+    _, kh, kw, bk, bn = values.shape
+    for name, b in (("bk", bk), ("bn", bn)):
+        if b not in (8, 16, 32, 64):
+            raise ValueError(f"{op}: block dim {name}={b} of values must be one of 8, 16, 32, 64")
+    return kh, kw, bk, bn
+
+
+def _bucket(p):
+    return triton.next_power_of_2(max(int(p), 1))
+
+
+def bsr_conv2d(x, values, block_row_ptr, block_col_idx, block_col_ptr, block_row_idx,
+               block_perm, bias, out_channels, stride, padding, dilation):
+    op = "bsr_conv2d"
+    _device_of(op, dict(x=x, values=values, block_row_ptr=block_row_ptr,
+                        block_col_idx=block_col_idx, block_col_ptr=block_col_ptr,
+                        block_row_idx=block_row_idx, block_perm=block_perm, bias=bias))
+    _check_float(op, "x", x, 4)
+    _check_float(op, "values", values, 5, x.dtype)
+    kh, kw, bk, bn = _conv_values(op, values)
+    nimg, cin, h, w = x.shape
+    cout = int(out_channels)
+    oh, ow, geo = _conv_geometry(op, h, w, kh, kw, stride, padding, dilation)
+    nb, kb, nnzb = math.ceil(cout / bn), math.ceil(cin / bk), values.shape[0]
+    _check_ptr(op, "block_row_ptr", block_row_ptr, nb, nnzb)
+    _check_index(op, "block_col_idx", block_col_idx, nnzb, kb)
+    _check_ptr(op, "block_col_ptr", block_col_ptr, kb, nnzb)
+    _check_index(op, "block_row_idx", block_row_idx, nnzb, nb)
+    _check_index(op, "block_perm", block_perm, nnzb, nnzb)
+    if bias is not None:
+        _check_float(op, "bias", bias, 1, x.dtype)
+        if bias.shape[0] != cout:
+            raise ValueError(f"{op}: bias must have {cout} entries, got {bias.shape[0]}")
+        bias = bias.contiguous()
+    if values.numel() >= 2**31:
+        raise ValueError(f"{op}: values has {values.numel()} elements; the kernel indexes them "
+                         "with 32-bit offsets (at most 2**31 - 1)")
+    out = torch.empty(nimg, cout, oh, ow, dtype=x.dtype, device=x.device, memory_format=CL)
+    p = nimg * oh * ow
+    if p == 0 or cout == 0:
+        return out
+    x = x.contiguous(memory_format=CL)
+
+    def grid(meta):
+        return (nb, triton.cdiv(p, meta["BLOCK_P"]))
+
+    K.bsr_conv_fwd_kernel[grid](
+        x, values.contiguous(), block_row_ptr, block_col_idx,
+        bias if bias is not None else x, out, p, h, w, cin, oh, ow, cout, _bucket(p), kw,
+        kh * kw, *geo, BK=bk, BN=bn, PAD_K=max(bk, 16), PAD_N=max(bn, 16),
+        HAS_BIAS=bias is not None, ACC_F64=x.dtype == torch.float64,
+        PRECISION=_precision(x.dtype, x.device))
+    return out
+
+
+def bsr_conv2d_grad_input(grad_out, values, block_col_ptr, block_row_idx, block_perm,
+                          input_size, stride, padding, dilation):
+    op = "bsr_conv2d_grad_input"
+    _device_of(op, dict(grad_out=grad_out, values=values, block_col_ptr=block_col_ptr,
+                        block_row_idx=block_row_idx, block_perm=block_perm))
+    _check_float(op, "grad_out", grad_out, 4)
+    _check_float(op, "values", values, 5, grad_out.dtype)
+    kh, kw, bk, bn = _conv_values(op, values)
+    if len(input_size) != 4:
+        raise ValueError(f"{op}: input_size must be [N, C_in, H, W], got {list(input_size)}")
+    nimg, cin, h, w = (int(v) for v in input_size)
+    cout = grad_out.shape[1]
+    oh, ow, geo = _conv_geometry(op, h, w, kh, kw, stride, padding, dilation)
+    if tuple(grad_out.shape) != (nimg, cout, oh, ow):
+        raise ValueError(f"{op}: grad_out must be {[nimg, cout, oh, ow]} for input_size "
+                         f"{list(input_size)}, got {list(grad_out.shape)}")
+    nb, kb, nnzb = math.ceil(cout / bn), math.ceil(cin / bk), values.shape[0]
+    _check_ptr(op, "block_col_ptr", block_col_ptr, kb, nnzb)
+    _check_index(op, "block_row_idx", block_row_idx, nnzb, nb)
+    _check_index(op, "block_perm", block_perm, nnzb, nnzb)
+    out = torch.empty(nimg, cin, h, w, dtype=grad_out.dtype, device=grad_out.device,
+                      memory_format=CL)
+    q = nimg * h * w
+    if q == 0 or cin == 0:
+        return out
+    dy = grad_out.contiguous(memory_format=CL)
+
+    def grid(meta):
+        return (kb, triton.cdiv(q, meta["BLOCK_P"]))
+
+    K.bsr_conv_dx_kernel[grid](
+        dy, values.contiguous(), block_col_ptr, block_row_idx, block_perm, out,
+        q, h, w, cin, oh, ow, cout, _bucket(q), kw, kh * kw, *geo,
+        BK=bk, BN=bn, PAD_K=max(bk, 16), PAD_N=max(bn, 16),
+        ACC_F64=dy.dtype == torch.float64, PRECISION=_precision(dy.dtype, dy.device))
+    return out
+
+
+def bsr_conv2d_grad_weight(grad_out, x, block_row_ptr, block_col_idx, kernel_size, block_n,
+                           block_k, stride, padding, dilation):
+    op = "bsr_conv2d_grad_weight"
+    _device_of(op, dict(grad_out=grad_out, x=x, block_row_ptr=block_row_ptr,
+                        block_col_idx=block_col_idx))
+    _check_float(op, "grad_out", grad_out, 4)
+    _check_float(op, "x", x, 4, grad_out.dtype)
+    kh, kw = _pair(op, "kernel_size", kernel_size, 1)
+    bn, bk = int(block_n), int(block_k)
+    for name, b in (("block_n", bn), ("block_k", bk)):
+        if b not in (8, 16, 32, 64):
+            raise ValueError(f"{op}: {name}={b} must be one of 8, 16, 32, 64")
+    nimg, cin, h, w = x.shape
+    cout = grad_out.shape[1]
+    oh, ow, geo = _conv_geometry(op, h, w, kh, kw, stride, padding, dilation)
+    if tuple(grad_out.shape) != (nimg, cout, oh, ow):
+        raise ValueError(f"{op}: grad_out must be {[nimg, cout, oh, ow]} for x "
+                         f"{list(x.shape)}, got {list(grad_out.shape)}")
+    nb, kb, nnzb = math.ceil(cout / bn), math.ceil(cin / bk), block_col_idx.numel()
+    _check_ptr(op, "block_row_ptr", block_row_ptr, nb, nnzb)
+    _check_index(op, "block_col_idx", block_col_idx, nnzb, kb)
+    out = torch.empty(nnzb, kh, kw, bk, bn, dtype=x.dtype, device=x.device)
+    p = nimg * oh * ow
+    if nnzb == 0:
+        return out
+    if p == 0:
+        return out.zero_()
+    x, dy = x.contiguous(memory_format=CL), grad_out.contiguous(memory_format=CL)
+    K.bsr_conv_dw_kernel[(nnzb, kh * kw)](
+        dy, x, _rows_of(block_row_ptr, nnzb), block_col_idx, out,
+        p, h, w, cin, oh, ow, cout, _bucket(p), kw, kh * kw, *geo,
+        BK=bk, BN=bn, PAD_K=max(bk, 16), PAD_N=max(bn, 16),
+        ACC_F64=x.dtype == torch.float64, PRECISION=_precision(x.dtype, x.device))
+    return out
+
+
 OPS = {
     "bsr_linear": bsr_linear,
     "bsr_linear_grad_input": bsr_linear_grad_input,
@@ -291,4 +448,7 @@ OPS = {
     "csr_linear": csr_linear,
     "csr_linear_grad_input": csr_linear_grad_input,
     "csr_linear_grad_weight": csr_linear_grad_weight,
+    "bsr_conv2d": bsr_conv2d,
+    "bsr_conv2d_grad_input": bsr_conv2d_grad_input,
+    "bsr_conv2d_grad_weight": bsr_conv2d_grad_weight,
 }
