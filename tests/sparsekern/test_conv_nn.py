@@ -198,7 +198,7 @@ def test_pruned_weights_stay_zero_through_sgd_with_momentum_and_weight_decay(fmt
         for n, m in masks.items():
             dense.get_parameter(n).mul_(m)
     model = sk.sparsify(copy.deepcopy(dense), masks, format=fmt, policy="sparse", block=(8, 8))
-    x, y = torch.randn(8, 8, 8, 8, dtype=torch.float64), torch.randint(0, 5, (8,))
+    x, y = torch.randn(4, 8, 6, 6, dtype=torch.float64), torch.randint(0, 5, (4,))
     opt_s = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-3)
     opt_d = torch.optim.SGD(dense.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-3)
     for _ in range(30):
