@@ -524,10 +524,15 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None,
             if sparse.format == "bsr":
                 decision["block"] = list(sparse.weight_format().block)
             if policy == "auto":
-                chosen, dense, times = _choose(module, sparse, mask, inputs[name], repeats)
-                decision.update(dense_ms=times["dense"] * 1e3, sparse_ms=times["sparse"] * 1e3,
-                                timed_input=list(inputs[name].shape),
-                                timed_grad_input=inputs[name].requires_grad)
+                try:
+                    chosen, dense, times = _choose(module, sparse, mask, inputs[name], repeats)
+                    decision.update(dense_ms=times["dense"] * 1e3,
+                                    sparse_ms=times["sparse"] * 1e3,
+                                    timed_input=list(inputs[name].shape),
+                                    timed_grad_input=inputs[name].requires_grad)
+                except NotImplementedError as exc:  # no kernel for this format on this device
+                    chosen, dense = "dense", _masked(module, mask)
+                    decision["reason"] = str(exc).splitlines()[0]
             else:
                 chosen, dense = policy, _masked(module, mask) if policy == "dense" else None
         decision["chosen"] = chosen

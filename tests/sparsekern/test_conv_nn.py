@@ -322,3 +322,21 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="layer '0' is a MyConv"):
         sk.sparsify(nn.Sequential(MyConv(4, 4, 3)), {"0.weight": torch.ones(4, 4, 3, 3) > 0})
     assert type(model[0]) is nn.Conv2d  # nothing converted by the failed calls
+
+
+def test_auto_policy_keeps_a_layer_dense_when_its_kernel_is_missing(monkeypatch):
+    """A format without a kernel on the device (CSR conv on CUDA raises NotImplementedError):
+    policy="auto" keeps that layer masked-dense and records why, instead of failing."""
+    import sparsekern.nn as sknn
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError("sparsekern.csr_conv2d: there is no GPU kernel for CSR conv")
+    monkeypatch.setattr(sknn, "sparse_conv2d", missing)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
+    x = torch.randn(2, 8, 5, 5)
+    model(x)
+    masks = {"0.weight": torch.rand(8, 8, 3, 3) > 0.5, "3.weight": torch.rand(4, 72) > 0.5}
+    sk.sparsify(model, masks, example_input=x, repeats=1)
+    found = sk.decisions(model)
+    assert isinstance(model[0], sk.MaskedConv2d) and "no GPU kernel" in found["0"]["reason"]
+    assert "dense_ms" in found["3"]  # the linear layer was timed as usual
