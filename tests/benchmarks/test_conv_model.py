@@ -117,3 +117,17 @@ def test_bad_arguments_are_rejected():
                         (model.parse_args, ["--batch-sizes", "0"])):
         with pytest.raises(SystemExit):
             parse(argv)
+
+
+def test_model_merge_keeps_other_models_rows(tmp_path):
+    old = {"command": "python -m benchmarks model --models vgg16",
+           "model": [{"model": "vgg16", "run": {"command": "A"}},
+                     {"model": "resnet20", "run": {"command": "A"}}]}
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    results = {}
+    rows = model.merged_rows(tmp_path / "results.json",
+                             [{"model": "resnet20", "run": {"command": "B"}}], results)
+    assert [(r["model"], r["run"]["command"]) for r in rows] == [("vgg16", "A"),
+                                                                  ("resnet20", "B")]
+    assert results["merged_commands"] == ["A"]
+    assert model.merged_rows(tmp_path / "absent.json", rows[:1], {}) == rows[:1]
