@@ -5,7 +5,8 @@ kernels vs cuBLAS dense and torch's own block-sparse kernels, with `triton.testi
 Cases: bf16 (or --dtype float16), x [M, K] with M = 8192 (and --rows), weights 4096x4096 and the
 BERT-base / ViT-B MLP shapes (3072x768, 768x3072), square blocks 16/32/64 at 80/90/95% sparsity
 with an exact kept count per block row. Modes: forward (y = x W^T) and training step (forward +
-dX + dW at kept blocks, through autograd). Peers: forward torch.sparse `bsr_dense_mm` (Triton,
+dX + dW at kept blocks, through autograd). Conv: ResNet-50's 3x3 convs (batch 32, channels_last)
+with channel blocks pruned, vs cuDNN. Peers: forward torch.sparse `bsr_dense_mm` (Triton,
 torch/sparse/_triton_ops.py) on the same blocks; dW `sampled_addmm` on a BSR layout, where torch
 supports the case (else reported n/a with torch's message). Writes benchmarks/gpu/cuda.json and
 regenerates benchmarks/gpu/RESULTS.md. Needs a CUDA device (exits with a message otherwise).
@@ -21,6 +22,9 @@ from benchmarks import gpu_report
 
 SHAPES = {"4096x4096": (4096, 4096), "mlp_up_3072x768": (3072, 768),
           "mlp_down_768x3072": (768, 3072)}
+# ResNet-50's 3x3 convs (C_in = C_out, H = W), batch 32, channels_last: name -> (C, H)
+CONV_SHAPES = {"res2_3x3": (64, 56), "res3_3x3": (128, 28), "res4_3x3": (256, 14),
+               "res5_3x3": (512, 7)}
 
 
 def _block_mask(n, k, block, sparsity, generator, device):
@@ -37,15 +41,21 @@ def _peer_forward(w_dense, block):
         from torch.sparse._triton_ops import bsr_dense_mm
     except ImportError as exc:
         return None, f"import: {exc}"
-    bsr = w_dense.to_sparse_bsr((block, block))
-    return (lambda x: bsr_dense_mm(bsr, x.t())), None
+    try:
+        bsr = w_dense.to_sparse_bsr((block, block))
+        fn = lambda x: bsr_dense_mm(bsr, x.t())  # noqa: E731  (W x^T = y^T)
+        return fn, None
+    except (RuntimeError, ValueError, TypeError) as exc:
+        return None, f"n/a: {str(exc)[:120]}"
 
 
-def run_case(name, n, k, m, block, sparsity, dtype, generator):
+def _do_bench(fn):
     import triton.testing as tt
+    return tt.do_bench(fn, return_mode="median")
 
+
+def run_case(name, n, k, m, block, sparsity, dtype, generator, dev="cuda", bench=_do_bench):
     import sparsekern as sk
-    dev = "cuda"
     mask = _block_mask(n, k, block, sparsity, generator, dev)
     w = torch.randn(n, k, device=dev, dtype=dtype) * mask
     W = sk.BlockSparse.from_dense(w, mask, block=(block, block))
@@ -53,10 +63,15 @@ def run_case(name, n, k, m, block, sparsity, dtype, generator):
     dy = torch.randn(m, n, device=dev, dtype=dtype)
     rows = []
     # forward
-    dense_ms = tt.do_bench(lambda: torch.nn.functional.linear(x, w), return_mode="median")
-    sparse_ms = tt.do_bench(lambda: sk.linear(x, W), return_mode="median")
+    dense_ms = bench(lambda: torch.nn.functional.linear(x, w))
+    sparse_ms = bench(lambda: sk.linear(x, W))
     peer, why = _peer_forward(w, block)
-    peer_ms = tt.do_bench(lambda: peer(x), return_mode="median") if peer else None
+    if peer is not None:
+        try:
+            peer(x)  # torch rejects some cases (dtype, block): report n/a with its message
+        except (RuntimeError, ValueError, TypeError) as exc:
+            peer, why = None, f"n/a: {str(exc)[:120]}"
+    peer_ms = bench(lambda: peer(x)) if peer else None
     rows.append(dict(case=name, block=block, sparsity=sparsity, mode="forward",
                      dense_ms=dense_ms, sparse_ms=sparse_ms, speedup=dense_ms / sparse_ms,
                      peer="bsr_dense_mm" if peer else why, peer_ms=peer_ms))
@@ -73,9 +88,43 @@ def run_case(name, n, k, m, block, sparsity, dtype, generator):
     def sparse_step():
         torch.autograd.grad(sk.linear(xg, Wt), (xg, values), dy)
 
-    dense_ms = tt.do_bench(dense_step, return_mode="median")
-    sparse_ms = tt.do_bench(sparse_step, return_mode="median")
+    dense_ms = bench(dense_step)
+    sparse_ms = bench(sparse_step)
     rows.append(dict(case=name, block=block, sparsity=sparsity, mode="train",
+                     dense_ms=dense_ms, sparse_ms=sparse_ms, speedup=dense_ms / sparse_ms,
+                     peer=None, peer_ms=None))
+    return rows
+
+
+def run_conv_case(name, c, hw, batch, block, sparsity, dtype, generator, dev="cuda",
+                  bench=_do_bench):
+    """3x3 stride-1 'same' conv with channel blocks (block x block over C_out x C_in) pruned:
+    sparsekern vs cuDNN (F.conv2d, channels_last), forward and training step."""
+    import sparsekern as sk
+    mask2 = _block_mask(c, c, block, sparsity, generator, dev)
+    mask = mask2[:, :, None, None].expand(-1, -1, 3, 3).contiguous()
+    w = torch.randn(c, c, 3, 3, device=dev, dtype=dtype) * mask
+    W = sk.BlockSparse.from_dense(w, mask, block=(block, block))
+    x = torch.randn(batch, c, hw, hw, device=dev, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    dy = torch.randn(batch, c, hw, hw, device=dev, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    wc = w.contiguous(memory_format=torch.channels_last)
+    rows = []
+    dense_ms = bench(lambda: torch.nn.functional.conv2d(x, wc, None, 1, 1))
+    sparse_ms = bench(lambda: sk.conv2d(x, W, None, stride=1, padding=1))
+    rows.append(dict(case=f"{name} N={batch}", block=block, sparsity=sparsity, mode="forward",
+                     dense_ms=dense_ms, sparse_ms=sparse_ms, speedup=dense_ms / sparse_ms,
+                     peer=None, peer_ms=None))
+    xg, wg = x.clone().requires_grad_(), wc.clone().requires_grad_()
+    values = W.values.clone().requires_grad_()
+    Wt = sk.BlockSparse(values, W.block_row_ptr, W.block_col_idx, W.shape, W.block_col_ptr,
+                        W.block_row_idx, W.block_perm)
+    dense_ms = bench(lambda: torch.autograd.grad(
+        torch.nn.functional.conv2d(xg, wg, None, 1, 1), (xg, wg), dy))
+    sparse_ms = bench(lambda: torch.autograd.grad(
+        sk.conv2d(xg, Wt, None, stride=1, padding=1), (xg, values), dy))
+    rows.append(dict(case=f"{name} N={batch}", block=block, sparsity=sparsity, mode="train",
                      dense_ms=dense_ms, sparse_ms=sparse_ms, speedup=dense_ms / sparse_ms,
                      peer=None, peer_ms=None))
     return rows
@@ -90,6 +139,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--blocks", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    p.add_argument("--conv", nargs="*", default=list(CONV_SHAPES), choices=list(CONV_SHAPES),
+                   help="ResNet-50 3x3 conv shapes (none: skip conv)")
+    p.add_argument("--conv-batch", type=int, default=32)
     p.add_argument("--out", default=None, help="output folder (default benchmarks/gpu)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -114,6 +166,17 @@ def main(argv: list[str]) -> int:
                         print(f"{r['case']} b{block} {s:.0%} {r['mode']}: dense "
                               f"{r['dense_ms']:.3f} ms, sparse {r['sparse_ms']:.3f} ms "
                               f"({r['speedup']:.2f}x)", flush=True)
+    for name in a.conv:
+        c, hw = CONV_SHAPES[name]
+        for block in a.blocks:
+            for s in a.sparsities:
+                if c % block:
+                    continue
+                for r in run_conv_case(name, c, hw, a.conv_batch, block, s, dtype, gen):
+                    rows.append(r)
+                    print(f"{r['case']} b{block} {s:.0%} {r['mode']}: cuDNN "
+                          f"{r['dense_ms']:.3f} ms, sparse {r['sparse_ms']:.3f} ms "
+                          f"({r['speedup']:.2f}x)", flush=True)
     paths = gpu_report.save_section("cuda", ["python", "-m", "benchmarks", "gpu-bench", *argv],
                                     {"rows": rows, "dtype": a.dtype}, a.out)
     print("wrote", *paths)

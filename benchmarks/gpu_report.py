@@ -150,9 +150,11 @@ def _cuda_md(data):
         _meta_lines(data["meta"])
     rows = [[r["case"], r["block"], f"{r['sparsity']:.0%}", r["mode"], f"{r['dense_ms']:.3f}",
              f"{r['sparse_ms']:.3f}", f"{r['speedup']:.2f}x",
-             "-" if r.get("peer_ms") is None else f"{r['peer_ms']:.3f} ({r['peer']})"]
+             (r.get("peer") or "-") if r.get("peer_ms") is None
+             else f"{r['peer_ms']:.3f} ({r['peer']})"]
             for r in data["rows"]]
-    lines += _table(["shape", "block", "sparsity", "mode", "cuBLAS ms", "sparsekern ms",
+    lines += _table(["shape", "block", "sparsity", "mode", "dense ms (cuBLAS/cuDNN)",
+                     "sparsekern ms",
                      "speedup", "torch peer ms"], rows)
     return lines + [""]
 
