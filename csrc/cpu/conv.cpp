@@ -81,11 +81,12 @@ GeometryArrays geometry(const Conv& c, int64_t channels, int64_t images) {
   return g;
 }
 
-// Channels stored per pixel of a padded activation: C plus a few unused ones, so that pixels are
-// not a multiple of 4 KB apart. With power-of-two channel counts they would be, and every tap
-// and neighbouring pixel of a window would fall into the same L1 set (8 ways): the windows the
-// kernels read thrash L1 instead of staying in it. `unit` = the kernels' vector of channels.
-int64_t pixel_stride(int64_t channels, int64_t unit) { return channels + unit; }
+// Channels stored per pixel of a CSR image panel: C plus one unused, so that pixels are not a
+// multiple of 4 KB apart (a pixel's panel rows span C * panel floats, 32 KB at 256 channels).
+// With power-of-two channel counts every tap and neighbouring pixel of a window would fall into
+// the same L1 set (8 ways) and the windows the kernels read would thrash L1. The BSR kernels read
+// 128-byte runs of 6 pixels and need no such padding.
+int64_t panel_pixel_stride(int64_t channels) { return channels + 1; }
 
 // [N, C, H, W] (any memory format) -> zero-padded NHWC [N, Hp, Wp, channels] (channels >= C:
 // ragged channel blocks), in one pass; no copy when nothing needs to change.
@@ -93,9 +94,21 @@ Tensor padded_nhwc(const Tensor& x, const Conv& c, int64_t channels) {
   const Tensor nhwc = x.permute({0, 2, 3, 1});
   if (c.padding[0] == 0 && c.padding[1] == 0 && channels == x.size(1) && nhwc.is_contiguous())
     return nhwc;
-  Tensor out = at::zeros({c.N, c.Hp(), c.Wp(), channels}, x.options());
-  out.narrow(1, c.padding[0], c.H).narrow(2, c.padding[1], c.W).narrow(3, 0, x.size(1))
-      .copy_(nhwc);
+  // Zero only what the copy does not write: the border rows/columns and the extra channels.
+  Tensor out = at::empty({c.N, c.Hp(), c.Wp(), channels}, x.options());
+  const int64_t ph = c.padding[0], pw = c.padding[1];
+  if (ph > 0) {
+    out.narrow(1, 0, ph).zero_();
+    out.narrow(1, ph + c.H, ph).zero_();
+  }
+  Tensor rows = out.narrow(1, ph, c.H);
+  if (pw > 0) {
+    rows.narrow(2, 0, pw).zero_();
+    rows.narrow(2, pw + c.W, pw).zero_();
+  }
+  Tensor interior = rows.narrow(2, pw, c.W);
+  if (channels > x.size(1)) interior.narrow(3, x.size(1), channels - x.size(1)).zero_();
+  interior.narrow(3, 0, x.size(1)).copy_(nhwc);
   return out;
 }
 
@@ -194,9 +207,9 @@ Tensor bsr_conv2d(const Tensor& x, const Tensor& values, const Tensor& block_row
                 "], got ", bias->sizes());
     bias_padded = padded_cols(bias->view({1, Co}), Nb * bn).view({Nb * bn});
   }
-  const Tensor xp = padded_nhwc(x, c, pixel_stride(c.C, 8));
+  const Tensor xp = padded_nhwc(x, c, c.C);
   const Tensor vals = values.contiguous();
-  const GeometryArrays g = geometry(c, pixel_stride(c.C, 8), c.N);
+  const GeometryArrays g = geometry(c, c.C, c.N);
   const int64_t M = c.N * c.pixels();
   const bool ragged = Nb * bn != Co;
   Tensor y = channels_last_empty(x, c.N, Co, c.OH, c.OW);
@@ -264,8 +277,8 @@ Tensor bsr_conv2d_grad_input(const Tensor& grad_out, const Tensor& values,
   for (int64_t q = 0; q < nnzb; ++q)
     for (int64_t t = 0; t < taps; ++t) tap_perm[q * taps + t] = int32_t(perm[q] * taps + t);
   Tensor t_vals = at::empty({nnzb, kh, kw, bn, bk}, vals.options());
-  Tensor dx_padded = at::zeros({c.N, c.Hp(), c.Wp(), pixel_stride(c.C, 8)}, grad_out.options());
-  const GeometryArrays g = geometry(c, pixel_stride(c.C, 8), c.N);
+  Tensor dx_padded = at::zeros({c.N, c.Hp(), c.Wp(), c.C}, grad_out.options());
+  const GeometryArrays g = geometry(c, c.C, c.N);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), op, [&] {
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
     at::parallel_for(0, nnzb * taps, 16, [&](int64_t q0, int64_t q1) {
@@ -316,8 +329,8 @@ Tensor bsr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x,
   check_grad_out(grad_out, c, Co, op);
   const int64_t taps = c.taps(), M = c.N * c.pixels();
   const Tensor dy = rows_nhwc(grad_out, Nb * bn);
-  const Tensor xp = padded_nhwc(x, c, pixel_stride(c.C, 8));
-  const GeometryArrays g = geometry(c, pixel_stride(c.C, 8), c.N);
+  const Tensor xp = padded_nhwc(x, c, c.C);
+  const GeometryArrays g = geometry(c, c.C, c.N);
   const Tensor block_row = expand_rows(block_row_ptr, Nb, nnzb);
   Tensor dw = at::empty({nnzb, ks[0], ks[1], bk, bn}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
@@ -419,9 +432,9 @@ Tensor csr_conv2d(const Tensor& x, const Tensor& values, const Tensor& row_ptr,
   if (bias)
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == Co, op, ": bias must have shape [", Co,
                 "], got ", bias->sizes());
-  const int64_t in_rows = c.Hp() * c.Wp() * pixel_stride(c.C, 1);
-  const Tensor xp = padded_nhwc(x, c, pixel_stride(c.C, 1)).reshape({c.N, in_rows});
-  const GeometryArrays g = geometry(c, pixel_stride(c.C, 1), 1);
+  const int64_t in_rows = c.Hp() * c.Wp() * panel_pixel_stride(c.C);
+  const Tensor xp = padded_nhwc(x, c, panel_pixel_stride(c.C)).reshape({c.N, in_rows});
+  const GeometryArrays g = geometry(c, panel_pixel_stride(c.C), 1);
   const std::vector<int64_t> col_off = column_offsets(col_idx, g);
   const Segments seg = column_segments(row_ptr, col_idx, Co, c.C * c.taps());
   const Tensor vals = values.contiguous();
@@ -469,12 +482,12 @@ Tensor csr_conv2d_grad_input(const Tensor& grad_out, const Tensor& values, const
   check_range(perm, op, "perm", nnz);
   const Tensor t_vals = values.index_select(0, perm);
   const Tensor dy = rows_nhwc(grad_out, Co).view({c.N, c.pixels() * Co});
-  const GeometryArrays g = geometry(c, pixel_stride(c.C, 1), 1);
+  const GeometryArrays g = geometry(c, panel_pixel_stride(c.C), 1);
   // Cost of an input channel: its stored weights over all taps (col_ptr every taps columns).
   std::vector<int32_t> channel_ptr(c.C + 1);
   const int32_t* cp = col_ptr.data_ptr<int32_t>();
   for (int64_t ch = 0; ch <= c.C; ++ch) channel_ptr[ch] = cp[ch * taps];
-  const int64_t in_rows = c.Hp() * c.Wp() * pixel_stride(c.C, 1);
+  const int64_t in_rows = c.Hp() * c.Wp() * panel_pixel_stride(c.C);
   Tensor dx_padded;
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), op, [&] {
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
@@ -496,7 +509,7 @@ Tensor csr_conv2d_grad_input(const Tensor& grad_out, const Tensor& values, const
       dx_padded = dxs.view({c.N, in_rows});
     }
   });
-  return crop_nhwc(dx_padded.view({c.N, c.Hp(), c.Wp(), pixel_stride(c.C, 1)}), c, c.C);
+  return crop_nhwc(dx_padded.view({c.N, c.Hp(), c.Wp(), panel_pixel_stride(c.C)}), c, c.C);
 }
 
 Tensor csr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x, const Tensor& row_ptr,
@@ -516,10 +529,10 @@ Tensor csr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x, const Ten
   const int64_t Co = grad_out.size(1), nnz = col_idx.numel();
   check_grad_out(grad_out, c, Co, op);
   check_compressed(op, "row_ptr", row_ptr, "col_idx", col_idx, Co, c.C * c.taps(), nnz);
-  const int64_t in_rows = c.Hp() * c.Wp() * pixel_stride(c.C, 1);
-  const Tensor xp = padded_nhwc(x, c, pixel_stride(c.C, 1)).reshape({c.N, in_rows});
+  const int64_t in_rows = c.Hp() * c.Wp() * panel_pixel_stride(c.C);
+  const Tensor xp = padded_nhwc(x, c, panel_pixel_stride(c.C)).reshape({c.N, in_rows});
   const Tensor dy = rows_nhwc(grad_out, Co).view({c.N, c.pixels() * Co});
-  const GeometryArrays g = geometry(c, pixel_stride(c.C, 1), 1);
+  const GeometryArrays g = geometry(c, panel_pixel_stride(c.C), 1);
   const std::vector<int64_t> col_off = column_offsets(col_idx, g);
   Tensor dw = at::empty({nnz}, x.options());
   if (c.N == 0) return dw.zero_();
