@@ -78,8 +78,11 @@ def sparsify_model(model: nn.Module, masks: dict[str, torch.Tensor], format: str
         sk.sparsify(model, masks, format=format, policy=policy, block=block,
                     batch_size=batch_size, repeats=repeats, example_input=example_input)
     else:
+        # "masked-dense": what checkpoints written before sparse conv kernels say for a conv
+        was = {n: "dense" if d["chosen"] == "masked-dense" else d["chosen"]
+               for n, d in decisions.items()}
         for chosen in ("sparse", "dense"):
-            chosen_masks = {n: m for n, m in masks.items() if decisions[n]["chosen"] == chosen}
+            chosen_masks = {n: m for n, m in masks.items() if was[n] == chosen}
             if chosen_masks:
                 sk.sparsify(model, chosen_masks, format=format, policy=chosen, block=block)
     found = sk.decisions(model)
