@@ -175,12 +175,12 @@ def sparse_conv2d(x: torch.Tensor, values: torch.Tensor, index: dict, shape, bia
     """The dispatch behind `conv2d` and SparseConv2d: `index` holds a format's index tensors,
     shape = (C_out, C_in, kh, kw)."""
     out_channels, in_channels, kh, kw = shape
+    if x.dim() not in (3, 4) or x.shape[-3] != in_channels:
+        raise ValueError(f"conv2d: x must be [N, {in_channels}, H, W] (or unbatched "
+                         f"[{in_channels}, H, W]), got shape {tuple(x.shape)}")
     if x.dim() == 3:
         return sparse_conv2d(x.unsqueeze(0), values, index, shape, bias, stride, padding,
                              dilation).squeeze(0)
-    if x.dim() != 4 or x.shape[1] != in_channels:
-        raise ValueError(f"conv2d: x must be [N, {in_channels}, H, W] (or unbatched "
-                         f"[{in_channels}, H, W]), got shape {tuple(x.shape)}")
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
     if min(stride) < 1 or min(dilation) < 1:
         raise ValueError(f"conv2d: stride and dilation must be >= 1, got stride={stride}, "
