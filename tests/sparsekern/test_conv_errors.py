@@ -32,7 +32,7 @@ PUBLIC_CASES = {
     "x_channels": (dict(x=lambda x: x[:, :19]), ValueError,
                    r"x must be \[N, 20, H, W\] .*got shape \(2, 19, 6, 5\)"),
     "x_unbatched_channels": (dict(x=lambda x: x[0, :7]), ValueError,
-                             r"x must be \[N, 20, H, W\]"),
+                             r"x must be \[N, 20, H, W\] .*got shape \(7, 6, 5\)"),
     "stride_0": (dict(stride=0), ValueError, "stride and dilation must be >= 1, got stride=\\(0, 0\\)"),
     "stride_pair_0": (dict(stride=(1, 0)), ValueError, r"stride=\(1, 0\)"),
     "stride_negative": (dict(stride=-2), ValueError, "stride and dilation must be >= 1"),
