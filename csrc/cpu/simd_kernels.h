@@ -336,6 +336,14 @@ void bsr_conv_forward_impl(const sparsekern::cpu::BsrArgs<float>& a,
             const float* x_block = x + a.col_idx[p] * bk;
             for (int64_t t = 0; t < taps; ++t) {
               const float* x_tap = x_block + g.tap_off[t];
+              // The next tap's rows (next block's first tap after the last): they lie in L2,
+              // and a rank-1 sweep that starts on rows still in flight stalls on every one.
+              const float* x_next = t + 1 < taps ? x_block + g.tap_off[t + 1]
+                                    : p + 1 < p1 ? x + a.col_idx[p + 1] * bk : nullptr;
+              if (x_next)
+                for (int r = 0; r < rows; ++r)
+                  for (int64_t k = 0; k < bk; k += 16) _mm_prefetch(
+                      reinterpret_cast<const char*>(x_next + pix[r] + k), _MM_HINT_T0);
               const float* a_row[rows];
               for (int r = 0; r < rows; ++r) a_row[r] = x_tap + pix[r];
               rank1_rows<V, rows, NV>(acc, a_row, 1, w_block + t * tap_block, bn, bk);
@@ -640,10 +648,12 @@ void csr_sddmm(const sparsekern::cpu::CsrSddmmArgs<float>& a, int64_t r0, int64_
 
 // ---- CSR conv2d: batch panels of images (kernels.h) -----------------------------------------
 
-// Per output pixel, the row pairs of the linear SpMM, one column segment at a time (kernels.h):
-// a pixel's whole window (kh*kw*C_in panel rows, ~300 KB at 256 channels) does not fit L1, one
-// segment's share of it does, and every row of the block reads it from there. Between segments
-// the partial sums wait in y, whose RB rows of this pixel (RB * panel floats) stay in L1 too.
+// The row pairs of the linear SpMM per output pixel, for blocks of RB rows (outer, so that a
+// pixel reads RB rows' weights, not all of them: the weights and the pixel's window together
+// must stay in L2), one column segment at a time (kernels.h): a pixel's whole window
+// (kh*kw*C_in panel rows, ~300 KB at 256 channels) does not fit L1, one segment's share of it
+// does, and every row of the block reads it from there. Between segments the partial sums wait
+// in y, whose RB rows of this pixel (RB * panel floats) stay in L1 too.
 template <class V>
 void csr_conv_forward(const sparsekern::cpu::CsrConvArgs<float>& a,
                       const sparsekern::cpu::ConvGeometry& g, const float* x, const float* bias,
@@ -653,12 +663,12 @@ void csr_conv_forward(const sparsekern::cpu::CsrConvArgs<float>& a,
   const int64_t R = a.out_channels, S = a.segments, ldseg = S + 1;
   for (int64_t c = 0; c < a.chunks; ++c) {
     const float* panel = x + c * a.in_rows * MB;
-    for (int64_t m = 0; m < g.M; ++m) {
-      const float* window = panel + g.pix_off[m] * MB;
-      const auto addr = [&](int64_t j) { return window + a.col_off[j] * MB; };
-      float* out = y + (c * g.M + m) * R * MB;
-      for (int64_t rb = r0; rb < r1; rb += RB) {
-        const int64_t re = min64(r1, rb + RB);
+    for (int64_t rb = r0; rb < r1; rb += RB) {
+      const int64_t re = min64(r1, rb + RB);
+      for (int64_t m = 0; m < g.M; ++m) {
+        const float* window = panel + g.pix_off[m] * MB;
+        const auto addr = [&](int64_t j) { return window + a.col_off[j] * MB; };
+        float* out = y + (c * g.M + m) * R * MB;
         for (int64_t b = 0; b < S; ++b)
           for (int64_t r = rb; r < re; r += 2) {
             const bool pair = r + 1 < re;
@@ -684,22 +694,25 @@ void csr_conv_forward(const sparsekern::cpu::CsrConvArgs<float>& a,
 }
 
 // dX by scatter over input channels [c0, c1) (kernels.h): per pair of output pixels, channel and
-// tap, the entries of that column are reduced in registers, then added to dx once. Pixels are
-// the outer loop so that a pixel's dy panel rows (C_out of them) stay in L1 for every column.
+// tap, the entries of that column are reduced in registers, then added to dx once. Blocks of CB
+// channels are the outer loop (a pixel pair then reads CB channels' weights, not all of them),
+// pixels the next, so that a pixel's dy panel rows (C_out of them) stay in L1 for every column.
 template <class V>
 void csr_conv_grad_input(const sparsekern::cpu::CsrConvArgs<float>& a,
                          const sparsekern::cpu::ConvGeometry& g, const int32_t* t_rows,
                          const float* dy, float* dx, int64_t c0, int64_t c1) {
   constexpr int MB = panel_width<V>();
+  constexpr int64_t CB = 16;
   const int64_t R = a.out_channels, taps = g.taps, M = g.M;
   const int32_t* cp = a.row_ptr;
   for (int64_t c = 0; c < a.chunks; ++c) {
     const float* dy_panel = dy + c * M * R * MB;
     float* dx_panel = dx + c * a.in_rows * MB;
+    for (int64_t cb = c0; cb < c1; cb += CB)
     for (int64_t m = 0; m < M; m += 2) {
       const bool pair = m + 1 < M;
       const float* d = dy_panel + m * R * MB;
-      for (int64_t ch = c0; ch < c1; ++ch)
+      for (int64_t ch = cb; ch < min64(c1, cb + CB); ++ch)
         for (int64_t t = 0; t < taps; ++t) {
           const int64_t q0 = cp[ch * taps + t], q1 = cp[ch * taps + t + 1];
           if (q0 == q1) continue;
