@@ -15,7 +15,7 @@ from benchmarks import gpu_report
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks triton-compile", description=__doc__)
     p.add_argument("--arch", nargs="+", default=["80", "90"])
-    p.add_argument("--dtype", nargs="+", default=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", nargs="+", default=["bfloat16", "float16", "float32", "tfloat32"])
     p.add_argument("--block", nargs="+", default=["16x16", "32x32", "64x64"])
     p.add_argument("--out", default=None, help="output folder (default benchmarks/gpu)")
     a = p.parse_args(argv)

@@ -23,10 +23,12 @@ import itertools
 import json
 import re
 import sys
+import tempfile
 import time
 
-DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-ELEMENT_SIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+# "tfloat32": float32 tensors with torch.backends.cuda.matmul.allow_tf32 (tf32 tensor cores)
+DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "tfloat32": "fp32"}
+ELEMENT_SIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "tfloat32": 4}
 ARCHS = (80, 90)
 # (bk, bn) blocks of the report; 8 is a padded variant of 16 and compiles to the same tiles.
 BLOCKS = ((16, 16), (32, 32), (64, 64))
@@ -37,7 +39,7 @@ def _variants(kernel: str, dtype: str, block):
     launchers call it."""
     t = DTYPES[dtype]
     bk, bn = block
-    prec = "ieee"  # fp32 without tf32 (torch's default allow_tf32=False)
+    prec = "tf32" if dtype == "tfloat32" else "ieee"  # torch's default: allow_tf32=False
     if kernel == "bsr_spmm":
         sig = dict(a_ptr=f"*{t}", v_ptr=f"*{t}", ptr_ptr="*i32", idx_ptr="*i32", perm_ptr="*i32",
                    bias_ptr=f"*{t}", out_ptr=f"*{t}", M="i32", A_COLS="i32", OUT_COLS="i32",
@@ -131,9 +133,12 @@ def compile_one(kernel: str, config_index: int, dtype: str, block, arch: int, pr
             {"num_warps": config.num_warps, "num_stages": config.num_stages})
         log = io.StringIO()
         start = time.perf_counter()
-        with knobs.nvidia.scope(), knobs.cache.scope(), contextlib.redirect_stdout(log):
+        # a fresh cache per build: a cache hit (e.g. the same CSR kernel for fp32 and tf32)
+        # would skip ptxas and its log
+        with tempfile.TemporaryDirectory(prefix="sparsekern-aot-") as cache, \
+                knobs.nvidia.scope(), knobs.cache.scope(), contextlib.redirect_stdout(log):
             knobs.nvidia.dump_ptxas_log = True
-            knobs.cache.dir = _fresh_cache_dir()  # a cache hit would skip ptxas and its log
+            knobs.cache.dir = cache
             compiled = triton.compile(src, target=target, options=options.__dict__)
         seconds = time.perf_counter() - start
         regs, spills = _parse_ptxas(log.getvalue())
@@ -150,22 +155,11 @@ def compile_one(kernel: str, config_index: int, dtype: str, block, arch: int, pr
 
 def _rounds_to_nearest(ptx: str, dtype: str):
     """16-bit outputs: every fp32 -> fp16/bf16 conversion in the PTX rounds to nearest even."""
-    if dtype == "float32":
+    if dtype in ("float32", "tfloat32"):
         return None
     kind = "bf16" if dtype == "bfloat16" else "f16"
     converts = re.findall(rf"cvt\.(\w+)(?:\.\w+)*\.{kind}(?:x2)?\.f32", ptx)
     return bool(converts) and all(mode == "rn" for mode in converts)
-
-
-_CACHE_DIR = None
-
-
-def _fresh_cache_dir():
-    global _CACHE_DIR
-    if _CACHE_DIR is None:
-        import tempfile
-        _CACHE_DIR = tempfile.mkdtemp(prefix="sparsekern-aot-")
-    return _CACHE_DIR
 
 
 def _config_str(config):
@@ -176,7 +170,7 @@ def _config_str(config):
 def uses_tensor_cores(kernel: str, dtype: str) -> bool:
     """The BSR kernels multiply with tl.dot (tensor cores for 16-bit types; fp32 runs ieee
     FMA by default); the CSR kernels are CUDA-core gathers by design."""
-    return kernel.startswith("bsr") and dtype in ("float16", "bfloat16")
+    return kernel.startswith("bsr") and dtype in ("float16", "bfloat16", "tfloat32")
 
 
 def expect_wgmma(kernel: str, product: str, dtype: str, block, config, arch: int) -> bool:

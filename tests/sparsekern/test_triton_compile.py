@@ -1,11 +1,12 @@
 """Every Triton kernel x autotune config compiles ahead of time for sm_80 (A100) and sm_90
 (H100) with triton's bundled ptxas, no GPU needed: no register spills, shared memory within the
-architecture's limit, tensor-core MMA in the BSR kernels for 16-bit types, wgmma on sm_90 where
+architecture's limit, tensor-core MMA in the BSR kernels for 16-bit types and tf32, wgmma on sm_90 where
 Triton's Hopper lowering applies (dot M dim >= 64), and fp32 -> fp16/bf16 output conversions
 that round to nearest (the interpreter truncates instead, see test_triton_interpreter.py).
 
 bfloat16 (the 16-bit tensor-core path; float16 compiles to the same tiles) runs blocks 16 and 64,
-float32 (FMA path, the register-hungriest: where spills were found) block 64. The full matrix,
+float32 (FMA path, the register-hungriest: where spills were found) and tf32 (float32 with
+torch.backends.cuda.matmul.allow_tf32) block 64. The full matrix,
 every dtype and block 16/32/64, is `python -m benchmarks triton-compile` (benchmarks/gpu/).
 
 The compile runs in a subprocess: this test process runs triton in interpreter mode (chosen at
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Largest dynamic shared memory per block (opt-in): A100 163 KiB, H100 227 KiB.
 SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 RUNS = {"bf16": (["bfloat16"], ["16x16", "64x64"]),
-        "fp32": (["float32"], ["64x64"])}
+        "fp32": (["float32", "tfloat32"], ["64x64"])}
 
 
 def _compile(dtypes, blocks, tmp_path):
@@ -92,5 +93,5 @@ def test_tensor_cores_and_wgmma_where_expected(report):
 def test_outputs_round_to_nearest(report):
     _, _, rows = report
     for r in rows:
-        if r["dtype"] != "float32":
+        if r["dtype"] not in ("float32", "tfloat32"):
             assert r["round_nearest"], f"{r['kernel']} {r['dtype']} {r['arch']}: not cvt.rn"
