@@ -534,6 +534,7 @@ Tensor csr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x, const Ten
   const Tensor dy = rows_nhwc(grad_out, Co).view({c.N, c.pixels() * Co});
   const GeometryArrays g = geometry(c, panel_pixel_stride(c.C), 1);
   const std::vector<int64_t> col_off = column_offsets(col_idx, g);
+  const Segments seg = column_segments(row_ptr, col_idx, Co, c.C * c.taps());
   Tensor dw = at::empty({nnz}, x.options());
   if (c.N == 0) return dw.zero_();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
@@ -541,7 +542,7 @@ Tensor csr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x, const Ten
     const Tensor xs = panels_of(k, xp), dys = panels_of(k, dy);
     const CsrConvArgs<scalar_t> args{chunks_of(k, c.N), c.N, xp.size(1), Co,
                                      row_ptr.data_ptr<int32_t>(), col_off.data(), nullptr,
-                                     nullptr, 0};
+                                     seg.ptr.data(), seg.count};
     const ConvGeometry geo = g.view();
     parallel_by_cost(args.row_ptr, Co, 4, [&](int64_t r0, int64_t r1) {
       k->csr_conv_grad_weight(args, geo, dys.data_ptr<scalar_t>(), xs.data_ptr<scalar_t>(),

@@ -116,9 +116,9 @@ struct CsrConvArgs {
   const int32_t* row_ptr;   // [R+1]
   const int64_t* col_off;   // [nnz]: tap_off[tap] + ci of each stored weight
   const T* values;          // [nnz]
-  // Column segments of the forward: row r's entries of columns [b*S, (b+1)*S) are
-  // [seg_ptr[r*(segments+1) + b], seg_ptr[r*(segments+1) + b + 1]). The SIMD forward walks one
-  // segment of many rows while that segment's input lines stay in L1; null elsewhere.
+  // Column segments of the forward and dW: row r's entries of columns [b*S, (b+1)*S) are
+  // [seg_ptr[r*(segments+1) + b], seg_ptr[r*(segments+1) + b + 1]). The SIMD kernels walk one
+  // segment of many rows while that segment's input lines stay in L1; null for dX.
   const int32_t* seg_ptr;
   int64_t segments;
 };

@@ -742,51 +742,56 @@ void csr_conv_grad_input(const sparsekern::cpu::CsrConvArgs<float>& a,
   }
 }
 
-// dw[j] for rows [r0, r1): eight stored weights of a row reduced together over every pixel and
-// image chunk (the row's dy vector is loaded once per pixel for all eight).
+// dw[j] for rows [r0, r1), blocked like the forward: for RB rows and one column segment at a
+// time, every pixel's segment window (L1) meets the RB rows' dy (L1) and adds into one vector of
+// partial sums per stored weight (the segment's share of them, also L1), reduced to dw at the
+// end. Sweeping all pixels per stored weight instead re-reads each input line from L3.
 template <class V>
 void csr_conv_grad_weight(const sparsekern::cpu::CsrConvArgs<float>& a,
                           const sparsekern::cpu::ConvGeometry& g, const float* dy,
                           const float* x, float* dw, int64_t r0, int64_t r1) {
   constexpr int MB = panel_width<V>();
-  constexpr int G = 8;
-  const int64_t R = a.out_channels, M = g.M;
+  constexpr int64_t RB = 64;
+  const int64_t R = a.out_channels, M = g.M, S = a.segments, ldseg = S + 1;
+  const int32_t* rp = a.row_ptr;
   const int64_t* col_off = a.col_off;
-  alignas(32) float sums[G];
-  for (int64_t r = r0; r < r1; ++r) {
-    int64_t j = a.row_ptr[r];
-    const int64_t e = a.row_ptr[r + 1];
-    for (; j < e; j += G) {
-      const int64_t n = min64(G, e - j);
-      typename V::reg acc[G];
-      for (int k = 0; k < G; ++k) acc[k] = V::zero();
-      for (int64_t c = 0; c < a.chunks; ++c) {
-        const float* dy_row = dy + (c * M * R + r) * MB;
-        const float* panel = x + c * a.in_rows * MB;
+  // Sized for the largest row block. Plain new[]: a std::vector here would instantiate inline
+  // library code under this file's target pragma (see the top of the file).
+  int64_t most = 0;
+  for (int64_t rb = r0; rb < r1; rb += RB) {
+    const int64_t n = rp[min64(r1, rb + RB)] - rp[rb];
+    most = n > most ? n : most;
+  }
+  float* const partial_store = new float[(most + 1) * V::L];
+  for (int64_t rb = r0; rb < r1; rb += RB) {
+    const int64_t re = min64(r1, rb + RB), base = rp[rb];
+    float* partial = partial_store - base * V::L;  // partial + j * L: entry j's vector
+    for (int64_t j = rp[rb]; j < rp[re]; ++j) V::store(partial + j * V::L, V::zero());
+    for (int64_t c = 0; c < a.chunks; ++c) {
+      const float* dy_chunk = dy + c * M * R * MB;
+      const float* panel = x + c * a.in_rows * MB;
+      for (int64_t b = 0; b < S; ++b)
         for (int64_t m = 0; m < M; ++m) {
-          typename V::reg d[4];
-          for (int i = 0; i < 4; ++i) d[i] = V::load(dy_row + m * R * MB + i * V::L);
           const float* window = panel + g.pix_off[m] * MB;
-          if (n == G) {
-#pragma GCC unroll 8
-            for (int k = 0; k < G; ++k) {
-              const float* p = window + col_off[j + k] * MB;
+          const float* dy_pixel = dy_chunk + m * R * MB;
+          for (int64_t r = rb; r < re; ++r) {
+            const int32_t* seg = a.seg_ptr + r * ldseg + b;
+            if (seg[0] == seg[1]) continue;
+            typename V::reg d[4];
+            for (int i = 0; i < 4; ++i) d[i] = V::load(dy_pixel + r * MB + i * V::L);
+            for (int64_t j = seg[0]; j < seg[1]; ++j) {
+              const float* p = window + col_off[j] * MB;
+              typename V::reg acc = V::load(partial + j * V::L);
 #pragma GCC unroll 4
-              for (int i = 0; i < 4; ++i) acc[k] = V::fma(d[i], V::load(p + i * V::L), acc[k]);
-            }
-          } else {
-            for (int k = 0; k < n; ++k) {
-              const float* p = window + col_off[j + k] * MB;
-              for (int i = 0; i < 4; ++i) acc[k] = V::fma(d[i], V::load(p + i * V::L), acc[k]);
+              for (int i = 0; i < 4; ++i) acc = V::fma(d[i], V::load(p + i * V::L), acc);
+              V::store(partial + j * V::L, acc);
             }
           }
         }
-      }
-      _mm_store_ps(sums, hsum4<V>(acc[0], acc[1], acc[2], acc[3]));
-      _mm_store_ps(sums + 4, hsum4<V>(acc[4], acc[5], acc[6], acc[7]));
-      for (int k = 0; k < n; ++k) dw[j + k] = sums[k];
     }
+    for (int64_t j = rp[rb]; j < rp[re]; ++j) dw[j] = hsum1<V>(V::load(partial + j * V::L));
   }
+  delete[] partial_store;
 }
 
 template <class Vw>
