@@ -112,8 +112,11 @@ Tensor padded_nhwc(const Tensor& x, const Conv& c, int64_t channels) {
   return out;
 }
 
-// The interior of a padded NHWC gradient as a channels_last [N, C, H, W] tensor.
+// The interior of a padded NHWC gradient as a channels_last [N, C, H, W] tensor (a view when
+// there is nothing to crop).
 Tensor crop_nhwc(const Tensor& padded, const Conv& c, int64_t C) {
+  if (c.padding[0] == 0 && c.padding[1] == 0 && padded.size(3) == C && padded.is_contiguous())
+    return padded.permute({0, 3, 1, 2});
   Tensor out = at::empty({c.N, C, c.H, c.W},
                          padded.options().memory_format(at::MemoryFormat::ChannelsLast));
   out.copy_(padded.narrow(1, c.padding[0], c.H).narrow(2, c.padding[1], c.W).narrow(3, 0, C)
