@@ -131,6 +131,27 @@ def test_conv_bsr_every_block_shape(bn, bk, dtype):
         check_conv_op(op, W, x, dy, bias, geometry)
 
 
+# The benchmark's layer shapes (issue 6) at a small batch: wide channels and large feature maps
+# reach the cache-blocking paths (pixel chunks, column segments, dW pixel chunks) that the small
+# cases above do not. (N, C_in, C_out, hw, kernel, stride, padding, block)
+LAYER_CASES = {
+    "3x3_256_8x8": (2, 256, 256, (8, 8), 3, 1, 1, (32, 32)),
+    "3x3_64_32x32": (2, 64, 64, (32, 32), 3, 1, 1, (32, 32)),
+    "3x3_s2_128_16x16": (2, 128, 256, (16, 16), 3, 2, 1, (16, 32)),
+    "1x1_512_2048_7x7": (2, 512, 2048, (7, 7), 1, 1, 0, (32, 32)),
+}
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_conv_benchmark_layer_shapes(fmt, case, dtype):
+    n, c_in, c_out, hw, kernel, stride, padding, block = LAYER_CASES[case]
+    W, x, dy, bias, geometry = conv_problem(fmt, n, c_in, c_out, hw, kernel, stride, padding, 1,
+                                            block=block, sparsity=0.9, dtype=dtype, empty=True)
+    for op in conv_ops(fmt):
+        check_conv_op(op, W, x, dy, bias, geometry)
+
+
 @pytest.mark.parametrize("n", [1, 7, 31, 32, 33, 63, 64, 65])
 def test_conv_csr_batch_tails(n, dtype):
     """Batch sizes around the CSR conv panel widths (32 images for AVX2, 64 for AVX-512)."""
