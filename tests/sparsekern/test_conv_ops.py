@@ -184,16 +184,24 @@ def _layouts(t):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_conv_ops_accept_any_memory_format(fmt, dtype):
     """x / grad_out in NCHW, channels_last, strided and stride-0 layouts: each call agrees with
-    the reference, and the results for the same values agree with each other."""
-    for padding in (0, 1):  # padding 0: the kernels may read a channels_last x in place
+    the reference, the results for the same values agree with each other, and no input is
+    modified or aliased by an output (padding 0: the kernels may read a channels_last x in
+    place, and dX may be their working buffer)."""
+    for padding in (0, 1):
         W, x, dy, bias, geometry = conv_problem(fmt, 3, 16, 24, (6, 5), 3, 1, padding, 1,
                                                 block=(8, 8), sparsity=0.5, dtype=dtype)
         bias = torch.stack([bias, bias], 1)[:, 0]  # a strided bias
         assert not bias.is_contiguous()
         first = {}
         for (xname, xl), (dname, dyl) in zip(_layouts(x), _layouts(dy)):
+            inputs = [xl, dyl, bias, *W.tensors().values()]
+            before = [t.clone() for t in inputs]
             for op in conv_ops(fmt):
                 out = check_conv_op(op, W, xl, dyl, bias, geometry)
+                for t, saved in zip(inputs, before):
+                    assert torch.equal(t, saved), f"{op} modified an input"
+                    assert out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr(), \
+                        f"{op}: output aliases an input"
                 if xname != "expanded":
                     if op in first:
                         assert_close(out, first[op], 10 * TOL[dtype], f"{op} {xname} vs nchw")
