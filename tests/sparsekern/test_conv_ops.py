@@ -217,8 +217,10 @@ def test_conv_thread_partitioning(fmt, threads, isa):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for n, c_in, c_out in ((5, 40, 16), (2, 24, 70)):
-            W, x, dy, bias, geometry = conv_problem(fmt, n, c_in, c_out, (7, 6), 3, 1, 1, 1,
+        # one pixel chunk split by block rows; several chunks, each split by block rows too
+        for n, c_in, c_out, hw in ((5, 40, 16, (7, 6)), (2, 24, 70, (7, 6)),
+                                   (4, 40, 48, (14, 14))):
+            W, x, dy, bias, geometry = conv_problem(fmt, n, c_in, c_out, hw, 3, 1, 1, 1,
                                                     block=(8, 8), sparsity=0.4, empty=True)
             for op in conv_ops(fmt):
                 check_conv_op(op, W, x, dy, bias, geometry)
