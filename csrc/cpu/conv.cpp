@@ -293,11 +293,13 @@ Tensor bsr_conv2d_grad_input(const Tensor& grad_out, const Tensor& values,
                                  t_vals.data_ptr<scalar_t>()};
     const ConvGeometry geo = g.view();
     // dX is a scatter: two units may only run together when their writes cannot overlap, which
-    // holds for different input-channel blocks or different images.
+    // holds for different input-channel blocks or different images. Image-major order, so each
+    // thread gets whole images over every channel block: kept blocks are rarely spread evenly
+    // over the channel blocks, images always cost the same.
     const int64_t P = c.pixels();
     at::parallel_for(0, Kb * c.N, 1, [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1; ++u) {
-        const int64_t J = u / c.N, n = u % c.N;
+        const int64_t n = u / Kb, J = u % Kb;
         k->bsr_conv_grad_input(args, geo, dy.data_ptr<scalar_t>(), Nb * bn,
                                dx_padded.data_ptr<scalar_t>(), J, J + 1, n * P, (n + 1) * P);
       }
