@@ -17,7 +17,8 @@ sparse kernel sustains).
 Masks have an exact kept count: bsrN rows keep round((1-s) * n_blocks) whole channel blocks
 (N output x N input channels, each spanning the kh x kw window), csr rows round((1-s) * numel)
 random weights. Results go to --out (default benchmarks/conv/; with --quick a fresh temporary
-folder): RESULTS.md, results.json and speedup.png.
+folder): RESULTS.md, results.json and speedup.png; while it runs, results.partial.json holds
+every row measured so far.
 """
 from __future__ import annotations
 
@@ -562,11 +563,12 @@ def main(argv: list[str]) -> int:
           f"{' '.join(m['simd_flags'])}; sparsekern ISA {results['isa']['active']}; threads "
           f"{results['threads']}; SparseProp {sp_version or 'absent: ' + str(sp_reason)}",
           flush=True)
-    results["conv"] = sweep(args, sparseprop_cls, lambda r: print(progress_line(r), flush=True))
+    out = output_dir(args, Path(__file__).resolve().parent / "conv")
+    results["conv"] = sweep(args, sparseprop_cls,
+                            progress_writer(results, "conv", out, progress_line))
     results["targets"] = evaluate_targets(results["conv"], sp_reason)
     results["runtime_s"] = time.perf_counter() - started
     results["load_average_end"] = report.load_average()
-    out = output_dir(args, Path(__file__).resolve().parent / "conv")
     paths = write(results, out, markdown, figure)
     print("issue targets")
     for t in results["targets"]:
@@ -576,9 +578,29 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+PARTIAL = "results.partial.json"
+
+
+def progress_writer(results: dict, key: str, out: Path, line):
+    """on_row callback: prints the row and rewrites out/results.partial.json with every row so
+    far (re-measurements included), so a run that is killed still leaves its measurements."""
+    seen = []
+
+    def on_row(row):
+        print(line(row), flush=True)
+        seen.append(row)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / (PARTIAL + ".tmp")
+        tmp.write_text(json.dumps({**results, key: seen, "partial": True}, indent=1) + "\n")
+        tmp.replace(out / PARTIAL)
+    return on_row
+
+
 def write(results: dict, out: Path, to_markdown, to_figures) -> list[Path]:
-    """RESULTS.md, results.json and the figures (to_figures(results, out) -> paths)."""
+    """RESULTS.md, results.json and the figures (to_figures(results, out) -> paths); the
+    partial file of the run is removed."""
     out.mkdir(parents=True, exist_ok=True)
+    (out / PARTIAL).unlink(missing_ok=True)
     md, js = out / "RESULTS.md", out / "results.json"
     md.write_text(to_markdown(results))
     js.write_text(json.dumps(results, indent=1) + "\n")

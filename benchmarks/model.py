@@ -17,7 +17,8 @@ left after pruning (BatchNorm, ReLU, pooling and layout conversions not counted)
 whose unpruned layers carry much of the work has an ideal well below 1 / (1 - sparsity).
 
 Results go to --out (default benchmarks/model/; with --quick a fresh temporary folder):
-RESULTS.md, results.json and one speedup-vs-sparsity PNG per model (<model>.png).
+RESULTS.md, results.json and one speedup-vs-sparsity PNG per model (<model>.png); while it runs,
+results.partial.json holds every row measured so far.
 """
 from __future__ import annotations
 
@@ -393,7 +394,7 @@ def main(argv: list[str]) -> int:
           f"{' '.join(m['simd_flags'])}; sparsekern ISA {results['isa']['active']}; threads "
           f"{results['threads']}", flush=True)
     out = conv.output_dir(args, Path(__file__).resolve().parent / "model")
-    rows = sweep(args, lambda r: print(progress_line(r), flush=True))
+    rows = sweep(args, conv.progress_writer(results, "model", out, progress_line))
     for row in rows:
         row["run"] = {"command": command, "date": results["date"]}
     results["runtime_s"] = time.perf_counter() - started

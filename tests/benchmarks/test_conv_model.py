@@ -75,6 +75,15 @@ def test_conv_quick_run_writes_results(tmp_path):
     text = (out / "RESULTS.md").read_text()
     assert results["command"] in text and "Issue targets" in text
     assert (out / "speedup.png").stat().st_size > 0
+    assert not (out / conv.PARTIAL).exists()  # only while running
+
+
+def test_progress_writer_leaves_the_rows_so_far(tmp_path):
+    on_row = conv.progress_writer({"command": "c"}, "conv", tmp_path, lambda row: str(row))
+    on_row({"layer": "a"})
+    on_row({"layer": "b"})
+    partial = json.loads((tmp_path / conv.PARTIAL).read_text())
+    assert partial["partial"] is True and [r["layer"] for r in partial["conv"]] == ["a", "b"]
 
 
 def test_model_flop_ideal_counts_pruned_layers_only():
