@@ -13,6 +13,16 @@ from benchmarks import conv, model
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny problems: one thread is as fast and immune to a busy neighbour on shared cores (two
+    OpenMP threads on an oversubscribed 2-core box made each op ~100x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("fmt", list(conv.FORMATS))
 def test_conv_masks_keep_exact_counts(fmt):
     layer = conv.Layer("t", 40, 48, 3, 1, 6, 2)

@@ -15,6 +15,16 @@ from lth.hparams import ModelHparams
 from lth.models import build_model
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is as fast and immune to a busy neighbour on shared cores (two
+    OpenMP threads on an oversubscribed 2-core box made each op ~100x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _channel_block_mask(c_out, c_in, kh, kw, block, sparsity, generator=None):
     bn, bk = block
     present = torch.rand(-(-c_out // bn), -(-c_in // bk), generator=generator) >= sparsity
@@ -198,7 +208,7 @@ def test_pruned_weights_stay_zero_through_sgd_with_momentum_and_weight_decay(fmt
         for n, m in masks.items():
             dense.get_parameter(n).mul_(m)
     model = sk.sparsify(copy.deepcopy(dense), masks, format=fmt, policy="sparse", block=(8, 8))
-    x, y = torch.randn(4, 8, 6, 6, dtype=torch.float64), torch.randint(0, 5, (4,))
+    x, y = torch.randn(3, 8, 5, 5, dtype=torch.float64), torch.randint(0, 5, (3,))
     opt_s = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-3)
     opt_d = torch.optim.SGD(dense.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-3)
     for _ in range(30):

@@ -13,6 +13,16 @@ from _sk_helpers import TOL, assert_close, block_mask, rebuild, unstructured_mas
 BLOCK = (8, 8)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny problems: one thread is as fast and immune to a busy neighbour on shared cores (two
+    OpenMP threads on an oversubscribed 2-core box made each op ~100x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _mask_for(fmt, n, k, sparsity=0.6, block=BLOCK):
     """A mask the format stores exactly: whole blocks for bsr, anything for csr."""
     if fmt == "bsr":
