@@ -479,6 +479,13 @@ def _targets(model: nn.Module, masks) -> dict[str, torch.Tensor]:
     return targets
 
 
+def _after_sparse_conv(model: nn.Module, order: list[str], name: str) -> bool:
+    """Whether a SparseConv2d comes before layer `name` in module order (for the usual models,
+    forward order): its channels_last output then reaches `name`."""
+    return any(isinstance(model.get_submodule(n), SparseConv2d)
+               for n in order[1: order.index(name)] if n)
+
+
 def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None,
              format: str = "auto", policy: str = "auto", block=None, batch_size: int = 256,
              repeats: int = 7, example_input=None) -> nn.Module:
@@ -508,7 +515,9 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None,
     timed = [n for n in targets if _dense_reason(model.get_submodule(n)) is None]
     inputs = (_timing_inputs(model, timed, example_input, batch_size)
               if policy == "auto" and timed else {})
-    for name, mask in targets.items():
+    order = [n for n, _ in model.named_modules()]
+    for name in sorted(targets, key=order.index):  # forward order (module order) for layouts
+        mask = targets[name]
         module = model.get_submodule(name)
         kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
         decision = {"name": name, "kind": kind, "shape": list(module.weight.shape),
@@ -524,12 +533,20 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None,
             if sparse.format == "bsr":
                 decision["block"] = list(sparse.weight_format().block)
             if policy == "auto":
+                x = inputs[name]
+                if kind == "conv" and x.dim() == 4 and _after_sparse_conv(model, order, name):
+                    # a sparse conv upstream hands on channels_last (BatchNorm, ReLU and dense
+                    # convs keep it): time both candidates on the layout they will receive
+                    x = x.detach().contiguous(memory_format=torch.channels_last)
+                    x.requires_grad_(inputs[name].requires_grad)
                 try:
-                    chosen, dense, times = _choose(module, sparse, mask, inputs[name], repeats)
+                    chosen, dense, times = _choose(module, sparse, mask, x, repeats)
                     decision.update(dense_ms=times["dense"] * 1e3,
                                     sparse_ms=times["sparse"] * 1e3,
-                                    timed_input=list(inputs[name].shape),
-                                    timed_grad_input=inputs[name].requires_grad)
+                                    timed_input=list(x.shape),
+                                    timed_layout="channels_last" if x.dim() == 4 and
+                                    not x.is_contiguous() else "contiguous",
+                                    timed_grad_input=x.requires_grad)
                 except NotImplementedError as exc:  # no kernel for this format on this device
                     chosen, dense = "dense", _masked(module, mask)
                     decision["reason"] = str(exc).splitlines()[0]

@@ -350,3 +350,19 @@ def test_auto_policy_keeps_a_layer_dense_when_its_kernel_is_missing(monkeypatch)
     found = sk.decisions(model)
     assert isinstance(model[0], sk.MaskedConv2d) and "no GPU kernel" in found["0"]["reason"]
     assert "dense_ms" in found["3"]  # the linear layer was timed as usual
+
+
+def test_auto_policy_times_convs_after_a_sparse_conv_on_channels_last_input():
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3,
+                                                                               padding=1))
+    x = torch.randn(2, 8, 6, 6)
+    masks = {"2.weight": torch.rand(32, 32, 3, 3) > 0.9, "0.weight": torch.rand(32, 8, 3, 3) > 0.5}
+    sk.sparsify(model, masks, example_input=x, repeats=1)
+    found = sk.decisions(model)
+    assert found["0"]["timed_layout"] == "contiguous"  # the data, as given
+    expected = "channels_last" if found["0"]["chosen"] == "sparse" else "contiguous"
+    assert found["2"]["timed_layout"] == expected
+    model2 = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1))
+    sk.sparsify(model2, {"0.weight": masks["0.weight"]}, policy="sparse")
+    sk.sparsify(model2, {"1.weight": masks["2.weight"]}, example_input=x, repeats=1)
+    assert sk.decisions(model2)["1"]["timed_layout"] == "channels_last"
