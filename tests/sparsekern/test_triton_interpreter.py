@@ -206,3 +206,21 @@ def test_launchers_reject_bad_input(triton_backend):
     cw = op_args("csr_linear", C, x, dy, bias)
     with pytest.raises((ValueError, RuntimeError), match="col_idx entries must lie in"):
         run_op("csr_linear", cw[:3] + (C.col_idx + 48,) + cw[4:])
+
+
+def test_switch_after_compiled_triton_import_is_a_clear_error():
+    """The interpreter can only be chosen before triton is imported: a fresh process that
+    imported triton first gets an error that says so (and stays on the CPU kernels)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "SPARSEKERN_BACKEND")}
+    code = ("import triton, sparsekern as sk\n"
+            "try:\n    sk.set_backend('triton')\nexcept RuntimeError as e:\n    print(e)\n"
+            "print(sk.get_backend())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], timeout=300).stdout
+    assert "already imported in compiled mode" in out and "SPARSEKERN_BACKEND=triton" in out
+    assert out.strip().endswith("cpu")
