@@ -17,7 +17,11 @@ kernel's loop structure (sparsekern/triton/kernels.py):
   (occupancy from the compiled kernel's registers and shared memory, `triton.compile` for the
   architecture), whole waves of CTAs.
 
-predicted time = max(HBM time, L2 time, SM time) + launch overhead. cuBLAS dense = 2MNK / (peak x
+predicted time = max(HBM time, L2 time, SM time) + launch overhead.
+
+CSR (unstructured) rows use the same accounting for the CUDA-core kernels: every kept entry
+gathers a BLOCK_M slice of the transposed activation per m-tile (1 FLOP per gathered byte in
+bf16), the longest row of a BLOCK_R group sets its loop, plus the transposes. cuBLAS dense = 2MNK / (peak x
 cuBLAS efficiency); training step = 3 such GEMMs. Every assumption is a named constant in GPUS
 and printed into the report.
 """
@@ -46,12 +50,14 @@ GPUS = {
         l2_mb=50, smem_b_per_clk=128, smem_per_sm=228 * 1024, regs_per_sm=65536,
         step_overhead_clk=40,         # per kept block: index load, loop, barrier (assumption)
         program_overhead_clk=1500,    # per CTA: pipeline fill + epilogue latency (assumption)
-        launch_us=4.0),               # per kernel launch (assumption)
+        launch_us=4.0,                # per kernel launch (assumption)
+        fp32_lanes=128),              # FP32 FMA lanes per SM per clock (CSR kernels: CUDA cores)
     "a100": dict(
         name="A100 SXM4 80GB", arch=80, sms=108, clock_ghz=1.41,
         peak_tflops=312.0, cublas_efficiency=0.80, mma_sync_fraction=1.0,
         hbm_tbs=2.04, l2_tbs=4.5, l2_mb=40, smem_b_per_clk=128, smem_per_sm=164 * 1024,
-        regs_per_sm=65536, step_overhead_clk=40, program_overhead_clk=1500, launch_us=4.0),
+        regs_per_sm=65536, step_overhead_clk=40, program_overhead_clk=1500, launch_us=4.0,
+        fp32_lanes=64),
 }
 
 
@@ -131,6 +137,56 @@ def bsr_sddmm(gpu, facts, config, block, sparsity):
     return _finish(gpu, flops, hbm, l2, nnzb, per_program, occ)
 
 
+# expected maximum of n standard normals (rows of a CSR program: the longest row sets its loop)
+_MAX_Z = {16: 1.766, 32: 2.070, 64: 2.335}
+
+
+def csr_spmm(gpu, facts, config, sparsity, transposed):
+    """CSR forward / dX: row-split over BLOCK_R rows x BLOCK_M activation rows on CUDA cores,
+    each kept entry gathering a contiguous BLOCK_M slice of the transposed activation."""
+    br, bm, warps = config["BLOCK_R"], config["BLOCK_M"], config["num_warps"]
+    rows_out, src = (K_IN, N_OUT) if transposed else (N_OUT, K_IN)
+    nnz = round((1 - sparsity) * N_OUT * K_IN)
+    per_row = nnz / rows_out
+    iters = per_row + _MAX_Z[br] * math.sqrt(src * sparsity * (1 - sparsity))
+    programs = math.ceil(rows_out / br) * math.ceil(M_ROWS / bm)
+    idx_b = 12 if transposed else 8   # col/row index + value (+ perm)
+    flops = 2 * M_ROWS * nnz
+    # HBM: the transpose (read + write), the transposed activation once (its m-tile slab is
+    # shared by the consecutive programs of one m-tile), values/index, output
+    transpose = 2 * M_ROWS * src * ELEM
+    hbm = transpose + (M_ROWS * src + M_ROWS * rows_out) * ELEM + nnz * idx_b
+    l2 = programs * iters * (br * bm * ELEM + br * idx_b) + M_ROWS * rows_out * ELEM
+    occ = _occupancy(gpu, facts, warps)
+    per_program = iters * (br * bm / gpu["fp32_lanes"] * 2 + gpu["step_overhead_clk"]) \
+        + gpu["program_overhead_clk"] / occ  # x2: convert + FMA per element
+    r = _finish(gpu, flops, hbm, l2, programs, per_program, occ)
+    r["time_us"] += gpu["launch_us"]  # the transpose kernel
+    return r
+
+
+def csr_sddmm(gpu, facts, config, sparsity):
+    """CSR dW: BLOCK_E consecutive entries per program, a BLOCK_M-chunked dot of a dY^T row
+    (shared by the entries of one W row) and a gathered x^T row per entry."""
+    be, bm, warps = config["BLOCK_E"], config["BLOCK_M"], config["num_warps"]
+    nnz = round((1 - sparsity) * N_OUT * K_IN)
+    programs = math.ceil(nnz / be)
+    chunks = math.ceil(M_ROWS / bm)
+    flops = 2 * M_ROWS * nnz
+    occ = _occupancy(gpu, facts, warps)
+    # every wave of resident CTAs sweeps all of M over (nearly) every x^T row: x^T (64 MB)
+    # does not stay in L2 between waves
+    waves = max(1.0, programs / (gpu["sms"] * occ))
+    transpose = 2 * M_ROWS * (N_OUT + K_IN) * ELEM
+    hbm = transpose + (waves * M_ROWS * K_IN + M_ROWS * N_OUT) * ELEM + nnz * (8 + ELEM)
+    l2 = programs * chunks * (be * bm + bm) * ELEM + nnz * 8
+    per_program = chunks * (be * bm / gpu["fp32_lanes"] * 2 + gpu["step_overhead_clk"]) \
+        + gpu["program_overhead_clk"] / occ
+    r = _finish(gpu, flops, hbm, l2, programs, per_program, occ)
+    r["time_us"] += 2 * gpu["launch_us"]  # the two transposes
+    return r
+
+
 def cublas_us(gpu):
     return 2 * M_ROWS * N_OUT * K_IN / (gpu["peak_tflops"] * 1e12 * gpu["cublas_efficiency"]) \
         * 1e6 + gpu["launch_us"]
@@ -142,13 +198,13 @@ def compile_facts(gpu, blocks):
     process has triton in interpreter mode)."""
     rows = gpu_report.aot_rows(archs=[gpu["arch"]], dtypes=["bfloat16"],
                                blocks=[f"{b}x{b}" for b in blocks],
-                               kernels=["bsr_spmm", "bsr_sddmm"])
-    return {(r["kernel"], r["product"], int(r["block"].split("x")[0]), r["config_index"]): r
+                               kernels=["bsr_spmm", "bsr_sddmm", "csr_spmm", "csr_sddmm"])
+    return {(r["kernel"], r["product"],
+             None if r["block"] == "-" else int(r["block"].split("x")[0]), r["config_index"]): r
             for r in rows}
 
 
 def model(gpu_name, sparsities=SPARSITIES, blocks=BLOCKS):
-    from sparsekern.triton.aot import ELEMENT_SIZE  # noqa: F401  (import check only)
     gpu = GPUS[gpu_name]
     facts = compile_facts(gpu, blocks)
     configs = gpu_report.config_dicts()
@@ -177,6 +233,25 @@ def model(gpu_name, sparsities=SPARSITIES, blocks=BLOCKS):
                 dense_train_us=3 * dense, forward_us=fwd, train_us=train,
                 forward_speedup=dense / fwd, train_speedup=3 * dense / train,
                 ideal=1 / (1 - s), kernels=best))
+    for s in sparsities:  # CSR (unstructured): CUDA-core gathers, no tensor cores
+        best = {}
+        for product in ("forward", "grad_input", "grad_weight"):
+            kernel = "csr_sddmm" if product == "grad_weight" else "csr_spmm"
+            cands = []
+            for ci, cfg in enumerate(configs[kernel]):
+                f = facts[(kernel, product, None, ci)]
+                r = csr_sddmm(gpu, f, cfg, s) if kernel == "csr_sddmm" else \
+                    csr_spmm(gpu, f, cfg, s, product == "grad_input")
+                r.update(config=f["config"], regs=f["regs"], smem=f["smem"], wgmma=f["wgmma"])
+                cands.append(r)
+            best[product] = min(cands, key=lambda r: r["time_us"])
+        fwd = best["forward"]["time_us"]
+        train = fwd + best["grad_input"]["time_us"] + best["grad_weight"]["time_us"]
+        rows.append(dict(
+            gpu=gpu_name, block="csr", sparsity=s, dense_forward_us=dense,
+            dense_train_us=3 * dense, forward_us=fwd, train_us=train,
+            forward_speedup=dense / fwd, train_speedup=3 * dense / train,
+            ideal=1 / (1 - s), kernels=best))
     return dict(gpu=gpu_name, assumptions=gpu, shape=dict(M=M_ROWS, N=N_OUT, K=K_IN,
                                                           dtype="bfloat16"), rows=rows)
 
@@ -191,7 +266,7 @@ def main(argv: list[str]) -> int:
     results = [model(g) for g in a.gpu]
     for res in results:
         for r in res["rows"]:
-            print(f"{res['gpu']} block {r['block']:2d} sparsity {r['sparsity']:.2f}: forward "
+            print(f"{res['gpu']} block {r['block']:>3} sparsity {r['sparsity']:.2f}: forward "
                   f"{r['forward_us']:7.1f} us ({r['forward_speedup']:.2f}x), train "
                   f"{r['train_us']:7.1f} us ({r['train_speedup']:.2f}x); dense "
                   f"{r['dense_forward_us']:.1f} us / step {r['dense_train_us']:.1f} us")

@@ -63,3 +63,17 @@ def test_roofline_counts(block):
     assert dense / fwd["time_us"] < 1 / (1 - 0.9)
     denser = roofline.bsr_spmm(gpu, FACTS, cfg, block, 0.8, transposed=False)
     assert denser["time_us"] > fwd["time_us"]
+
+
+def test_roofline_csr_counts():
+    """Unstructured: 2 FLOPs per kept weight per row; every kept entry gathers its activation
+    slice for every m-tile (nnz x M elements through L2)."""
+    gpu = roofline.GPUS["h100"]
+    m, n, k, e = roofline.M_ROWS, roofline.N_OUT, roofline.K_IN, roofline.ELEM
+    nnz = round(0.1 * n * k)
+    fwd = roofline.csr_spmm(gpu, FACTS, {"BLOCK_R": 16, "BLOCK_M": 128, "num_warps": 4}, 0.9,
+                            transposed=False)
+    dw = roofline.csr_sddmm(gpu, FACTS, {"BLOCK_E": 32, "BLOCK_M": 128, "num_warps": 4}, 0.9)
+    for r in (fwd, dw):
+        assert r["flops"] == 2 * m * nnz
+        assert r["l2_bytes"] >= nnz * m * e
