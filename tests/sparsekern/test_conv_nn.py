@@ -366,3 +366,28 @@ def test_auto_policy_times_convs_after_a_sparse_conv_on_channels_last_input():
     sk.sparsify(model2, {"0.weight": masks["0.weight"]}, policy="sparse")
     sk.sparsify(model2, {"1.weight": masks["2.weight"]}, example_input=x, repeats=1)
     assert sk.decisions(model2)["1"]["timed_layout"] == "channels_last"
+
+
+def test_sparsified_cnn_compiles_fullgraph():
+    """torch.compile(fullgraph=True) of a model of SparseConv2d layers (BSR with a value mask,
+    CSR) and BatchNorm gives the eager logits and gradients."""
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.Flatten(),
+                          nn.LazyLinear(4))
+    x = torch.randn(3, 8, 6, 6)
+    model(x)
+    sk.sparsify(model, {"0.weight": torch.rand(16, 8, 3, 3) > 0.7}, format="bsr", block=(8, 8),
+                policy="sparse")
+    sk.sparsify(model, {"3.weight": torch.rand(16, 16, 3, 3) > 0.7}, policy="sparse")
+    assert model[0].value_mask is not None and model[3].format == "csr"
+    eager = model(x)
+    eager.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    assert_close(out, eager, 1e-5, "compiled logits")
+    for n, p in model.named_parameters():
+        assert_close(p.grad, grads[n], 1e-5, f"compiled grad {n}")
