@@ -3,7 +3,9 @@
 counts conv layers; grouped / depthwise convs are not block-pruned and stay dense."""
 import json
 import os
+import warnings
 
+import pytest
 import torch
 
 import sparsekern as sk
@@ -60,3 +62,32 @@ def test_depthwise_convs_are_not_block_pruned_and_stay_dense(tmp_path):
     found = sparsify_model(exp.template, masks, policy="sparse")
     assert found[grouped[0]]["chosen"] == "dense" and "groups=" in found[grouped[0]]["reason"]
     assert found[exp.prunable[0]]["chosen"] == "sparse"
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg16", "resnet18", "mobilenetv2"])
+def test_block_tickets_of_every_cnn_run_on_bsr_conv_kernels(name):
+    """One IMP prune of each CNN in 8x8 channel blocks: every pruned conv becomes a BSR
+    SparseConv2d holding exactly its mask, depthwise convs stay unpruned nn.Conv2d, and a
+    training step runs."""
+    from lth import pruning
+    from lth.hparams import ModelHparams
+    from lth.models import build_model
+    model = build_model(ModelHparams(name=name, width_mult=0.25), (3, 16, 16), 10, seed=0)
+    names = pruning.prunable_names(model, ("first_conv", "classifier"), "block")
+    params = dict(model.named_parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tiny layers keep their last block
+        masks = pruning.prune(pruning.magnitude_scores({n: params[n] for n in names}),
+                              pruning.full_masks(model, names), 0.6, "global", "block", (8, 8))
+    sparsify_model(model, masks, policy="sparse")
+    modules = dict(model.named_modules())
+    for n, m in masks.items():
+        layer = modules[n[: -len(".weight")]]
+        if m.dim() == 4:
+            assert isinstance(layer, sk.SparseConv2d) and layer.format == "bsr", n
+            assert torch.equal(layer.mask(), m), n
+    depthwise = [m for m in model.modules() if type(m) is torch.nn.Conv2d and m.groups > 1]
+    assert bool(depthwise) == (name == "mobilenetv2")
+    torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 16, 16)),
+                                      torch.arange(4)).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
