@@ -6,6 +6,14 @@ import statistics
 import time
 from typing import Callable
 
+import torch
+
+
+def _synchronize():
+    """GPU work is asynchronous: without a sync, a CUDA call's time is its launch time only."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int = 3,
                         repeats: int = 15) -> dict[str, float]:
@@ -18,7 +26,9 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int = 3,
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            _synchronize()
             start = time.perf_counter()
             fn()
+            _synchronize()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in samples.items()}
