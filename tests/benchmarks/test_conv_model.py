@@ -144,9 +144,10 @@ def test_model_merge_keeps_other_models_rows(tmp_path):
                      {"model": "resnet20", "run": {"command": "A"}}]}
     (tmp_path / "results.json").write_text(json.dumps(old))
     results = {}
-    rows = model.merged_rows(tmp_path / "results.json",
-                             [{"model": "resnet20", "run": {"command": "B"}}], results)
+    rows = conv.merged_rows(tmp_path / "results.json",
+                            [{"model": "resnet20", "run": {"command": "B"}}], results, "model",
+                            "model")
     assert [(r["model"], r["run"]["command"]) for r in rows] == [("vgg16", "A"),
                                                                   ("resnet20", "B")]
     assert results["merged_commands"] == ["A"]
-    assert model.merged_rows(tmp_path / "absent.json", rows[:1], {}) == rows[:1]
+    assert conv.merged_rows(tmp_path / "absent.json", rows[:1], {}, "model", "model") == rows[:1]
