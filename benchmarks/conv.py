@@ -485,14 +485,16 @@ def _csv(cast, allowed=None, what=""):
     return parse
 
 
-def common_options(p: argparse.ArgumentParser, budget: float, min_repeats: int = MIN_REPEATS):
+def common_options(p: argparse.ArgumentParser, budget: float, min_repeats: int = MIN_REPEATS,
+                   warmup: int = 2):
     p.add_argument("--out", type=Path, default=None,
                    help="folder for RESULTS.md, results.json and the PNG (default: see above; "
                         "with --quick a new temporary folder)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--isa", default=None,
                    help="sparsekern kernel instruction set (set_isa), e.g. avx2")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up rounds per group (2)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"warm-up rounds per group ({warmup}; 1 with --quick)")
     p.add_argument("--repeats", type=int, default=None,
                    help=f"timed rounds per group, an upper bound (15), at least {min_repeats} "
                         f"unless fewer are asked for")
@@ -572,7 +574,7 @@ def main(argv: list[str]) -> int:
     for row in rows:
         row["run"] = {"command": command, "date": results["date"]}
     if args.merge:
-        rows = merged_rows(out / "results.json", rows, results, "conv", "layer")
+        rows = merged_rows(out / "results.json", rows, results, "conv", ("layer", "batch"))
     results["conv"] = rows
     results["targets"] = evaluate_targets(rows, sp_reason)
     results["runtime_s"] = time.perf_counter() - started
@@ -590,15 +592,15 @@ PARTIAL = "results.partial.json"
 
 
 def merged_rows(path: Path, rows: list[dict], results: dict, section: str,
-                key: str) -> list[dict]:
-    """--merge: the rows of an earlier results.json in the same folder whose `key` (layer /
-    model) this run did not measure come first; each row keeps the command and date that
-    measured it, and results["merged_commands"] lists the earlier commands."""
+                keys: tuple[str, ...]) -> list[dict]:
+    """--merge: the rows of an earlier results.json in the same folder whose `keys` (layer and
+    batch / model and batch) this run did not measure come first; each row keeps the command
+    and date that measured it, and results["merged_commands"] lists the earlier commands."""
     if not path.is_file():
         return rows
     old = json.loads(path.read_text())
-    measured = {r[key] for r in rows}
-    kept = [r for r in old.get(section, []) if r[key] not in measured]
+    measured = {tuple(r[k] for k in keys) for r in rows}
+    kept = [r for r in old.get(section, []) if tuple(r[k] for k in keys) not in measured]
     results["merged_commands"] = [c for c in dict.fromkeys(
         r.get("run", {}).get("command") for r in kept) if c]
     return kept + rows

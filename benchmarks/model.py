@@ -341,8 +341,8 @@ def parse_args(argv):
     p.add_argument("--policy", default="auto", choices=("auto", "sparse"),
                    help="sparsify policy of the sparse model (default auto)")
     p.add_argument("--policy-repeats", type=int, default=None,
-                   help="repeats of sparsify's per-layer timing (default 5; 2 with --quick)")
-    conv.common_options(p, 3.0, MIN_REPEATS)
+                   help="repeats of sparsify's per-layer timing (default 3; 2 with --quick)")
+    conv.common_options(p, 3.0, MIN_REPEATS, warmup=1)
     args = p.parse_args(argv)
     quick = args.quick
     args.models = args.models or (QUICK_MODELS if quick else MODELS)
@@ -350,7 +350,9 @@ def parse_args(argv):
     args.batch_sizes = args.batch_sizes or (QUICK_BATCHES if quick else BATCHES)
     args.group_budget = args.group_budget if args.group_budget is not None else (
         0.5 if quick else 3.0)
-    args.policy_repeats = args.policy_repeats or (2 if quick else 5)
+    args.policy_repeats = args.policy_repeats or (2 if quick else 3)
+    # the untimed sizing round of each group warms it up too: one more warm-up round is enough
+    args.warmup = args.warmup if args.warmup is not None else 1
     conv.finish_options(p, args)
     if min(args.batch_sizes) < 1:
         p.error("--batch-sizes must be >= 1")
@@ -382,7 +384,8 @@ def main(argv: list[str]) -> int:
     results["runtime_s"] = time.perf_counter() - started
     results["load_average_end"] = report.load_average()
     if args.merge:
-        rows = conv.merged_rows(out / "results.json", rows, results, "model", "model")
+        rows = conv.merged_rows(out / "results.json", rows, results, "model",
+                                ("model", "batch"))
     results["model"] = rows
     results["targets"] = evaluate_targets(rows, sorted({r["batch"] for r in rows}))
     paths = conv.write(results, out, markdown, figures)
