@@ -108,7 +108,19 @@ Tensor padded_nhwc(const Tensor& x, const Conv& c, int64_t channels) {
   }
   Tensor interior = rows.narrow(2, pw, c.W);
   if (channels > x.size(1)) interior.narrow(3, x.size(1), channels - x.size(1)).zero_();
-  interior.narrow(3, 0, x.size(1)).copy_(nhwc);
+  const KernelTable<float>* k = float_kernels();
+  if (x.scalar_type() == at::kFloat && x.is_contiguous() && k->nchw_to_nhwc) {
+    // An NCHW input (a model's first sparse conv): transposed by 8x8 register tiles.
+    const float* src = x.data_ptr<float>();
+    float* dst = interior.data_ptr<float>();
+    const int64_t C = x.size(1), image = C * c.H * c.W, padded_image = c.Hp() * c.Wp() * channels;
+    at::parallel_for(0, c.N, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        k->nchw_to_nhwc(src + n * image, C, c.H, c.W, dst + n * padded_image, c.Wp(), channels);
+    });
+  } else {
+    interior.narrow(3, 0, x.size(1)).copy_(nhwc);
+  }
   return out;
 }
 

@@ -149,6 +149,12 @@ template <class T>
 using unpack_panels_fn = void (*)(const T* src, int64_t M, int64_t C, T* dst, int64_t ld,
                                   int64_t c0, int64_t c1);
 
+// One NCHW image [C][H][W] into the interior of a padded NHWC one: dst[(h*Wp + w) * stride + c]
+// (dst already offset to the first interior pixel; Wp = row length of the padded image).
+template <class T>
+using nchw_to_nhwc_fn = void (*)(const T* src, int64_t C, int64_t H, int64_t W, T* dst,
+                                 int64_t Wp, int64_t stride);
+
 template <class T>
 struct KernelTable {
   const char* name;
@@ -160,6 +166,7 @@ struct KernelTable {
   csr_sddmm_fn<T> csr_sddmm;
   pack_panels_fn<T> pack_panels;  // null when panel == 0
   unpack_panels_fn<T> unpack_panels;  // null when panel == 0
+  nchw_to_nhwc_fn<T> nchw_to_nhwc;    // null: torch's copy does it
   bsr_conv_forward_fn<T> bsr_conv_forward;
   bsr_conv_grad_input_fn<T> bsr_conv_grad_input;
   bsr_conv_grad_weight_fn<T> bsr_conv_grad_weight;

@@ -177,6 +177,7 @@ const KernelTable<T>* scalar_kernels() {
                                         &csr_sddmm<T>,
                                         nullptr,
                                         nullptr,
+                                        nullptr,
                                         &bsr_conv_forward<T>,
                                         &bsr_conv_grad_input<T>,
                                         &bsr_conv_grad_weight<T>,

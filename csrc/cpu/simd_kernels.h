@@ -606,6 +606,18 @@ void unpack_panels(const float* src, int64_t M, int64_t C, float* dst, int64_t l
   }
 }
 
+// 8x8 register transposes: the strided gather torch's copy would do costs ~10x more.
+template <class V>
+void nchw_to_nhwc(const float* src, int64_t C, int64_t H, int64_t W, float* dst, int64_t Wp,
+                  int64_t stride) {
+  const int64_t plane = H * W;
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t w = 0; w < W; w += 8)
+      for (int64_t c = 0; c < C; c += 8)
+        transpose_block(src + c * plane + h * W + w, plane, min64(8, C - c), min64(8, W - w),
+                        dst + (h * Wp + w) * stride + c, stride);
+}
+
 template <class V>
 void csr_sddmm(const sparsekern::cpu::CsrSddmmArgs<float>& a, int64_t r0, int64_t r1) {
   constexpr int MB = panel_width<V>();
@@ -805,6 +817,7 @@ constexpr sparsekern::cpu::KernelTable<float> make_table(const char* name) {
           &csr_sddmm<Vw>,
           &pack_panels<Vw>,
           &unpack_panels<Vw>,
+          &nchw_to_nhwc<Vw>,
           &bsr_conv_forward<Vw>,
           &bsr_conv_grad_input<Vw>,
           &bsr_conv_grad_weight<Vw>,
