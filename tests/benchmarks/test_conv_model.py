@@ -140,15 +140,17 @@ def test_bad_arguments_are_rejected():
 
 def test_model_merge_keeps_other_models_rows(tmp_path):
     old = {"command": "python -m benchmarks model --models vgg16",
-           "model": [{"model": "vgg16", "batch": 64, "run": {"command": "A"}},
-                     {"model": "resnet20", "batch": 64, "run": {"command": "A"}},
-                     {"model": "resnet20", "batch": 128, "run": {"command": "A"}}]}
+           "model": [{"model": "vgg16", "masks": "block", "batch": 64, "run": {"command": "A"}},
+                     {"model": "resnet20", "masks": "block", "batch": 64,
+                      "run": {"command": "A"}},
+                     {"model": "resnet20", "masks": "block", "batch": 128,
+                      "run": {"command": "A"}}]}
     (tmp_path / "results.json").write_text(json.dumps(old))
     results = {}
-    keys = ("model", "batch")
+    keys = ("model", "masks", "batch")
     rows = conv.merged_rows(tmp_path / "results.json",
-                            [{"model": "resnet20", "batch": 128, "run": {"command": "B"}}],
-                            results, "model", keys)
+                            [{"model": "resnet20", "masks": "block", "batch": 128,
+                              "run": {"command": "B"}}], results, "model", keys)
     assert [(r["model"], r["batch"], r["run"]["command"]) for r in rows] == [
         ("vgg16", 64, "A"), ("resnet20", 64, "A"), ("resnet20", 128, "B")]
     assert results["merged_commands"] == ["A"]
