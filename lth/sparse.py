@@ -155,3 +155,104 @@ def time_train_steps(models: dict[str, nn.Module], make_optimizer, batch, loss_f
 
 def cross_entropy(label_smoothing: float = 0.0):
     return lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing)
+
+
+# ----------------------------------------------------------------------------- changing masks
+# Dynamic sparse training changes masks while a model trains on the sparse kernels. sparsekern's
+# modules are built once from a mask (their index tensors never change), so a new mask means a
+# new module, and its `values` a new Parameter whose optimizer state must follow it.
+
+def _in_layout(module, values: torch.Tensor):
+    """The format object of a SparseLinear / SparseConv2d holding `values` (shaped like its
+    `values`, e.g. an optimizer state) at the module's stored positions."""
+    cls = sk.BlockSparse if module.format == "bsr" else sk.CSR
+    return cls(values, shape=module.weight_shape, **module.index())
+
+
+def _block_of(module):
+    return module.weight_format().block if module.format == "bsr" else None
+
+
+def _packed_values(module, dense: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """What `values` of a module of `module`'s format and block built from `mask` hold for the
+    dense tensor `dense` (the layout `from_dense` gives, so states line up with weights)."""
+    if module.format == "bsr":
+        return sk.BlockSparse.from_dense(dense, mask, block=_block_of(module)).values
+    return sk.CSR.from_dense(dense, mask).values
+
+
+def _swap_parameter(optimizer, old: nn.Parameter, new: nn.Parameter, convert) -> None:
+    """`new` replaces `old` in the optimizer; per-weight state tensors (shaped like `old`) go
+    through `convert`, per-parameter ones (Adam's step) are kept."""
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if state:
+        optimizer.state[new] = {k: convert(v) if torch.is_tensor(v) and v.dim() > 0
+                                and v.shape == old.shape else v for k, v in state.items()}
+
+
+def repack(model: nn.Module, optimizer, masks: dict[str, torch.Tensor],
+           reset: dict[str, torch.Tensor]) -> list[str]:
+    """Gives every converted layer of `model` the mask masks[weight name], in place (model and
+    optimizer); returns the weights whose mask changed.
+
+    At positions kept before and after, the weight and its per-weight optimizer state (SGD
+    momentum, Adam / AdamW moments) carry over; where `reset` is True (grown) both start at
+    exactly zero; dropped positions are gone (sparse) or exact zeros (masked-dense). A sparse
+    layer is rebuilt in its format and block, a masked-dense one keeps its module and Parameter;
+    biases stay the same Parameter (and keep their state)."""
+    modules = dict(model.named_modules())
+    changed = []
+    for name, new_mask in masks.items():
+        module = modules[_module_name(name)]
+        if not isinstance(module, (sk.SparseLinear, sk.SparseConv2d, sk.MaskedLinear,
+                                   sk.MaskedConv2d)):
+            raise TypeError(f"repack: {name} is a {type(module).__name__}, not a layer "
+                            f"converted by sparsify_model")
+        device = module.mask().device
+        new_mask, fresh = new_mask.to(device), reset[name].to(device)
+        if torch.equal(module.mask(), new_mask) and not bool(fresh.any()):
+            continue
+        changed.append(name)
+        if isinstance(module, (sk.MaskedLinear, sk.MaskedConv2d)):
+            gone = ~new_mask | fresh
+            with torch.no_grad():
+                module.weight_mask.copy_(new_mask)
+                module.weight.masked_fill_(gone, 0.0)
+            for value in optimizer.state.get(module.weight, {}).values():
+                if torch.is_tensor(value) and value.shape == module.weight.shape:
+                    value.masked_fill_(gone, 0.0)
+            continue
+
+        def moved(values, module=module, new_mask=new_mask, fresh=fresh):
+            dense = _in_layout(module, values.detach()).to_dense().masked_fill(fresh, 0.0)
+            return _packed_values(module, dense, new_mask)
+
+        plain = module.to_linear() if isinstance(module, sk.SparseLinear) else module.to_conv()
+        with torch.no_grad():
+            plain.weight.masked_fill_(fresh, 0.0)
+        rebuilt = type(module).from_dense(plain, new_mask, format=module.format,
+                                          block=_block_of(module))
+        rebuilt.bias = module.bias
+        rebuilt.train(module.training)
+        if hasattr(module, "sparsekern_decision"):
+            rebuilt.sparsekern_decision = {**module.sparsekern_decision,
+                                           "sparsity": rebuilt.sparsity()}
+        _swap_parameter(optimizer, module.values, rebuilt.values, moved)
+        model.set_submodule(_module_name(name), rebuilt)
+    return changed
+
+
+def dense_gradients(model: nn.Module, batch, loss_fn, names) -> dict[str, torch.Tensor]:
+    """{weight name: d loss / d weight at every position, pruned ones included} on `batch`: one
+    forward and backward of a dense copy of the model (the weights as they are, zeros where
+    pruned). What RigL grows by; the model itself and its BatchNorm statistics are untouched."""
+    x, y = batch
+    dense = densify_model(copy.deepcopy(model))
+    wanted = set(names)
+    for n, p in dense.named_parameters():
+        p.requires_grad_(n in wanted)
+    loss_fn(dense(x), y).backward()
+    params = dict(dense.named_parameters())
+    return {n: params[n].grad for n in names}
