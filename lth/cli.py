@@ -47,6 +47,7 @@ def load_config_file(path: str) -> dict:
 
 
 def build_parser(prog: str = "python -m lth.train") -> argparse.ArgumentParser:
+    all_flags = flags()  # first: it imports the methods, which register their sections
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE", default=None,
@@ -54,7 +55,7 @@ def build_parser(prog: str = "python -m lth.train") -> argparse.ArgumentParser:
                         + ", ".join(SECTIONS) + ") or flat by flag name; flags given on the "
                         "command line override it (default: none)")
     groups = {s: parser.add_argument_group(f"{s} settings") for s in SECTIONS}
-    for fl in flags():
+    for fl in all_flags:
         meta = fl.field.metadata
         default_text = format_default(fl.default, _JOINERS.get(fl.field.name, ","))
         help_text = f"{meta['help']} (default: {default_text})"

@@ -5,6 +5,12 @@ JSON/YAML file) and how it is checked, so `--help`, `--config FILE` and validati
 here. A run is named by a hash of the settings that differ from these defaults (fields marked
 `hashed=False` -- where the output goes, progress bars, threads -- do not change what a run computes
 and are left out of the hash).
+
+Methods and modifiers add their own sections without editing this file: `register_section(name)`
+on a dataclass of `hp` fields makes them flags (in a "<name> settings" group of --help), keys of
+`--config` files (nested under <name>, or flat by flag name) and `config.<name>.<field>`; like
+every setting, they join the run hash only when not at their default, so registering a section
+leaves the names of existing run folders unchanged.
 """
 from __future__ import annotations
 
@@ -287,6 +293,9 @@ class TrainingHparams:
                                 f"must be in [0, 1), got {v}")
     seed: int = hp(0, "seed of the initialisation, data order and random baselines",
                    check=_nonneg)
+    autocast: str = hp("none", "mixed precision: bf16 runs forward and loss (training, "
+                       "evaluation, step timing) under torch.autocast in bfloat16; weights, "
+                       "gradients and optimizer state stay float32", choices=("none", "bf16"))
 
 
 @dataclass
@@ -380,6 +389,29 @@ SECTIONS: dict[str, type] = {
     "sparse": SparseHparams,
     "run": RunHparams,
 }
+_CORE_SECTIONS = tuple(SECTIONS)
+
+
+def register_section(name: str):
+    """Class decorator: a dataclass of `hp` fields becomes the settings section `name` (see the
+    module docstring). A section name or a flag that is already taken is an error."""
+    def decorator(cls: type) -> type:
+        if name in SECTIONS:
+            raise ValueError(f"settings section {name!r} is registered twice")
+        taken = {fl.option for fl in flags()}
+        clash = [Flag(name, f).option for f in dataclasses.fields(cls)
+                 if Flag(name, f).option in taken]
+        if clash:
+            raise ValueError(f"settings section {name!r}: flags {clash} already exist")
+        SECTIONS[name] = cls
+        return cls
+    return decorator
+
+
+def _registered_sections() -> dict:
+    """Default instances of every section registered by a method or modifier module."""
+    import lth.methods  # noqa: F401  (importing the package registers its sections)
+    return {s: cls() for s, cls in SECTIONS.items() if s not in _CORE_SECTIONS}
 
 
 @dataclass
@@ -391,6 +423,14 @@ class Config:
     method: MethodHparams = field(default_factory=MethodHparams)
     sparse: SparseHparams = field(default_factory=SparseHparams)
     run: RunHparams = field(default_factory=RunHparams)
+    # the registered sections, read as attributes: config.kd.alpha
+    sections: dict = field(default_factory=_registered_sections, repr=False)
+
+    def __getattr__(self, name: str):
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__} has no setting section {name!r}")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
@@ -471,6 +511,7 @@ class Flag:
 
 
 def flags() -> list[Flag]:
+    import lth.methods  # noqa: F401  (importing the package registers its sections)
     return [Flag(s, f) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
@@ -516,7 +557,10 @@ def make_config(settings: dict[str, Any]) -> Config:
     for dest, value in settings.items():
         fl = by_dest[dest]
         sections[fl.section][fl.field.name] = value
-    config = Config(**{s: SECTIONS[s](**kw) for s, kw in sections.items()})
+    config = Config(**{s: SECTIONS[s](**kw) for s, kw in sections.items()
+                       if s in _CORE_SECTIONS},
+                    sections={s: SECTIONS[s](**kw) for s, kw in sections.items()
+                              if s not in _CORE_SECTIONS})
     validate(config)
     return config
 
@@ -535,14 +579,19 @@ def validate(c: Config) -> None:
         except ValueError as e:
             _fail(fl.option, str(e))
     p, m, t = c.pruning, c.method, c.training
+    from lth.methods import METHODS, MODIFIERS
     if c.sparse.format == "bsr" and p.granularity != "block":
         _fail("--sparse-format", "bsr packs whole blocks: it needs --granularity block (an "
               "unstructured mask would train the pruned weights inside kept blocks); use auto "
               "or csr")
-    if p.target_sparsity is not None and m.name != "oneshot":
-        _fail("--target-sparsity", "applies to --method oneshot only")
-    if m.name == "oneshot" and m.rounds < 1 and p.target_sparsity is None:
-        _fail("--rounds", "oneshot needs --rounds >= 1 or --target-sparsity")
+    method = METHODS.get(m.name)
+    if p.target_sparsity is not None and not method.takes_target_sparsity:
+        takers = [n for n in METHODS.names() if METHODS.get(n).takes_target_sparsity]
+        _fail("--target-sparsity", f"applies to --method {' or '.join(takers)} only")
+    method.check(c)
+    for name in MODIFIERS.names():
+        if MODIFIERS.get(name).enabled(c):
+            MODIFIERS.get(name).check(c)
     if m.rewind in ("weights", "lr") and last_round(c) >= 1:
         k, unit = int(m.rewind_to[:-2]), m.rewind_to[-2:]
         if unit == "ep" and k >= t.epochs:

@@ -16,12 +16,14 @@ each pruned round of the ticket line, and the sanity-check branches. Around it:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     # OpenMP threads spin ~300k cycles between parallel regions by default; on a machine shared
@@ -34,16 +36,18 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lth import checkpoint, distributed, methods, pruning
+from lth import checkpoint, distributed, pruning
 from lth.cli import parse_config
 from lth.datasets import DataError, load_dataset
 from lth.datasets.loader import epoch_order, iterate, num_batches
-from lth.hparams import Config
-from lth.methods import BRANCHES, METHODS, Phase, derive_seed
+from lth.hparams import Config, ConfigError
+from lth.methods import Phase, Plan, RunContext, derive_seed, providers
+from lth.methods.base import lr_factor
 from lth.models import build_model
 from lth.results import format_table, write_summary
-from lth.sparse import (check_pruned_zero, cross_entropy, dense_state_dict, masked_dense_copy,
-                        sparse_kernels_run_on, sparsify_model, time_train_steps, zero_pruned)
+from lth.sparse import (check_pruned_zero, cross_entropy, current_masks, dense_state_dict,
+                        masked_dense_copy, sparse_kernels_run_on, sparsify_model,
+                        time_train_steps, zero_pruned)
 
 CHECKPOINT_FORMAT = 1
 EVAL_BATCH = 512
@@ -60,6 +64,25 @@ def make_optimizer(t, params):
     if t.optimizer == "adam":
         return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def autocast_context(device: torch.device, name: str):
+    """A factory of the context the forward and loss run in (--autocast)."""
+    if name == "none":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype={"bf16": torch.bfloat16}[name])
+
+
+class Autocast(nn.Module):
+    """A model whose forward runs under --autocast: what the step timing measures."""
+
+    def __init__(self, model: nn.Module, context):
+        super().__init__()
+        self.model, self.context = model, context
+
+    def forward(self, x):
+        with self.context():
+            return self.model(x)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -100,21 +123,28 @@ class Experiment:
                                       n)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        if not self.prunable and METHODS.get(c.method.name).last_round(c) >= 1:
-            raise UsageError("--prune-exclude leaves no layer to prune")
         self.steps_per_epoch = num_batches(
             len(epoch_order(len(self.data.train), 0, True, self.dist.rank, self.dist.world)),
             self.batch_size)
-        total = c.training.epochs * self.steps_per_epoch
-        if c.method.rewind in ("weights", "lr") and METHODS.get(c.method.name).last_round(c):
-            k = methods.rewind_step(c, self.steps_per_epoch)
-            if k >= total:
-                raise UsageError(f"--rewind-to {c.method.rewind_to}: step {k} is not before the "
-                                 f"end of training ({total} iterations = {c.training.epochs} "
-                                 f"epochs x {self.steps_per_epoch})")
         self.run_dir = os.path.join(c.run.runs_dir, c.run_name())
-        self.phases = methods.phases(c)
-        self.loss_fn = cross_entropy(c.training.label_smoothing)
+        self.ctx = RunContext(
+            config=c, device=self.device, steps_per_epoch=self.steps_per_epoch,
+            prunable=self.prunable, template=self.template, fresh_model=self.fresh_model,
+            phase_masks=self.final_masks, final_state=self.final_state,
+            rewind_state=lambda: checkpoint.load(self.path(Phase(0).key, "rewind.pt")),
+            trained_model=self.trained_model,
+            cross_entropy=cross_entropy(c.training.label_smoothing), log=self.log)
+        self.hooks = providers(self.ctx)
+        self.method = self.hooks[0]
+        if not self.prunable and self.method.last_round(c) >= 1:
+            raise UsageError("--prune-exclude leaves no layer to prune")
+        try:
+            self.method.check_run(self.ctx)
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
+        self.phases = self.method.phases(c)
+        self.loss_fn = self.ctx.cross_entropy
+        self.autocast = autocast_context(self.device, c.training.autocast)
         self.policy = c.sparse.policy
         if self.policy != "dense" and not sparse_kernels_run_on(self.device):
             warnings.warn(f"sparsekern has no kernels for {self.device}: pruned layers train "
@@ -194,26 +224,33 @@ class Experiment:
             self.log(f"run dir: {self.run_dir}")
         self.dist.barrier()
 
-    # ------------------------------------------------------------------ masks and weights
-    def ticket_masks(self, round_index: int) -> dict[str, torch.Tensor]:
-        if round_index == 0:
-            return pruning.full_masks(self.template, self.prunable)
-        return checkpoint.load(self.path(Phase(round_index).key, "masks.pt"))
+    # ------------------------------------------------------------------ finished phases
+    def final_checkpoint(self, phase: Phase) -> dict:
+        return checkpoint.load(self.path(phase.key, "checkpoint.pt"))
 
-    def final_state(self, round_index: int) -> dict[str, torch.Tensor]:
-        return checkpoint.load(self.path(Phase(round_index).key, "checkpoint.pt"))["model"]
+    def final_state(self, phase: Phase) -> dict[str, torch.Tensor]:
+        return self.final_checkpoint(phase)["model"]
 
-    def compute_masks(self, phase: Phase) -> dict[str, torch.Tensor]:
-        c = self.c
-        if phase.branch != "ticket":
-            gen = methods.generator(c.training.seed, "branch-mask", phase.branch, phase.round)
-            return BRANCHES.get(phase.branch).make_masks(c, self.ticket_masks(phase.round), gen)
-        previous = self.final_state(phase.round - 1)
-        weights = {n: previous[n] for n in self.prunable}
-        scores = pruning.STRATEGIES.get(c.pruning.strategy)(
-            weights, methods.generator(c.training.seed, "prune-scores", phase.round))
-        return METHODS.get(c.method.name).next_masks(c, scores, self.ticket_masks(
-            phase.round - 1), phase.round)
+    def final_masks(self, phase: Phase) -> dict[str, torch.Tensor]:
+        """The masks a finished phase ended with (round 0: none)."""
+        return self.final_checkpoint(phase)["masks"]
+
+    def transformed(self, model: nn.Module, phase: Phase) -> nn.Module:
+        for hook in self.hooks:
+            model = hook.model_transform(model, phase)
+        return model
+
+    def trained_model(self, phase: Phase) -> nn.Module:
+        """A finished phase's final model as it trained: transformed, packed, on the device."""
+        ckpt = self.final_checkpoint(phase)
+        model = self.transformed(self.fresh_model(derive_seed(self.c.training.seed, "init")),
+                                 phase)
+        model.load_state_dict(ckpt["model"])
+        model.to(self.device)
+        masks = {n: m.to(self.device) for n, m in ckpt["masks"].items()}
+        sparsify_model(model, masks, self.c.sparse.format, self.policy, self._block(),
+                       decisions=ckpt["decisions"])
+        return model
 
     def phase_masks(self, phase: Phase) -> dict[str, torch.Tensor]:
         """Masks of a pruned phase: computed once by rank 0, saved to masks.pt, read back by
@@ -222,7 +259,7 @@ class Experiment:
             return {}
         path = self.path(phase.key, "masks.pt")
         if self.dist.main and not os.path.isfile(path):
-            checkpoint.save(self.compute_masks(phase), path)
+            checkpoint.save(self.method.masks(phase), path)
         self.dist.barrier()
         masks = checkpoint.load(path)
         digest = sum(float((m.flatten().double() * torch.arange(1, m.numel() + 1,
@@ -231,19 +268,6 @@ class Experiment:
         if not self.dist.same_everywhere(digest):
             raise RuntimeError(f"{phase.key}: masks differ between DDP ranks")
         return masks
-
-    def start_state(self, phase: Phase, plan: methods.Plan) -> dict[str, torch.Tensor]:
-        c = self.c
-        if phase.branch != "ticket":
-            if BRANCHES.get(phase.branch).start == "ticket":
-                return self.start_state(Phase(phase.round), plan)
-            return self.fresh_model(derive_seed(c.training.seed, "branch-init", phase.branch,
-                                                phase.round)).state_dict()
-        if plan.start == "init":
-            return self.template.state_dict()
-        if plan.start == "rewind":
-            return checkpoint.load(self.path(Phase(0).key, "rewind.pt"))
-        return self.final_state(phase.round - 1)
 
     # ------------------------------------------------------------------ timing
     def timing_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,6 +284,7 @@ class Experiment:
         if masks:
             models["dense"] = masked_dense_copy(dense, masks)
             models["sparse"] = copy.deepcopy(trained)
+        models = {k: Autocast(m, self.autocast) for k, m in models.items()}
         times = time_train_steps(models, lambda p: make_optimizer(self.c.training, p), batch,
                                  self.loss_fn, s.timing_warmup, s.timing_repeats)
         times.setdefault("dense", times["unmasked"])
@@ -277,8 +302,9 @@ class Experiment:
         loss = correct = count = 0.0
         for x, y in iterate(self.data.test, order, EVAL_BATCH, self.c.dataset.num_workers):
             x, y = x.to(self.device), y.to(self.device)
-            out = model(x)
-            loss += float(F.cross_entropy(out, y, reduction="sum"))
+            with self.autocast():
+                out = model(x)
+            loss += float(F.cross_entropy(out.float(), y, reduction="sum"))
             correct += float((out.argmax(1) == y).sum())
             count += len(y)
         model.train()
@@ -290,7 +316,7 @@ class Experiment:
         c, d = self.c, self.dist
         pdir = self.path(phase.key)
         spe = self.steps_per_epoch
-        plan = methods.plan(c, phase.round, spe)
+        plan = self.method.plan(phase)
         if d.main and os.path.isdir(pdir):  # files a kill left half-written
             for name in os.listdir(pdir):
                 if ".tmp." in name:
@@ -299,9 +325,9 @@ class Experiment:
         ckpt = checkpoint.load_if_exists(os.path.join(pdir, "checkpoint.pt"))
         if ckpt is not None and ckpt.get("format") != CHECKPOINT_FORMAT:
             raise RuntimeError(f"{pdir}/checkpoint.pt has an unknown format")
-        masks = self.phase_masks(phase)
+        # a resumed phase trains the masks it was checkpointed with (a dynamic method moves them)
+        masks = ckpt["masks"] if ckpt else self.phase_masks(phase)
         model, decisions, timing = self.prepare_model(phase, plan, ckpt, masks)
-        masks = {n: m.to(self.device) for n, m in masks.items()}
 
         optimizer = make_optimizer(c.training, model.parameters())
         if plan.constant_lr is not None:
@@ -309,8 +335,7 @@ class Experiment:
                 g["lr"] = g["initial_lr"] = plan.constant_lr
             factor = (lambda i: 1.0)
         else:
-            factor = (lambda i, first=plan.first_step: methods.lr_factor(c.training, first + i,
-                                                                         spe))
+            factor = (lambda i, first=plan.first_step: lr_factor(c.training, first + i, spe))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         step, history, wall = plan.first_step, [], 0.0
         if ckpt:
@@ -318,36 +343,39 @@ class Experiment:
             scheduler.load_state_dict(ckpt["scheduler"])
             checkpoint.set_rng_state(ckpt["rng"])
             step, history, wall = ckpt["step"], list(ckpt["history"]), ckpt["wall_s"]
+            for hook, state in zip(self.hooks, ckpt["hooks"]):
+                hook.load_state_dict(state)
             self.log(f"{phase.key}: resuming after epoch {step // spe} (step {step})")
             self._rewrite_metrics(phase, history)
         else:
             torch.manual_seed(derive_seed(c.training.seed, "train", phase.key))
+        for hook in self.hooks:
+            hook.begin_phase(model, optimizer, phase)
+        run = Trainee(model, self._wrap(model), optimizer, scheduler)
 
         def save_checkpoint(step: int, wall: float):
-            state = dense_state_dict(model)
-            check_pruned_zero(state, masks)
+            state = dense_state_dict(run.model)
+            masks_now = current_masks(run.model) if masks else {}
+            check_pruned_zero(state, masks_now)
             checkpoint.save({
                 "format": CHECKPOINT_FORMAT, "phase": phase.key, "round": phase.round,
                 "branch": phase.branch, "config_hash": c.hash(), "step": step,
                 "epoch": -(-step // spe), "first_step": plan.first_step,
                 "last_step": plan.last_step, "model": state,
-                "masks": {n: m.cpu() for n, m in masks.items()}, "decisions": decisions,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "masks": {n: m.cpu() for n, m in masks_now.items()}, "decisions": decisions,
+                "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                 "rng": checkpoint.rng_state(), "timing": timing, "history": history,
-                "wall_s": wall}, os.path.join(pdir, "checkpoint.pt"))
+                "hooks": [h.state_dict() for h in self.hooks], "wall_s": wall},
+                os.path.join(pdir, "checkpoint.pt"))
 
         sparsity = pruning.sparsity(masks) if masks else 0.0
         progress = Progress(self, phase, plan, step, history, sparsity)
-        callbacks = [EpochEnd(self, phase, model, scheduler, history, save_checkpoint, wall,
-                              sparsity), progress]
-        if phase == Phase(0) and methods.needs_rewind_point(c) and d.main:
-            callbacks.append(SaveRewindPoint(model, methods.rewind_step(c, spe),
-                                             os.path.join(pdir, "rewind.pt"), step))
-        net = model
-        if d.enabled:
-            net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                forward_sync_buffers=False)
+        callbacks = [EpochEnd(self, phase, run, history, save_checkpoint, wall, sparsity),
+                     progress]
+        rewind_at = self.method.rewind_step(phase)
+        if rewind_at is not None and d.main:
+            callbacks.append(SaveRewindPoint(run, rewind_at, os.path.join(pdir, "rewind.pt"),
+                                             step))
 
         def batches(epoch: int, skip: int):
             order = epoch_order(len(self.data.train),
@@ -357,25 +385,40 @@ class Experiment:
                                 c.dataset.num_workers, skip=skip):
                 yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-        fit(net, optimizer, scheduler, self.loss_fn, batches, step, plan.last_step, spe,
-            callbacks)
+        fit(run, self.hooks, self.loss_fn, batches, step, plan.last_step, spe, callbacks,
+            wrap=self._wrap, autocast=self.autocast)
         progress.close()
         if d.enabled:  # DDP kept every rank's weights identical, or something is badly wrong
-            digest = sum(float(p.detach().double().sum()) for p in model.parameters())
+            digest = sum(float(p.detach().double().sum()) for p in run.model.parameters())
             if not d.same_everywhere(digest):
                 raise RuntimeError(f"{phase.key}: weights differ between DDP ranks")
         if not history:  # a phase with nothing to train cannot happen with validated settings
             raise RuntimeError(f"{phase.key}: no training steps")
-        self.finish_phase(phase, plan, masks, decisions, timing, history)
+        self.finish_phase(phase, plan, current_masks(run.model) if masks else {}, decisions,
+                          timing, history)
 
-    def prepare_model(self, phase: Phase, plan: methods.Plan, ckpt, masks):
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """What the loop calls forward on: the model, or its DDP wrapper under torchrun."""
+        if not self.dist.enabled:
+            return model
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            forward_sync_buffers=False)
+
+    def prepare_model(self, phase: Phase, plan: Plan, ckpt, masks):
         """The model a phase trains: plain dense weights (start state or checkpoint, zeros where
-        pruned), sparsified per layer (rank 0 decides, or the checkpoint's decisions), plus the
-        dense-vs-sparse step timing of this round."""
+        pruned) through the providers' model_transform, sparsified per layer (rank 0 decides, or
+        the checkpoint's decisions), plus the dense-vs-sparse step timing of this round."""
         c, d = self.c, self.dist
         model = self.fresh_model(derive_seed(c.training.seed, "init"))
-        model.load_state_dict(ckpt["model"] if ckpt else self.start_state(phase, plan))
-        zero_pruned(model, masks)
+        if ckpt:  # the architecture first, then the checkpoint's weights
+            model = self.transformed(model, phase)
+            model.load_state_dict(ckpt["model"])
+        else:
+            model.load_state_dict(self.method.start_state(phase, plan))
+            zero_pruned(model, masks)
+            model = self.transformed(model, phase)
+            zero_pruned(model, masks)
         model.to(self.device)
         masks = {n: m.to(self.device) for n, m in masks.items()}
         dense = copy.deepcopy(model)
@@ -423,9 +466,6 @@ class Experiment:
             "train_loss": last["train_loss"],
             "epochs": (plan.last_step - plan.first_step) / spe,
             "steps": plan.last_step - plan.first_step, "first_step": plan.first_step,
-            "rewind": "none" if phase.round == 0 else
-            (c.method.rewind if c.method.rewind in ("init", "finetune")
-             else f"{c.method.rewind}@{c.method.rewind_to}"),
             "step_ms_dense": timing["step_ms_dense"], "step_ms_sparse": timing["step_ms_sparse"],
             "step_ms_unmasked": timing["step_ms_unmasked"],
             "step_ms_sparse_kernels": timing.get("step_ms_sparse_kernels",
@@ -437,7 +477,15 @@ class Experiment:
                            if k in v}
                        for n, v in decisions.items()},
             "wall_s": last["wall_s"], "world_size": d.world,
+            "device": str(self.device), "autocast": c.training.autocast,
         }
+        for hook in self.hooks:
+            extra = hook.summary(phase)
+            clash = sorted(set(extra) & set(result))
+            if clash:
+                raise RuntimeError(f"{type(hook).__name__}.summary: {clash} are written by the "
+                                   f"loop")
+            result.update(extra)
         if d.main:
             checkpoint.write_json(result, self.path(phase.key, "result.json"))
             entries = [checkpoint.read_json(self.path(p.key, "result.json"))
@@ -477,28 +525,70 @@ class Experiment:
 
 # ----------------------------------------------------------------------------- the loop
 
-def fit(net: nn.Module, optimizer, scheduler, loss_fn, batches, first_step: int, last_step: int,
-        steps_per_epoch: int, callbacks=()) -> int:
+@dataclass
+class Trainee:
+    """What a phase trains; on_step hooks may replace the model and optimizer mid-phase."""
+    model: nn.Module
+    net: nn.Module  # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+def compute_loss(hooks, loss_fn, model, x, y, out, step: int) -> torch.Tensor:
+    """The first provider's loss that is not None, else the run's cross-entropy."""
+    for hook in hooks:
+        loss = hook.loss(model, x, y, out, step)
+        if loss is not None:
+            return loss
+    return loss_fn(out, y)
+
+
+def rebind_scheduler(scheduler, optimizer):
+    """The same lr schedule, at the same point, driving a new optimizer."""
+    new = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler.lr_lambdas[0],
+                                            last_epoch=scheduler.last_epoch)
+    return new
+
+
+def fit(run: Trainee, hooks, loss_fn, batches, first_step: int, last_step: int,
+        steps_per_epoch: int, callbacks=(), wrap=lambda model: model,
+        autocast=contextlib.nullcontext) -> int:
     """The plain training loop: steps [first_step, last_step), epoch by epoch.
 
-    batches(epoch, skip) yields the (x, y) batches of an epoch after the first `skip`;
-    callbacks get on_step(step, stats) after every optimizer step and on_epoch_end(step, stats)
-    after every epoch, where stats = [summed loss, correct, examples] of the epoch so far.
+    batches(epoch, skip) yields the (x, y) batches of an epoch after the first `skip`; the hook
+    providers (lth.methods.base) are called in order around each step; callbacks get
+    on_step(step, stats) after every optimizer step and on_epoch_end(step, stats) after every
+    epoch, where stats = [summed loss, correct, examples] of the epoch so far. autocast() is the
+    context the forward and loss run in.
     """
     step = first_step
     while step < last_step:
         epoch = step // steps_per_epoch
         stats = [0.0, 0.0, 0.0]
         for x, y in batches(epoch, step - epoch * steps_per_epoch):
-            optimizer.zero_grad(set_to_none=True)
-            out = net(x)
-            loss = loss_fn(out, y)
+            for hook in hooks:
+                x, y = hook.batch(x, y, step)
+            run.optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                out = run.net(x)
+                loss = compute_loss(hooks, loss_fn, run.model, x, y, out, step)
             loss.backward()
-            optimizer.step()
-            scheduler.step()
+            for hook in hooks:
+                hook.after_backward(run.model, step)
+            run.optimizer.step()
+            run.scheduler.step()
             step += 1
+            for hook in hooks:
+                changed = hook.on_step(run.model, run.optimizer, step)
+                if changed is not None:
+                    model, optimizer = changed
+                    if optimizer is not run.optimizer:
+                        run.scheduler = rebind_scheduler(run.scheduler, optimizer)
+                    run.model, run.optimizer = model, optimizer
+                    run.net = wrap(model)
+            labels = y if y.dim() == 1 else y.argmax(1)  # soft targets: their top class
             stats[0] += loss.item() * len(y)
-            stats[1] += float((out.argmax(1) == y).sum())
+            stats[1] += float((out.argmax(1) == labels).sum())
             stats[2] += len(y)
             for cb in callbacks:
                 cb.on_step(step, stats)
@@ -510,7 +600,7 @@ def fit(net: nn.Module, optimizer, scheduler, loss_fn, batches, first_step: int,
 
 
 class Callback:
-    """Hooks of the training loop `fit`; each default does nothing."""
+    """Hooks of the training loop `fit` for the run's bookkeeping; each default does nothing."""
 
     def on_step(self, step: int, stats: list[float]):
         """After each optimizer step; stats = [loss sum, correct, samples] of the epoch so far."""
@@ -523,22 +613,22 @@ class EpochEnd(Callback):
     """Evaluate, append the epoch's metrics, checkpoint (rank 0), then log it to metrics.jsonl:
     a kill between the two loses the line, which the resume writes back from the checkpoint."""
 
-    def __init__(self, exp: Experiment, phase: Phase, model, scheduler, history, save, wall,
+    def __init__(self, exp: Experiment, phase: Phase, run: Trainee, history, save, wall,
                  sparsity: float):
-        self.exp, self.phase, self.model, self.scheduler = exp, phase, model, scheduler
+        self.exp, self.phase, self.run = exp, phase, run
         self.history, self.save, self.wall, self.sparsity = history, save, wall, sparsity
         self.start = time.perf_counter()
 
     def on_epoch_end(self, step, stats):
         exp, d = self.exp, self.exp.dist
-        d.average_buffers(self.model)
+        d.average_buffers(self.run.model)
         loss_sum, correct, seen = d.all_sum(list(stats))
-        test_loss, test_acc = exp.evaluate(self.model)
+        test_loss, test_acc = exp.evaluate(self.run.model)
         now = time.perf_counter()
         self.wall, self.start = self.wall + now - self.start, now
         row = {"phase": self.phase.key, "round": self.phase.round, "branch": self.phase.branch,
                "epoch": -(-step // exp.steps_per_epoch), "step": step,
-               "lr": self.scheduler.get_last_lr()[0], "train_loss": loss_sum / max(seen, 1),
+               "lr": self.run.scheduler.get_last_lr()[0], "train_loss": loss_sum / max(seen, 1),
                "train_acc": correct / max(seen, 1), "test_loss": test_loss, "test_acc": test_acc,
                "sparsity": self.sparsity, "wall_s": self.wall}
         self.history.append(row)
@@ -575,16 +665,16 @@ class Progress(Callback):
 
 
 class SaveRewindPoint(Callback):
-    """Round 0 saves the dense weights at the rewind step (rank 0)."""
+    """Saves the dense weights at the method's rewind step (rank 0)."""
 
-    def __init__(self, model, at_step: int, path: str, step: int):
-        self.model, self.at, self.path = model, at_step, path
+    def __init__(self, run: Trainee, at_step: int, path: str, step: int):
+        self.run, self.at, self.path = run, at_step, path
         if step == at_step == 0:
-            checkpoint.save(dense_state_dict(model), path)
+            checkpoint.save(dense_state_dict(run.model), path)
 
     def on_step(self, step, stats):
         if step == self.at:
-            checkpoint.save(dense_state_dict(self.model), self.path)
+            checkpoint.save(dense_state_dict(self.run.model), self.path)
 
 
 def main(argv: list[str] | None = None) -> int:

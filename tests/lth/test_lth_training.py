@@ -147,7 +147,6 @@ CONSTANT = ["--schedule", "constant", "--widths", "32", "--batch-size", "64", "-
 
 
 def test_weight_rewinding_restores_the_weights_of_iteration_k(tmp_path):
-    from lth import methods
     args = CONSTANT + ["--epochs", "4", "--rounds", "1", "--rewind-to", "1ep"]
     run = run_inprocess(args, tmp_path / "a")
     exp = _experiment(args, tmp_path / "a")
@@ -160,9 +159,9 @@ def test_weight_rewinding_restores_the_weights_of_iteration_k(tmp_path):
     init = exp.template.state_dict()
     assert not any(torch.equal(rewind[k], init[k]) for k in init if k.endswith("weight"))
     # round 1 starts from the rewind point (then masked) and trains the rest of the schedule
-    plan = methods.plan(exp.c, 1, exp.steps_per_epoch)
+    plan = exp.method.plan(Phase(1))
     assert (plan.start, plan.first_step, plan.last_step) == ("rewind", 23, 92)
-    start = exp.start_state(Phase(1), plan)
+    start = exp.method.start_state(Phase(1), plan)
     assert all(torch.equal(start[k], rewind[k]) for k in rewind)
     result = json.load(open(os.path.join(run, "round_01", "result.json")))
     assert (result["first_step"], result["steps"], result["rewind"]) == (23, 69, "weights@1ep")
@@ -176,7 +175,6 @@ def test_weight_rewinding_restores_the_weights_of_iteration_k(tmp_path):
 
 
 def test_rewind_init_lr_and_finetune_start_points(tmp_path):
-    from lth import methods
     base = TINY + ["--branches", "none"]
     run = run_inprocess(base + ["--rewind", "init"], tmp_path / "init")
     exp = _experiment(base + ["--rewind", "init"], tmp_path / "init")
@@ -188,9 +186,9 @@ def test_rewind_init_lr_and_finetune_start_points(tmp_path):
     args = base + ["--rewind", "lr", "--rewind-to", "1ep"]
     run = run_inprocess(args, tmp_path / "lr")
     exp = _experiment(args, tmp_path / "lr")
-    plan = methods.plan(exp.c, 2, exp.steps_per_epoch)
+    plan = exp.method.plan(Phase(2))
     assert (plan.start, plan.first_step) == ("previous", exp.steps_per_epoch)
-    start = exp.start_state(Phase(2), plan)  # the previous round's final weights
+    start = exp.method.start_state(Phase(2), plan)  # the previous round's final weights
     final1 = load(os.path.join(run, "round_01", "checkpoint.pt"))["model"]
     assert all(torch.equal(start[k], final1[k]) for k in final1)
     assert not os.path.exists(os.path.join(run, "round_00", "rewind.pt"))
