@@ -343,14 +343,15 @@ class Experiment:
             scheduler.load_state_dict(ckpt["scheduler"])
             checkpoint.set_rng_state(ckpt["rng"])
             step, history, wall = ckpt["step"], list(ckpt["history"]), ckpt["wall_s"]
-            for hook, state in zip(self.hooks, ckpt["hooks"]):
-                hook.load_state_dict(state)
             self.log(f"{phase.key}: resuming after epoch {step // spe} (step {step})")
             self._rewrite_metrics(phase, history)
         else:
             torch.manual_seed(derive_seed(c.training.seed, "train", phase.key))
         for hook in self.hooks:
             hook.begin_phase(model, optimizer, phase)
+        if ckpt:
+            for hook, state in zip(self.hooks, ckpt["hooks"]):
+                hook.load_state_dict(state)
         run = Trainee(model, self._wrap(model), optimizer, scheduler)
 
         def save_checkpoint(step: int, wall: float):

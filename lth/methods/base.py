@@ -44,7 +44,8 @@ the loop calls them at these points of every phase:
       parameters: masks are keyed by them.
   begin_phase(model, optimizer, phase)
       Every time a phase (re)starts, after the model is packed and the optimizer built, before
-      the first step: set up per-phase state (a teacher, penalty selectors).
+      the first step: set up per-phase state afresh (a teacher, penalty selectors, counters).
+      On resume, load_state_dict(...) then restores what state_dict() checkpointed.
   batch(x, y, step) -> (x, y)
       Each training batch before the forward. `y` may become soft targets (float, one row of
       class probabilities per example): cross-entropy and the accuracy count accept both.
@@ -66,7 +67,7 @@ the loop calls them at these points of every phase:
       the loop already writes is an error).
   state_dict() -> dict / load_state_dict(state)
       Provider state saved in every checkpoint (tensors and plain values only: checkpoints load
-      with weights_only=True) and restored on resume before `begin_phase`.
+      with weights_only=True) and restored on resume, right after `begin_phase`.
 
 Method only (the rest of a run's shape):
   last_round(config)  (classmethod) index of the last pruned round (0: dense only)
