@@ -17,6 +17,7 @@ CASES = {  # model: (input shape, width multiplier) small enough for a CPU test
     "resnet20": ((3, 32, 32), 0.5), "resnet32": ((3, 16, 16), 0.25),
     "resnet56": ((3, 8, 8), 0.25), "resnet110": ((3, 8, 8), 0.25),
     "vgg16": ((3, 32, 32), 0.125), "resnet18": ((3, 64, 64), 0.125),
+    "resnet34": ((3, 32, 32), 0.125), "resnet50": ((3, 32, 32), 0.125),
     "mobilenetv2": ((3, 32, 32), 0.25),
 }
 
