@@ -36,16 +36,61 @@ def test_isa_controls():
     assert _C.active_isa() == previous
 
 
-@pytest.mark.parametrize("wanted", ["scalar", "bogus"])
-def test_isa_environment_variable(wanted):
-    """SPARSEKERN_ISA picks the initial instruction set; an unusable name means the best one."""
-    code = "from sparsekern._extension import _C; print(_C.active_isa(), _C.available_isas()[0])"
+# Prints the active and the best instruction set, then every warning sparsekern gave while being
+# imported (twice, and its modules once more: the check must still warn only once).
+ISA_SCRIPT = textwrap.dedent("""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import sparsekern
+        import sparsekern
+        import sparsekern._extension, sparsekern.ops
+    from sparsekern._extension import _C
+    print(_C.active_isa(), _C.available_isas()[0])
+    for w in caught:
+        print(w.category.__name__, w.message)
+""")
+
+
+def _import_with_isa(wanted: str) -> tuple[str, str, list[str]]:
     env = dict(os.environ, SPARSEKERN_ISA=wanted)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", ISA_SCRIPT], capture_output=True, text=True,
                             env=env, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    active, best = result.stdout.split()
-    assert active == (wanted if wanted == "scalar" else best)
+    first, *warned = result.stdout.splitlines()
+    active, best = first.split()
+    return active, best, [w for w in warned if "SPARSEKERN_ISA" in w]
+
+
+def test_isa_environment_variable_picks_the_isa():
+    active, _, warned = _import_with_isa("scalar")
+    assert active == "scalar" and warned == []
+
+
+@pytest.mark.parametrize("wanted", ["bogus", "AVX2", "avx2 "])
+def test_unknown_isa_variable_warns_once_and_uses_the_best(wanted):
+    active, best, warned = _import_with_isa(wanted)
+    assert active == best
+    assert warned == [f"RuntimeWarning sparsekern: SPARSEKERN_ISA={wanted!r} is unknown; "
+                      f"choices here: {', '.join(_C.available_isas())}; using {best!r}"]
+
+
+def test_unavailable_isa_variable_warns_once_and_uses_the_best():
+    unavailable = [name for name in _extension.ISA_NAMES if name not in _C.available_isas()]
+    if not unavailable:
+        pytest.skip(f"this CPU runs every instruction set the extension has "
+                    f"({', '.join(_extension.ISA_NAMES)}): none is unavailable")
+    active, best, warned = _import_with_isa(unavailable[0])
+    assert active == best
+    assert len(warned) == 1
+    assert f"SPARSEKERN_ISA={unavailable[0]!r} is not available on this CPU/build" in warned[0]
+    assert f"choices here: {', '.join(_C.available_isas())}" in warned[0]
+
+
+def test_isa_names_cover_the_extension():
+    """ISA_NAMES tells unknown names from unavailable ones: it must hold every usable one."""
+    assert set(_C.available_isas()) <= set(_extension.ISA_NAMES)
 
 # Runs in a fresh interpreter: the import of sparsekern._C is made to fail before sparsekern
 # is imported (a None entry in sys.modules makes `from sparsekern import _C` raise ImportError).
