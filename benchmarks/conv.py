@@ -16,8 +16,8 @@ sparse kernel sustains).
 
 Masks have an exact kept count: bsrN rows keep round((1-s) * n_blocks) whole channel blocks
 (N output x N input channels, each spanning the kh x kw window), csr rows round((1-s) * numel)
-random weights. Results go to --out (default benchmarks/conv/; with --quick a fresh temporary
-folder): RESULTS.md, results.json and speedup.png; while it runs, results.partial.json holds
+random weights. Results go to --out (default ./benchmarks/conv/ under the current directory, the
+committed folder when run from the repository root; with --quick a fresh temporary folder): RESULTS.md, results.json and speedup.png; while it runs, results.partial.json holds
 every row measured so far.
 """
 from __future__ import annotations
@@ -580,7 +580,7 @@ def main(argv: list[str]) -> int:
           f"{' '.join(m['simd_flags'])}; sparsekern ISA {results['isa']['active']}; threads "
           f"{results['threads']}; SparseProp {sp_version or 'absent: ' + str(sp_reason)}",
           flush=True)
-    out = output_dir(args, Path(__file__).resolve().parent / "conv")
+    out = output_dir(args, report.default_output_dir("conv"))
     rows = sweep(args, sparseprop_cls, progress_writer(results, "conv", out, progress_line))
     for row in rows:
         row["run"] = {"command": command, "date": results["date"]}

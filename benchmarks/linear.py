@@ -10,8 +10,9 @@ on the masked weight, `sparsekern.linear` on the packed weight, and the peers th
 
 Masks have an exact kept count: BSR rows keep round((1-s) * n_blocks) whole blocks at random
 positions, CSR rows round((1-s) * N * K) random scalars. Then memory (benchmarks.memory) and the
-issue's targets; RESULTS.md + results.json go to --out (default: this folder; with --quick a
-fresh temporary folder, so a smoke run never overwrites the committed results).
+issue's targets; RESULTS.md + results.json go to --out (default: ./benchmarks/ under the current
+directory, i.e. this folder when run from the repository root; with --quick a fresh temporary
+folder, so a smoke run never overwrites the committed results).
 """
 from __future__ import annotations
 
@@ -261,8 +262,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"smoke run: formats {','.join(QUICK_FORMATS)}, sparsity "
                         f"{QUICK_SPARSITIES[0]}, warm-up 1, 3 repeats, unless given explicitly")
     p.add_argument("--out", type=Path, default=None,
-                   help="folder for RESULTS.md and results.json (default: benchmarks/; "
-                        "with --quick a new temporary folder)")
+                   help="folder for RESULTS.md and results.json (default: ./benchmarks under "
+                        "the current directory; with --quick a new temporary folder)")
     p.add_argument("--formats", type=_csv(_format_name), default=None,
                    help=f"comma list of {','.join(FORMATS)} (default: all)")
     p.add_argument("--sparsities", type=_csv(float), default=None,
@@ -324,7 +325,7 @@ def output_dir(args) -> Path:
         return args.out
     if args.quick:
         return Path(tempfile.mkdtemp(prefix="sparsekern-bench-quick-"))
-    return Path(__file__).resolve().parent
+    return report.default_output_dir()
 
 
 def main(argv: list[str]) -> int:

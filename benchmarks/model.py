@@ -16,7 +16,8 @@ speedup = dense median / sparse median. The FLOP ideal = dense conv+linear FLOPs
 left after pruning (BatchNorm, ReLU, pooling and layout conversions not counted), so a model
 whose unpruned layers carry much of the work has an ideal well below 1 / (1 - sparsity).
 
-Results go to --out (default benchmarks/model/; with --quick a fresh temporary folder):
+Results go to --out (default ./benchmarks/model/ under the current directory, the committed folder
+when run from the repository root; with --quick a fresh temporary folder):
 RESULTS.md, results.json and one speedup-vs-sparsity PNG per model (<model>.png); while it runs,
 results.partial.json holds every row measured so far.
 """
@@ -385,7 +386,7 @@ def main(argv: list[str]) -> int:
     print(f"sparsekern model benchmark: {command}\n  {m['model_name']}, flags "
           f"{' '.join(m['simd_flags'])}; sparsekern ISA {results['isa']['active']}; threads "
           f"{results['threads']}", flush=True)
-    out = conv.output_dir(args, Path(__file__).resolve().parent / "model")
+    out = conv.output_dir(args, report.default_output_dir("model"))
     rows = sweep(args, conv.progress_writer(results, "model", out, progress_line))
     for row in rows:
         row["run"] = {"command": command, "date": results["date"]}

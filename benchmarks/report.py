@@ -4,6 +4,7 @@ flow in here; nothing is typed by hand."""
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import torch
 
 import sparsekern as sk
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when run from one
 
 # The issue's speed targets: (format, mode, sparsity, minimum speedup of sparsekern vs dense).
 SPEED_TARGETS = (
@@ -70,8 +71,23 @@ def isa_description() -> dict:
             "extension_built": built.isoformat(timespec="seconds")}
 
 
+def default_output_dir(suite: str = "") -> Path:
+    """Where a benchmark writes without --out: benchmarks/<suite> under the current directory.
+    From the repository root that is the committed results folder (benchmarks/RESULTS.md,
+    benchmarks/conv/, ...); run from anywhere else (an installed package) the results land
+    beside the user, never inside site-packages."""
+    return Path.cwd() / "benchmarks" / suite
+
+
 def git_revision() -> str:
-    """HEAD plus a flag when the kernels differ from it: the numbers belong to the working tree."""
+    """The code the numbers belong to: git HEAD (flagged when the kernels differ from it) when
+    the harness runs from a checkout, else the installed distribution's version."""
+    if not (REPO_ROOT / ".git").exists():  # installed: site-packages is no checkout
+        try:
+            return f"installed sparsekern {importlib.metadata.version('sparsekern')}"
+        except importlib.metadata.PackageNotFoundError:
+            return "unknown"
+
     def git(*cmd):
         return subprocess.run(["git", "-C", str(REPO_ROOT), *cmd], capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()

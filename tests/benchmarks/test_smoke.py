@@ -5,6 +5,7 @@ as a plain test; `pytest --benchmark-enable tests/benchmarks` times them. No tim
 (DESIGN.md: speed is proven by `python -m benchmarks`, never by tests).
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,26 @@ def test_targets_cover_the_issue():
     targets = report.evaluate_targets(results)
     assert len(targets) == len(report.SPEED_TARGETS) + len(report.PEER_TARGETS)
     assert all(t["status"] == "not measured" for t in targets)
+
+
+def test_default_output_is_under_the_current_directory(tmp_path, monkeypatch):
+    """Without --out results go to ./benchmarks/<suite>: the committed folders when run from the
+    repository root, the user's directory when run from an installed package."""
+    monkeypatch.chdir(tmp_path)
+    assert linear.output_dir(linear.parse_args([])) == tmp_path / "benchmarks"
+    assert report.default_output_dir("conv") == tmp_path / "benchmarks" / "conv"
+
+
+def test_run_outside_the_repository_writes_beside_the_user(tmp_path):
+    """The harness's own folder (site-packages when installed) is never written."""
+    package_files = {p: p.stat().st_mtime_ns for p in (REPO_ROOT / "benchmarks").rglob("*")
+                     if p.is_file() and "__pycache__" not in p.parts}
+    cmd = [sys.executable, "-m", "benchmarks", "linear", "--in-features", "64",
+           "--out-features", "64", "--batch-sizes", "8", "--formats", "csr", "--sparsities",
+           "0.9", "--warmup", "0", "--repeats", "1", "--retries", "0", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "benchmarks" / "results.json").read_text())["linear"]
+    assert (tmp_path / "benchmarks" / "RESULTS.md").is_file()
+    assert {p: p.stat().st_mtime_ns for p in package_files} == package_files
