@@ -5,8 +5,8 @@ For every layer x format x sparsity and for two modes,
   forward  y = conv(x)                               (nothing requires grad)
   train    y = conv(x); y.backward(grad)             (x and the weight/values require grad:
                                                       forward + dX + dW; sparse dW at kept only)
-one interleaved group is timed with `sparsekern.timing.interleaved_medians` (warm-up first,
-median of the repeats, all candidates round-robin in one process): dense F.conv2d (oneDNN) on
+one interleaved group is timed with `sparsekern.timing.measure` (warm-up first, rounds until
+the ratios to dense settle, median of the rounds, all candidates round-robin in one process): dense F.conv2d (oneDNN) on
 the masked weight, `sparsekern.conv2d` on the packed weight, and SparseProp's SparseConv2d for
 unstructured rows where it is importable. Every candidate gets the same NCHW input; sparsekern
 returns channels_last (its backward gets its gradient in that layout, as it would from the
@@ -42,7 +42,7 @@ from benchmarks import peers, plots, report
 from benchmarks.linear import (DISTURBED, MIN_REPEATS, Timing, relative_error, select_isa,
                                time_group)
 from benchmarks.masks import exact_random_mask
-from sparsekern.timing import interleaved_medians
+from sparsekern.timing import measure
 
 
 @dataclass(frozen=True)
@@ -178,8 +178,8 @@ def sparseprop_prepare_with(cls, x_shape):
         x = torch.randn(x_shape)
         for v in variants:
             v.W_val.requires_grad_(train)
-        times = interleaved_medians({str(i): (lambda v=v: v(x)) for i, v in enumerate(variants)},
-                                    warmup=1, repeats=3)
+        times = measure({str(i): (lambda v=v: v(x)) for i, v in enumerate(variants)},
+                        warmup=1, max_rounds=3).seconds
         best = variants[int(min(times, key=times.get))]
         return best, [best.W_val]
     return prepare
@@ -247,8 +247,8 @@ def measure_case(w: PrunedConv, mode: str, sparseprop_cls, timing: Timing, gen) 
         if err > SUSPECT_ERROR and name in fns:
             print(f"WARNING: {name} {w.layer.key} {w.fmt} {w.sparsity:.0%} {mode}: differs from "
                   f"dense by {err:.1e} (relative)", file=sys.stderr)
-    medians, repeats = time_group(fns, timing)
-    dense_s = medians["dense"]
+    measured = time_group(fns, timing)
+    medians, dense_s = measured.seconds, measured.seconds["dense"]
     # The ideal of the mask actually measured: a coarse block grid (64 channels in blocks of 32
     # are 2 x 2 blocks) cannot express every nominal sparsity.
     kept = float(w.mask.float().mean())
@@ -258,7 +258,7 @@ def measure_case(w: PrunedConv, mode: str, sparseprop_cls, timing: Timing, gen) 
     return {"layer": w.layer.key, "title": w.layer.title, "mode": mode, "format": w.fmt,
             "sparsity": w.sparsity, "batch": w.layer.batch,
             "kept_fraction": kept, "ideal": ideal,
-            "warmup": timing.warmup, "repeats": repeats,
+            "warmup": timing.warmup, "repeats": measured.rounds, "timing": measured.record(),
             "dense_gflops": w.layer.flop() * products / dense_s / 1e9,
             "ms": {name: s * 1e3 for name, s in medians.items()}, "speedup": speedup,
             "fraction_of_ideal": {name: v / ideal for name, v in speedup.items()},
@@ -390,11 +390,7 @@ def facts_table(results: dict, what: str) -> list[str]:
                     f"{m['logical_cpus']} logical CPUs, flags: {' '.join(m['simd_flags'])}"),
         ("sparsekern ISA used", isa_text), ("torch", f"{results['torch']} ({what})"),
         ("threads", str(results["threads"])), ("dtype", results["dtype"]),
-        ("timing", f"interleaved groups (sparsekern.timing.interleaved_medians), warm-up "
-                   f"{t['warmup']}, median of up to {t['max_repeats']} rounds (at least "
-                   f"{t['min_repeats']}, as many as fit {t['group_budget_s']:g} s); groups "
-                   f"whose dense baseline ran > {t['disturbed_threshold']:g}x the best of its "
-                   f"kind re-measured up to {t['retries']}x; seed {t['seed']}"),
+        ("timing", report.timing_text(t)),
         ("source", results["git"]), ("runtime", f"{results['runtime_s']:.0f} s"),
         ("load average (1 min)", f"{report._num(results['load_average_start'])} at start, "
                                  f"{report._num(results['load_average_end'])} at end"),
@@ -425,8 +421,7 @@ def markdown(results: dict) -> str:
            "1 / (1 - sparsity); fraction of ideal = speedup / ideal, the share of the dense "
            "baseline's FLOP rate that the sparse kernel sustains. SparseProp cells: ms "
            "(speedup vs the same dense run); n/a = it rejected the case (reason below); - = "
-           "not its row (SparseProp is unstructured CSR only). (busy) = even re-measured, the "
-           "dense baseline ran slow: another process had the cores, speedups inflated.")
+           "not its row (SparseProp is unstructured CSR only). " + report.FLAGS_NOTE)
     lines = ["# sparsekern benchmark results: conv2d layers", "",
              "Generated by `python -m benchmarks conv`; do not edit by hand, rerun it.", ""]
     lines += facts_table(results, "dense = F.conv2d, oneDNN, NCHW input") + ["", how]
@@ -442,7 +437,7 @@ def markdown(results: dict) -> str:
             title = title.replace("y = x W^T", "y = conv(x)")
             header = ["format", "sparsity", "dense ms", "dense GFLOP/s", "sparsekern ms",
                       "speedup", "ideal", "fraction of ideal", "SparseProp ms (speedup)"]
-            body = [[r["format"] + (" (busy)" if r.get("disturbed") else ""),
+            body = [[r["format"] + report.row_flags(r),
                      f"{r['sparsity']:.0%}", report.fmt_ms(r["ms"]["dense"]),
                      f"{r['dense_gflops']:.0f}", report.fmt_ms(r["ms"]["sparsekern"]),
                      f"**{r['speedup']['sparsekern']:.2f}x**", f"{r['ideal']:.1f}x",

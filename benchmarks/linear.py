@@ -4,7 +4,7 @@ For every format x sparsity x batch size and for two modes,
   forward  y = f(x)                                  (nothing requires grad)
   train    y = f(x); y.backward(grad)                (x and the weight/values require grad, so
                                                       forward + dX + dW; sparse dW at kept only)
-one interleaved group is timed with `sparsekern.timing.interleaved_medians`: dense F.linear (MKL)
+one interleaved group is timed with `sparsekern.timing.measure`: dense F.linear (MKL)
 on the masked weight, `sparsekern.linear` on the packed weight, and the peers that apply
 (torch CSR/BSR, SparseProp for unstructured rows). speedup = dense median / candidate median.
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import sparsekern as sk
 from benchmarks import memory, peers, report
 from benchmarks.masks import make_mask
-from sparsekern.timing import interleaved_medians
+from sparsekern.timing import Measurement, measure
 
 FORMATS = {"bsr16": 16, "bsr32": 32, "bsr64": 64, "csr": None}  # name -> square block (None: CSR)
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
@@ -148,13 +148,14 @@ def build_group(weight: PrunedWeight, batch: int, mode: str, active_peers: list[
     return fns, notes, errors
 
 
-def time_group(fns: dict[str, Callable], timing: Timing) -> tuple[dict[str, float], int]:
-    """Medians (seconds) and the repeats used: as many as fit the group's budget, capped by
-    --repeats, at least MIN_REPEATS. One untimed-for-results round sizes the budget."""
-    round_s = sum(interleaved_medians(fns, warmup=0, repeats=1).values())
+def time_group(fns: dict[str, Callable], timing: Timing) -> Measurement:
+    """Rounds until the ratios to dense settle (sparsekern.timing.measure): at least MIN_REPEATS,
+    at most as many as fit the group's budget, capped by --repeats. One untimed round sizes the
+    budget."""
+    round_s = sum(measure(fns, warmup=0, max_rounds=1).seconds.values())
     floor = min(MIN_REPEATS, timing.max_repeats)  # as recorded in args.min_repeats
-    repeats = max(floor, min(timing.max_repeats, int(timing.group_budget_s / round_s)))
-    return interleaved_medians(fns, warmup=timing.warmup, repeats=repeats), repeats
+    cap = max(floor, min(timing.max_repeats, int(timing.group_budget_s / round_s)))
+    return measure(fns, warmup=timing.warmup, min_rounds=floor, max_rounds=cap)
 
 
 def measure_case(weight: PrunedWeight, batch: int, mode: str, active_peers, timing: Timing,
@@ -164,14 +165,14 @@ def measure_case(weight: PrunedWeight, batch: int, mode: str, active_peers, timi
         if err > SUSPECT_ERROR:
             print(f"WARNING: {name} {weight.fmt} {weight.sparsity:.0%} M={batch}: output differs "
                   f"from dense by {err:.1e} (relative)", file=sys.stderr)
-    medians, repeats = time_group(fns, timing)
-    dense_s = medians["dense"]
+    measured = time_group(fns, timing)
+    medians, dense_s = measured.seconds, measured.seconds["dense"]
     out_features, in_features = weight.dense.shape
     products = 3 if mode == "train" else 1  # train: forward, dX and dW are one GEMM each
     dense_flop = 2 * batch * out_features * in_features * products
     return {"mode": mode, "format": weight.fmt, "sparsity": weight.sparsity, "batch": batch,
             "kept_fraction": weight.kept_fraction, "ideal": 1.0 / (1.0 - weight.sparsity),
-            "warmup": timing.warmup, "repeats": repeats,
+            "warmup": timing.warmup, "repeats": measured.rounds, "timing": measured.record(),
             # the baseline's health: DESIGN.md expects ~120-150 GFLOP/s for fp32 here
             "dense_gflops": dense_flop / dense_s / 1e9,
             "ms": {name: s * 1e3 for name, s in medians.items()},
@@ -277,8 +278,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="sparsekern kernel instruction set (set_isa), e.g. avx2 or scalar")
     p.add_argument("--warmup", type=int, default=None, help="warm-up rounds per group (3)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed rounds per group, an upper bound (25): slow groups get as many "
-                        f"as fit --group-budget, never fewer than {MIN_REPEATS}")
+                   help="timed rounds per group, an upper bound (25): a group stops once its "
+                        "ratios to dense settle, or at as many rounds as fit --group-budget, "
+                        f"never before {MIN_REPEATS}")
     p.add_argument("--group-budget", type=float, default=None,
                    help="seconds of timed rounds one group aims at (default 6)")
     p.add_argument("--retries", type=int, default=None,

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import sparsekern as sk
+from sparsekern.timing import TOLERANCE, WINDOW, load_average  # noqa: F401 (used by conv, model)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when run from one
 
@@ -99,14 +100,6 @@ def git_revision() -> str:
     return head + (" + uncommitted changes in csrc/sparsekern" if dirty else "")
 
 
-def load_average() -> float | None:
-    """1-minute load average: other processes on a 2-core machine slow the 2-thread runs."""
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
-
-
 def run_metadata(command: list[str], args, all_peers) -> dict:
     return {
         "command": shlex.join(command),
@@ -130,6 +123,30 @@ def run_metadata(command: list[str], args, all_peers) -> dict:
                            "version": p.version, "reason_absent": p.unavailable}
                   for p in all_peers},
     }
+
+
+def timing_text(t: dict) -> str:
+    """How every group was timed, for the facts table of each RESULTS.md."""
+    return (f"interleaved groups (sparsekern.timing.measure), warm-up {t['warmup']} rounds, "
+            f"then rounds until every candidate's ratio to dense settles (running medians "
+            f"within {TOLERANCE:.0%} over {WINDOW + 1} rounds), at least {t['min_repeats']}, "
+            f"at most what fits {t['group_budget_s']:g} s, capped at {t['max_repeats']}; "
+            f"median of the rounds; groups whose dense baseline ran > "
+            f"{t['disturbed_threshold']:g}x the best of its kind re-measured up to "
+            f"{t['retries']}x at the end; seed {t['seed']}")
+
+
+def row_flags(row: dict) -> str:
+    """Marks of a table row whose figures deserve less trust (see FLAGS_NOTE)."""
+    timing = row.get("timing", {})
+    return ((" (busy)" if row.get("disturbed") or timing.get("busy") else "")
+            + (" (unsettled)" if timing.get("stable") is False else ""))
+
+
+FLAGS_NOTE = ("(busy) = the machine was loaded while the group ran: its threads waited for a "
+              "CPU more than 10% of the time, or, even after re-measuring, its dense baseline "
+              "ran much slower than the best of its kind; its speedups may be off. (unsettled) "
+              "= the dense/sparse ratio was still moving when the group's rounds ran out.")
 
 
 # --- targets -----------------------------------------------------------------------------------
@@ -294,12 +311,7 @@ def md_header(results: dict) -> list[str]:
         ("shape", f"x [M, {results['in_features']}], W [{results['out_features']}, "
                   f"{results['in_features']}], {results['dtype']}; M in "
                   f"{', '.join(map(str, results['batch_sizes']))}"),
-        ("timing", f"one interleaved group per row (sparsekern.timing.interleaved_medians), "
-                   f"warm-up {t['warmup']} rounds, median of up to {t['max_repeats']} rounds "
-                   f"(slow groups: as many as fit {t['group_budget_s']:g} s, at least "
-                   f"{t['min_repeats']}); groups whose dense baseline ran > "
-                   f"{t['disturbed_threshold']:g}x the sweep's best re-measured up to "
-                   f"{t['retries']}x at the end; seed {t['seed']}"),
+        ("timing", timing_text(t)),
         ("peers", peers_line),
         ("source", results["git"]),
         ("runtime", f"{results['runtime_s']:.0f} s"),
@@ -341,7 +353,7 @@ def md_speed_table(results: dict, mode: str, batch: int) -> list[str]:
     header = (["format", "sparsity", "dense ms", "dense GFLOP/s", "sparsekern ms", "speedup",
                "ideal"]
               + [f"{label} ms (speedup)" for _, label in peer_meta])
-    body = [[r["format"] + (" (busy)" if r.get("disturbed") else ""),
+    body = [[r["format"] + row_flags(r),
              f"{r['sparsity']:.0%}", fmt_ms(r["ms"]["dense"]),
              f"{r['dense_gflops']:.0f}", fmt_ms(r["ms"]["sparsekern"]), f"**{r['speedup']['sparsekern']:.2f}x**",
              f"{r['ideal']:.1f}x"] + [peer_cell(r, name) for name, _ in peer_meta]
@@ -351,11 +363,8 @@ def md_speed_table(results: dict, mode: str, batch: int) -> list[str]:
     lines = ["", f"## {MODE_TITLES[mode]}, M={batch}", ""] + _table(header, body)
     if reasons:
         lines += ["", "n/a = the peer rejected this case:"] + [f"- {why}" for why in reasons]
-    if any(r.get("disturbed") for r in rows):
-        threshold = results["timing"]["disturbed_threshold"]
-        lines += ["", f"(busy) = even after re-measuring, this group's dense baseline ran more "
-                      f"than {threshold:g}x slower than the best dense run of the same mode and "
-                      f"M: another process had the cores, and its speedups are inflated."]
+    if any(row_flags(r) for r in rows):
+        lines += ["", FLAGS_NOTE]
     return lines
 
 

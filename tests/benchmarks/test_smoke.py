@@ -62,10 +62,11 @@ def test_group_candidates_run(benchmark, fmt, mode):
 def test_time_group_reports_every_candidate():
     weight = pruned_weight("csr", 0.9)
     fns, _, _ = linear.build_group(weight, BATCH, "forward", [], torch.Generator())
-    medians, repeats = linear.time_group(fns, linear.Timing(warmup=1, max_repeats=2,
-                                                            group_budget_s=0.01))
-    assert set(medians) == {"dense", "sparsekern"} and repeats == 2
-    assert all(s > 0 for s in medians.values())
+    measured = linear.time_group(fns, linear.Timing(warmup=1, max_repeats=2,
+                                                    group_budget_s=0.01))
+    assert set(measured.seconds) == {"dense", "sparsekern"} and measured.rounds == 2
+    assert all(s > 0 for s in measured.seconds.values())
+    assert measured.stable is False  # 2 rounds cannot show a settled ratio
 
 
 def _row(mode, dense_ms, batch=256):
@@ -115,7 +116,8 @@ def test_quick_run_writes_results(tmp_path):
     assert len(results["linear"]) == 2 * 2 * len(linear.MODES)  # formats x sparsities x modes
     for row in results["linear"]:
         assert {"mode", "format", "sparsity", "batch", "ms", "speedup", "ideal",
-                "repeats"} <= row.keys()
+                "repeats", "timing"} <= row.keys()
+        assert row["timing"]["rounds"] == row["repeats"] and "busy" in row["timing"]
         assert {"dense", "sparsekern"} <= row["ms"].keys()
     assert {t["status"] for t in results["targets"]} <= {"pass", "MISS", "not measured"}
     text = (out / "RESULTS.md").read_text()
