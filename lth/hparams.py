@@ -392,9 +392,13 @@ SECTIONS: dict[str, type] = {
 _CORE_SECTIONS = tuple(SECTIONS)
 
 
-def register_section(name: str):
+SECTION_METHODS: dict[str, tuple[str, ...]] = {}  # section -> the methods it applies to
+
+
+def register_section(name: str, methods: tuple[str, ...] = ()):
     """Class decorator: a dataclass of `hp` fields becomes the settings section `name` (see the
-    module docstring). A section name or a flag that is already taken is an error."""
+    module docstring). With `methods`, setting any of its flags with another --method is an
+    error naming the flag. A section name or a flag that is already taken is an error."""
     def decorator(cls: type) -> type:
         if name in SECTIONS:
             raise ValueError(f"settings section {name!r} is registered twice")
@@ -404,6 +408,8 @@ def register_section(name: str):
         if clash:
             raise ValueError(f"settings section {name!r}: flags {clash} already exist")
         SECTIONS[name] = cls
+        if methods:
+            SECTION_METHODS[name] = tuple(methods)
         return cls
     return decorator
 
@@ -588,6 +594,12 @@ def validate(c: Config) -> None:
     if p.target_sparsity is not None and not method.takes_target_sparsity:
         takers = [n for n in METHODS.names() if METHODS.get(n).takes_target_sparsity]
         _fail("--target-sparsity", f"applies to --method {' or '.join(takers)} only")
+    for key in c.non_default():
+        section = key.split(".")[0]
+        if m.name not in SECTION_METHODS.get(section, (m.name,)):
+            fl = Flag(section, {f.name: f for f in dataclasses.fields(SECTIONS[section])}[
+                key.split(".")[1]])
+            _fail(fl.option, f"applies to --method {' or '.join(SECTION_METHODS[section])} only")
     method.check(c)
     for name in MODIFIERS.names():
         if MODIFIERS.get(name).enabled(c):
