@@ -173,11 +173,11 @@ def _block_of(module):
     return module.weight_format().block if module.format == "bsr" else None
 
 
-def _packed_values(module, dense: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """What `values` of a module of `module`'s format and block built from `mask` hold for the
-    dense tensor `dense` (the layout `from_dense` gives, so states line up with weights)."""
-    if module.format == "bsr":
-        return sk.BlockSparse.from_dense(dense, mask, block=_block_of(module)).values
+def _packed_values(dense: torch.Tensor, mask: torch.Tensor, block) -> torch.Tensor:
+    """What `values` of a module built by from_dense(mask, format=bsr with `block`, or csr for
+    block None) hold for the dense tensor `dense`, so optimizer states line up with weights."""
+    if block is not None:
+        return sk.BlockSparse.from_dense(dense, mask, block=tuple(block)).values
     return sk.CSR.from_dense(dense, mask).values
 
 
@@ -193,15 +193,17 @@ def _swap_parameter(optimizer, old: nn.Parameter, new: nn.Parameter, convert) ->
 
 
 def repack(model: nn.Module, optimizer, masks: dict[str, torch.Tensor],
-           reset: dict[str, torch.Tensor]) -> list[str]:
+           reset: dict[str, torch.Tensor], format: str = "auto", block=None) -> list[str]:
     """Gives every converted layer of `model` the mask masks[weight name], in place (model and
     optimizer); returns the weights whose mask changed.
 
     At positions kept before and after, the weight and its per-weight optimizer state (SGD
     momentum, Adam / AdamW moments) carry over; where `reset` is True (grown) both start at
     exactly zero; dropped positions are gone (sparse) or exact zeros (masked-dense). A sparse
-    layer is rebuilt in its format and block, a masked-dense one keeps its module and Parameter;
-    biases stay the same Parameter (and keep their state)."""
+    layer is rebuilt the way `sparsify_model(format=format, block=block)` builds it from the new
+    mask, so a model re-sparsified from its masks (a resumed run) has the same layout and takes
+    the same optimizer state; a masked-dense layer keeps its module and Parameter. Biases stay
+    the same Parameter (and keep their state)."""
     modules = dict(model.named_modules())
     changed = []
     for name, new_mask in masks.items():
@@ -225,15 +227,15 @@ def repack(model: nn.Module, optimizer, masks: dict[str, torch.Tensor],
                     value.masked_fill_(gone, 0.0)
             continue
 
-        def moved(values, module=module, new_mask=new_mask, fresh=fresh):
-            dense = _in_layout(module, values.detach()).to_dense().masked_fill(fresh, 0.0)
-            return _packed_values(module, dense, new_mask)
-
         plain = module.to_linear() if isinstance(module, sk.SparseLinear) else module.to_conv()
         with torch.no_grad():
             plain.weight.masked_fill_(fresh, 0.0)
-        rebuilt = type(module).from_dense(plain, new_mask, format=module.format,
-                                          block=_block_of(module))
+        rebuilt = type(module).from_dense(plain, new_mask, format=format, block=block)
+
+        def moved(values, module=module, new_mask=new_mask, fresh=fresh, rebuilt=rebuilt):
+            dense = _in_layout(module, values.detach()).to_dense().masked_fill(fresh, 0.0)
+            return _packed_values(dense, new_mask, _block_of(rebuilt))
+
         rebuilt.bias = module.bias
         rebuilt.train(module.training)
         if hasattr(module, "sparsekern_decision"):
@@ -244,10 +246,12 @@ def repack(model: nn.Module, optimizer, masks: dict[str, torch.Tensor],
     return changed
 
 
-def dense_gradients(model: nn.Module, batch, loss_fn, names) -> dict[str, torch.Tensor]:
-    """{weight name: d loss / d weight at every position, pruned ones included} on `batch`: one
-    forward and backward of a dense copy of the model (the weights as they are, zeros where
-    pruned). What RigL grows by; the model itself and its BatchNorm statistics are untouched."""
+def dense_weights_and_gradients(model: nn.Module, batch, loss_fn, names):
+    """({weight name: dense weight}, {weight name: d loss / d weight at every position, pruned
+    ones included}) on `batch`: one forward and backward of a dense copy of the model (the
+    weights as they are, zeros where pruned). What RigL drops and grows by; the model itself
+    and its BatchNorm statistics are untouched. Under torch.distributed the gradients are
+    averaged over the ranks, so every rank takes the same decision."""
     x, y = batch
     dense = densify_model(copy.deepcopy(model))
     wanted = set(names)
@@ -255,4 +259,9 @@ def dense_gradients(model: nn.Module, batch, loss_fn, names) -> dict[str, torch.
         p.requires_grad_(n in wanted)
     loss_fn(dense(x), y).backward()
     params = dict(dense.named_parameters())
-    return {n: params[n].grad for n in names}
+    grads = {n: params[n].grad for n in names}
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for g in grads.values():
+            torch.distributed.all_reduce(g)
+            g /= torch.distributed.get_world_size()
+    return {n: params[n].detach() for n in names}, grads

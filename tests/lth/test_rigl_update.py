@@ -12,7 +12,7 @@ import sparsekern as sk
 from lth import pruning
 from lth.pruning import dst
 from lth.pruning.erk import random_masks
-from lth.sparse import dense_gradients, dense_state_dict, repack, sparsify_model
+from lth.sparse import dense_state_dict, dense_weights_and_gradients, repack, sparsify_model
 
 
 def test_drop_fraction_decays_with_a_cosine_to_zero_at_the_end():
@@ -131,18 +131,19 @@ def _setup(granularity, policy, kind):
                                                 ("unstructured", "dense")])
 def test_updates_keep_sparsity_reset_grown_and_carry_kept(kind, granularity, policy):
     model, opt, masks, names, block = _setup(granularity, policy, kind)
+    fmt = "bsr" if granularity == "block" else "csr"
     _train(model, opt, 3)
     counts = {n: int(m.sum()) for n, m in masks.items()}
     loss_fn = nn.CrossEntropyLoss()
     for update in range(3):
         before = dense_state_dict(model)
         states = _snapshot(model, opt, names, kind)
-        grads = dense_gradients(model, _batch(100 + update), loss_fn, names)
+        weights, grads = dense_weights_and_gradients(model, _batch(100 + update), loss_fn, names)
+        assert all(torch.equal(weights[n], before[n]) for n in names)
         assert all(bool((grads[n][~masks[n]] != 0).any()) for n in names)  # really dense
-        new, grown = dst.update_masks(masks, {n: before[n] for n in names},
-                                      {n: g.abs() for n, g in grads.items()}, 0.3,
-                                      granularity, block)
-        changed = repack(model, opt, new, grown)
+        new, grown = dst.update_masks(masks, weights, {n: g.abs() for n, g in grads.items()},
+                                      0.3, granularity, block)
+        changed = repack(model, opt, new, grown, fmt, block if fmt == "bsr" else None)
         assert sorted(changed) == names
         after = dense_state_dict(model)
         after_states = _snapshot(model, opt, names, kind)
@@ -150,6 +151,8 @@ def test_updates_keep_sparsity_reset_grown_and_carry_kept(kind, granularity, pol
         for n in names:
             module = modules[n[: -len(".weight")]]
             assert torch.equal(module.mask(), new[n])
+            if policy == "sparse":  # rebuilt as sparsify builds it: a resume gets this layout
+                assert module.format == fmt and module.value_mask is None
             assert int(new[n].sum()) == counts[n]  # exactly constant per layer
             assert bool(grown[n].any())
             kept = new[n] & ~grown[n]
@@ -175,8 +178,9 @@ def test_updates_keep_sparsity_reset_grown_and_carry_kept(kind, granularity, pol
 
 def test_between_updates_the_model_runs_the_sparse_kernels(monkeypatch):
     model, opt, masks, names, block = _setup("unstructured", "sparse", "sgd")
-    grads = dense_gradients(model, _batch(0), nn.CrossEntropyLoss(), names)
-    new, grown = dst.update_masks(masks, dense_state_dict(model), grads, 0.3)
+    weights, grads = dense_weights_and_gradients(model, _batch(0), nn.CrossEntropyLoss(), names)
+    new, grown = dst.update_masks(masks, weights, {n: g.abs() for n, g in grads.items()},
+                                  0.3)
     repack(model, opt, new, grown)
     calls = {"linear": 0, "conv": 0}
     real_linear, real_conv = sk.nn.sparse_linear, sk.nn.sparse_conv2d
