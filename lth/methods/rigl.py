@@ -30,7 +30,7 @@ from lth.pruning.erk import DISTRIBUTIONS, layer_densities, random_masks
 from lth.sparse import current_masks, dense_state_dict, dense_weights_and_gradients, repack
 
 
-@register_section("dst")
+@register_section("dst", methods=("rigl", "set"))
 @dataclass
 class DynamicSparseHparams:
     distribution: str = hp("erk", "rigl/set: layerwise densities of the sparse network: uniform, "

@@ -131,6 +131,7 @@ def test_interrupted_round_resumes_to_the_uninterrupted_masks_and_weights(tmp_pa
      "--dst-drop-fraction"),
     (["--method", "rigl", "--target-sparsity", "0.9", "--density-distribution", "lognormal"],
      "--density-distribution"),
+    (["--method", "imp", "--dst-update-every", "50"], "--dst-update-every"),
 ])
 def test_bad_settings_name_the_flag(args, flag, capsys):
     with pytest.raises(SystemExit):
