@@ -74,7 +74,7 @@ BAD = [
     (["--block", "24x32"], "--block", "BNxBK"),
     (["--nm", "4:2"], "--nm", "0 < N < M"),
     (["--sparse-format", "bsr"], "--sparse-format", "needs --granularity block"),
-    (["--target-sparsity", "0.9"], "--target-sparsity", "oneshot only"),
+    (["--target-sparsity", "0.9"], "--target-sparsity", "applies to --method oneshot or"),
     (["--rewind-to", "12ep"], "--rewind-to", "not before the end of training"),
     (["--rewind-to", "soon"], "--rewind-to", "training point"),
     (["--branch-rounds", "99"], "--branch-rounds", "not pruned rounds"),
