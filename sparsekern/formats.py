@@ -24,6 +24,22 @@ Conv2d weights (4-D)
     CSR: the linear CSR of the (C_out, C_in * kh * kw) view, column = ci * kh * kw + dh * kw + dw
     (torch's flattening order).
 
+N:M (NM)
+    Keeps at most N of every M consecutive input weights of each row (along K = in_features, or
+    C_in * kh * kw for a conv). Every group of M owns exactly N *slots* (a ragged tail group of
+    r = K mod M inputs owns min(N, r)), so every row stores the same count
+    S = (K // M) * N + min(N, K mod M) and the format is a CSR with regular rows:
+    ``values[rows, S]`` (a row's slots group by group, columns ascending within a group),
+    ``col_idx[rows * S]`` and ``kept[rows, S]`` (bool: the slot holds a weight of the mask).
+    A group that keeps fewer than N weights fills its free slots with unkept columns of the
+    group (lowest first) holding exact zeros, ``kept`` False. The CSR index the kernels read
+    (``row_ptr = arange(rows + 1) * S``, and the transposed ``col_ptr``, ``row_idx``, ``perm``)
+    is derived from ``col_idx`` on construction, never serialized, so the CPU runs the CSR
+    kernels on ``values.view(-1)`` with no copy. For 2:4 with rows a multiple of 32 and K of 64,
+    ``values`` *is* CUTLASS's packed [rows, K / 2] operand of torch's semi-structured matmul;
+    ``semi_structured_meta`` (int16, CUTLASS's reordered metadata, built once from col_idx) is
+    the rest of it.
+
 All indices are int32. ``values`` is what a module trains; the indices never change.
 """
 from __future__ import annotations
@@ -301,6 +317,222 @@ class CSR(_Format):
         return cls(state["values"], state["row_ptr"], state["col_idx"],
                    tuple(state["shape"].tolist()), state["col_ptr"], state["row_idx"],
                    state["perm"])
+
+
+# torch's CUTLASS 2:4 kernels take an fp16/bf16 sparse operand whose rows are a multiple of 32
+# and columns of 64 (SparseSemiStructuredTensorCUTLASS._DTYPE_SHAPE_CONSTRAINTS, sparse_min_*).
+SEMI_STRUCTURED_MULTIPLE = (32, 64)
+
+
+def _check_nm(n, m, who: str) -> tuple[int, int]:
+    for name, v in (("n", n), ("m", m)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"{who}: {name} must be an int, got {v!r}")
+    if not 0 < n < m:
+        raise ValueError(f"{who}: need 0 < n < m (keep n of every m consecutive inputs), got "
+                         f"n={n}, m={m}")
+    return n, m
+
+
+def nm_slots_per_row(in_features: int, n: int, m: int) -> int:
+    """Slots of a row: N per full group of M, min(N, r) for a ragged tail group of r inputs."""
+    return (in_features // m) * n + min(n, in_features % m)
+
+
+def nm_group_counts(mask: torch.Tensor, m: int) -> torch.Tensor:
+    """[rows, ceil(K / M)] kept weights per group of M consecutive inputs of each row of the
+    (rows, K) view of `mask` (the ragged tail group counts its r inputs)."""
+    rows, k = mask.shape[0], math.prod(mask.shape[1:])
+    kept = mask.reshape(rows, k)
+    groups = -(-k // m)
+    padded = kept.new_zeros(rows, groups * m)
+    padded[:, :k] = kept
+    return padded.view(rows, groups, m).sum(-1)
+
+
+def build_semi_structured_meta(present: torch.Tensor) -> torch.Tensor:
+    """CUTLASS's reordered int16 metadata of a [rows, K] pattern with exactly 2 of every 4 set,
+    made by torch's own converter (the one SparseSemiStructuredTensorCUTLASS.from_dense uses)
+    from a 0/1 fp16 matrix: the kept values of that matrix in row-major order are exactly an NM
+    weight's `values`, so this metadata and `values` form the semi-structured operand."""
+    from torch.sparse._semi_structured_conversions import (
+        sparse_semi_structured_from_dense_cutlass)
+    return sparse_semi_structured_from_dense_cutlass(present.to(torch.float16))[1]
+
+
+class NM(_Format):
+    """N:M weight: see the module docstring for the layout."""
+
+    _tensor_names = ("values", "col_idx", "kept", "row_ptr", "col_ptr", "row_idx", "perm")
+    _stored_names = ("values", "col_idx", "kept")  # the rest is derived from col_idx
+
+    def __init__(self, values, col_idx, kept, shape, nm=(2, 4), row_ptr=None, col_ptr=None,
+                 row_idx=None, perm=None, semi_structured_meta=None):
+        """`row_ptr`, `col_ptr`, `row_idx`, `perm` and `semi_structured_meta` are derived from
+        `col_idx`: pass them only as this class derived them (modules hold them as buffers);
+        None derives them."""
+        shape = tuple(int(s) for s in shape)
+        if len(shape) not in (2, 4):
+            raise ValueError(f"NM: shape must be (out, in) or (C_out, C_in, kh, kw), got {shape}")
+        try:
+            n, m = (int(v) for v in nm)
+        except (TypeError, ValueError):
+            raise ValueError(f"NM: nm must be a pair (n, m), got {nm!r}") from None
+        self.n, self.m = _check_nm(n, m, "NM")
+        self.shape = shape
+        rows, k = self.matrix_shape
+        s = nm_slots_per_row(k, n, m)
+        if rows * s >= 2**31:
+            raise ValueError(f"NM: {rows} x {s} slots exceed the int32 index range")
+        if not isinstance(values, torch.Tensor) or not values.is_floating_point() \
+                or tuple(values.shape) != (rows, s):
+            raise ValueError(f"NM: values must be a floating-point [rows, slots] = [{rows}, {s}] "
+                             f"tensor for shape {shape} at {n}:{m}, got "
+                             f"{getattr(values, 'dtype', type(values).__name__)} "
+                             f"{tuple(getattr(values, 'shape', ()))}")
+        if not isinstance(kept, torch.Tensor) or kept.dtype != torch.bool \
+                or tuple(kept.shape) != (rows, s):
+            raise ValueError(f"NM: kept must be a bool [{rows}, {s}] tensor, got "
+                             f"{getattr(kept, 'dtype', type(kept).__name__)} "
+                             f"{tuple(getattr(kept, 'shape', ()))}")
+        for name, t in (("col_idx", col_idx), ("kept", kept)):
+            if isinstance(t, torch.Tensor) and t.device != values.device:
+                raise ValueError(f"NM: {name} is on {t.device} but values on {values.device}")
+        self.values, self.col_idx, self.kept = values, col_idx, kept
+        if row_ptr is None:
+            row_ptr = (torch.arange(rows + 1, device=values.device) * s).to(torch.int32)
+        _validate_compressed("NM", "row_ptr", "col_idx", row_ptr, col_idx, rows, k, rows * s)
+        self._check_groups(rows, s)
+        if bool((values.detach()[~kept] != 0).any()):
+            raise ValueError("NM: values of the free slots (kept False) must be exactly 0")
+        self.row_ptr = row_ptr
+        if col_ptr is None:
+            present = self.slot_pattern()
+            col_ptr, row_idx, perm = _transposed_index(present)
+            if self.semi_structured_ready():
+                semi_structured_meta = build_semi_structured_meta(present)
+        self.col_ptr, self.row_idx, self.perm = col_ptr, row_idx, perm
+        self.semi_structured_meta = semi_structured_meta
+
+    def _check_groups(self, rows: int, s: int):
+        """Slot j of a row belongs to group j // N: its column must lie in that group."""
+        if not rows * s:
+            return
+        cols = self.col_idx.view(rows, s).long()
+        group = torch.arange(s, device=cols.device) // self.n
+        wrong = cols // self.m != group
+        if bool(wrong.any()):
+            r, j = (int(v) for v in wrong.nonzero()[0])
+            g = int(group[j])
+            raise ValueError(f"NM: col_idx of row {r}, slot {j} is {int(cols[r, j])}, outside "
+                             f"its group {g} (inputs {g * self.m}..{g * self.m + self.m - 1}) "
+                             f"of {self.n}:{self.m}")
+
+    @property
+    def nm(self) -> tuple[int, int]:
+        return self.n, self.m
+
+    @property
+    def slots_per_row(self) -> int:
+        return self.values.shape[1]
+
+    @property
+    def nnz(self) -> int:
+        """Kept weights (free slots excluded)."""
+        return int(self.kept.sum())
+
+    def semi_structured_ready(self) -> bool:
+        """Whether this weight's layout is CUTLASS's 2:4 operand (2:4, rows a multiple of 32,
+        in_features of 64); the dtype (fp16/bf16) and device are the caller's to check."""
+        rows, k = self.matrix_shape
+        mr, mk = SEMI_STRUCTURED_MULTIPLE
+        return self.nm == (2, 4) and rows > 0 and k > 0 and rows % mr == 0 and k % mk == 0
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = super().tensors()
+        if self.semi_structured_meta is not None:
+            out["semi_structured_meta"] = self.semi_structured_meta
+        return out
+
+    @classmethod
+    def from_dense(cls, weight, mask=None, n: int = 2, m: int = 4) -> "NM":
+        """Packs a linear [out, in] or conv [C_out, C_in, kh, kw] weight (a conv over its
+        (C_out, C_in * kh * kw) view) whose mask keeps at most `n` of every `m` consecutive
+        inputs of each row; a ragged tail group (K not a multiple of m) is padded internally."""
+        weight, mask = _check_weight_and_mask(weight, mask, "NM.from_dense")
+        n, m = _check_nm(n, m, "NM.from_dense")
+        rows = weight.shape[0]
+        k = math.prod(weight.shape[1:])
+        matrix, kept = weight.reshape(rows, k), mask.reshape(rows, k)
+        counts = nm_group_counts(kept, m)
+        over = counts > n
+        if bool(over.any()):
+            r, g = (int(v) for v in over.nonzero()[0])
+            what = "output channel" if weight.dim() == 4 else "row"
+            raise ValueError(
+                f"NM.from_dense: mask keeps {int(counts[r, g])} of the inputs "
+                f"{g * m}..{min(g * m + m, k) - 1} of {what} {r} (group {g}); a {n}:{m} weight "
+                f"keeps at most {n} of every {m} consecutive inputs ({int(over.sum())} groups "
+                f"break it)")
+        groups = counts.shape[1]
+        padded = kept.new_zeros(rows, groups * m)
+        padded[:, :k] = kept
+        padded = padded.view(rows, groups, m)
+        in_range = (torch.arange(groups * m, device=kept.device) < k).view(1, groups, m)
+        # Each group's N slots: its kept inputs first, then its free in-range inputs, lowest
+        # first (stable sort); then in column order within the group.
+        rank = padded.to(torch.int16) * 2 + in_range
+        chosen = torch.sort(rank, dim=-1, descending=True, stable=True).indices[..., :n]
+        chosen = chosen.sort(dim=-1).values
+        cols = chosen + torch.arange(groups, device=kept.device).view(1, groups, 1) * m
+        real = cols < k  # a tail group with fewer than N inputs has fewer slots
+        s = nm_slots_per_row(k, n, m)
+        slot_kept = padded.gather(-1, chosen)[real].view(rows, s)
+        cols = cols[real].view(rows, s)
+        values = torch.where(slot_kept, matrix.gather(1, cols), matrix.new_zeros(()))
+        return cls(values.contiguous(), cols.reshape(-1).to(torch.int32), slot_kept.contiguous(),
+                   tuple(weight.shape), (n, m))
+
+    def slot_pattern(self) -> torch.Tensor:
+        """[rows, K] bool: the positions of all slots (kept and free): what the CSR index and
+        the kernels walk."""
+        rows, k = self.matrix_shape
+        present = torch.zeros(rows, k, dtype=torch.bool, device=self.device)
+        if rows * self.slots_per_row:
+            present.scatter_(1, self.col_idx.view(rows, -1).long(), True)
+        return present
+
+    def _scatter(self, slots: torch.Tensor) -> torch.Tensor:
+        rows, k = self.matrix_shape
+        out = slots.new_zeros(rows, k)
+        if rows * self.slots_per_row:
+            out.scatter_(1, self.col_idx.view(rows, -1).long(), slots)
+        return out.view(self.shape)
+
+    def to_dense(self) -> torch.Tensor:
+        return self._scatter(self.values)
+
+    def mask(self) -> torch.Tensor:
+        """Bool like the weight: the kept weights (free slots excluded)."""
+        return self._scatter(self.kept)
+
+    def state_dict(self) -> dict:
+        state = {name: getattr(self, name).detach().clone() for name in self._stored_names}
+        state["shape"] = torch.tensor(self.shape, dtype=torch.int64)
+        state["nm"] = torch.tensor(self.nm, dtype=torch.int64)
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "NM":
+        missing = sorted({*cls._stored_names, "shape", "nm"} - set(state))
+        if missing:
+            raise ValueError(f"NM.from_state_dict: state lacks {missing}")
+        return cls(state["values"], state["col_idx"], state["kept"],
+                   tuple(state["shape"].tolist()), tuple(state["nm"].tolist()))
+
+    def __repr__(self):
+        return (f"NM({self.n}:{self.m}, shape={tuple(self.shape)}, nnz={self.nnz}, "
+                f"sparsity={self.sparsity:.3f}, dtype={self.dtype}, device={self.device})")
 
 
 def _check_block(block) -> tuple[int, int]:
