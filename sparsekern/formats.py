@@ -360,6 +360,16 @@ def build_semi_structured_meta(present: torch.Tensor) -> torch.Tensor:
     return sparse_semi_structured_from_dense_cutlass(present.to(torch.float16))[1]
 
 
+def scatter_slots(slots: torch.Tensor, col_idx: torch.Tensor, in_features: int) -> torch.Tensor:
+    """[rows, S] per-slot tensor of an NM weight -> the dense [rows, in_features] matrix (zeros
+    off the slots). Differentiable in `slots`; no host sync (every row has S slots)."""
+    rows = slots.shape[0]
+    out = slots.new_zeros(rows, in_features)
+    if slots.numel():
+        out = out.scatter(1, col_idx.view(rows, -1).long(), slots)
+    return out
+
+
 class NM(_Format):
     """N:M weight: see the module docstring for the layout."""
 
@@ -502,19 +512,12 @@ class NM(_Format):
             present.scatter_(1, self.col_idx.view(rows, -1).long(), True)
         return present
 
-    def _scatter(self, slots: torch.Tensor) -> torch.Tensor:
-        rows, k = self.matrix_shape
-        out = slots.new_zeros(rows, k)
-        if rows * self.slots_per_row:
-            out.scatter_(1, self.col_idx.view(rows, -1).long(), slots)
-        return out.view(self.shape)
-
     def to_dense(self) -> torch.Tensor:
-        return self._scatter(self.values)
+        return scatter_slots(self.values, self.col_idx, self.matrix_shape[1]).view(self.shape)
 
     def mask(self) -> torch.Tensor:
         """Bool like the weight: the kept weights (free slots excluded)."""
-        return self._scatter(self.kept)
+        return scatter_slots(self.kept, self.col_idx, self.matrix_shape[1]).view(self.shape)
 
     def state_dict(self) -> dict:
         state = {name: getattr(self, name).detach().clone() for name in self._stored_names}

@@ -10,6 +10,9 @@ made of whole blocks (format="bsr" forced with a scattered mask), the module als
 `value_mask` buffer shaped like `values` and multiplies it in, so the weights inside a kept
 block but outside the mask get no gradient and stay exactly zero under SGD (momentum, weight
 decay), Adam and AdamW. format="auto" never needs it: BSR only for block-aligned masks, else CSR.
+An N:M weight (format="nm") marks the free slots of groups that keep fewer than N in its own
+`kept` buffer and multiplies that in the same way; format="auto" picks it for a mask that keeps
+exactly N of every M inputs (2:4, 1:4 or 4:8) and is not made of whole blocks.
 """
 from __future__ import annotations
 
@@ -19,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekern.formats import BLOCK_SIZES, CSR, BlockSparse
+from sparsekern.formats import BLOCK_SIZES, CSR, NM, BlockSparse, _check_nm, nm_group_counts
 from sparsekern.ops import sparse_conv2d, sparse_linear
 from sparsekern.timing import interleaved_medians
 
-FORMATS = ("auto", "bsr", "csr")
+FORMATS = ("auto", "bsr", "csr", "nm")
+NM_PATTERNS = ((2, 4), (1, 4), (4, 8))  # what format="auto" recognises, in order of preference
 POLICIES = ("auto", "sparse", "dense")
 
 
@@ -84,23 +88,68 @@ def _aligned_block(mask: torch.Tensor) -> tuple[int, int] | None:
     return None
 
 
+def _nm_fits(mask: torch.Tensor, nm, exactly: bool) -> bool:
+    """Whether `mask` keeps at most N of every M consecutive inputs of each row ((rows, K)
+    view); exactly: every full group keeps exactly N (and there is one), a ragged tail at most
+    N."""
+    n, m = nm
+    counts = nm_group_counts(mask, m)
+    if not exactly:
+        return bool((counts <= n).all())
+    full = math.prod(mask.shape[1:]) // m
+    return (full > 0 and mask.shape[0] > 0 and bool((counts[:, :full] == n).all())
+            and bool((counts[:, full:] <= n).all()))
+
+
+def nm_pattern(mask: torch.Tensor, candidates=NM_PATTERNS, exactly: bool = True):
+    """The first (n, m) of `candidates` that `mask` follows (see _nm_fits), or None."""
+    return next((nm for nm in candidates if _nm_fits(mask, nm, exactly)), None)
+
+
 def pack(weight: torch.Tensor, mask: torch.Tensor | None, format: str = "auto",
-         block=None) -> BlockSparse | CSR:
+         block=None, nm=None) -> BlockSparse | CSR | NM:
     """Packs a dense linear [out, in] or conv [C_out, C_in, kh, kw] weight.
 
     format="auto": BSR when the mask is made of whole blocks (`block` if given, else the largest
-    fitting block shape), else CSR. format="bsr": `block`, else the largest fitting block, else
-    (32, 32); the stored pattern is then the block closure of the mask (see `value_mask`)."""
+    fitting block shape), else NM when it keeps exactly N of every M inputs (`nm` if given, else
+    2:4, 1:4 or 4:8), else CSR. format="bsr": `block`, else the largest fitting block, else
+    (32, 32); the stored pattern is then the block closure of the mask (see `value_mask`).
+    format="nm": `nm`, else the first of 2:4, 1:4, 4:8 that the mask follows exactly, else the
+    first it fits (at most N per group); a mask that fits none is an error."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if nm is not None:
+        try:
+            nm = tuple(nm)
+            if len(nm) != 2:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ValueError(f"nm must be a pair (n, m), got {nm!r}") from None
+        nm = _check_nm(*nm, "nm")
+    if format == "nm" and block is not None:
+        raise ValueError(f"block={block!r} applies to format='bsr', not 'nm'")
     mask = weight.detach() != 0 if mask is None else as_mask(mask)
     same_shape = isinstance(mask, torch.Tensor) and mask.shape == weight.shape
+    candidates = NM_PATTERNS if nm is None else (nm,)
     if format == "auto":
         if block is None:
             block = _aligned_block(mask) if same_shape else None
         elif same_shape and not is_block_aligned(mask, block):
             block = None
-        format = "bsr" if block is not None else "csr"
+        if block is not None:
+            format = "bsr"
+        else:
+            nm = nm_pattern(mask, candidates) if same_shape else None
+            format = "csr" if nm is None else "nm"
+    if format == "nm":
+        if nm is None and same_shape:
+            nm = nm_pattern(mask) or nm_pattern(mask, exactly=False)
+            if nm is None:
+                counts = {f"{n}:{m}": int(nm_group_counts(mask, m).max()) for n, m in NM_PATTERNS}
+                raise ValueError(f"format='nm': mask keeps more than N of some group of M for "
+                                 f"every N:M of {counts} (most kept in a group); pass nm=(n, m) "
+                                 f"or use format='csr'")
+        return NM.from_dense(weight, mask, *(nm or (2, 4)))
     if format == "bsr":
         if block is None:
             block = (_aligned_block(mask) if same_shape else None) or (32, 32)
@@ -108,10 +157,11 @@ def pack(weight: torch.Tensor, mask: torch.Tensor | None, format: str = "auto",
     return CSR.from_dense(weight, mask)
 
 
-def value_mask(packed: BlockSparse | CSR, mask: torch.Tensor) -> torch.Tensor | None:
-    """None when `packed` stores exactly `mask`; else bool like packed.values, True where the
-    stored value is inside `mask` (BSR of a mask that is not made of whole blocks)."""
-    if isinstance(packed, CSR) or torch.equal(packed.mask(), mask):
+def value_mask(packed: BlockSparse | CSR | NM, mask: torch.Tensor) -> torch.Tensor | None:
+    """None when `packed` stores exactly `mask` (or, NM, marks it itself); else bool like
+    packed.values, True where the stored value is inside `mask` (BSR of a mask that is not made
+    of whole blocks)."""
+    if isinstance(packed, (CSR, NM)) or torch.equal(packed.mask(), mask):
         return None
     ones = BlockSparse.from_dense(mask.to(packed.dtype), mask, block=packed.block)
     return ones.values != 0
@@ -119,20 +169,29 @@ def value_mask(packed: BlockSparse | CSR, mask: torch.Tensor) -> torch.Tensor | 
 
 # ---------------------------------------------------------------------------------- modules
 
+_FORMAT_NAMES = {BlockSparse: "bsr", CSR: "csr", NM: "nm"}
+
+
 class _PackedWeight(nn.Module):
     """What SparseLinear and SparseConv2d share: the packed weight as `values` (the only
-    parameter of the weight), its index tensors as buffers, an optional `value_mask`."""
+    parameter of the weight), its index tensors as buffers, an optional `value_mask`. An NM
+    weight's derived index (everything but col_idx and kept) is not saved: it is rebuilt from
+    the loaded col_idx, so a loaded index is always consistent."""
 
     def _setup(self, weight, bias, value_mask, who: str):
-        if not isinstance(weight, (BlockSparse, CSR)):
-            raise TypeError(f"{who}: weight must be BlockSparse or CSR, got "
+        if type(weight) not in _FORMAT_NAMES:
+            raise TypeError(f"{who}: weight must be BlockSparse, CSR or NM, got "
                             f"{type(weight).__name__}")
-        self.format = "bsr" if isinstance(weight, BlockSparse) else "csr"
+        self.format = _FORMAT_NAMES[type(weight)]
+        self.nm = weight.nm if isinstance(weight, NM) else None
         self.weight_shape = tuple(weight.shape)
         self.values = nn.Parameter(weight.values.detach().clone())
         self._index_names = tuple(n for n in weight.tensors() if n != "values")
+        stored = getattr(weight, "_stored_names", self._index_names)
         for name in self._index_names:
-            self.register_buffer(name, getattr(weight, name).clone())
+            self.register_buffer(name, getattr(weight, name).clone(),
+                                 persistent=name in stored)
+        self.nm_padded = isinstance(weight, NM) and not bool(weight.kept.all())
         if value_mask is not None and (value_mask.dtype != torch.bool
                                        or value_mask.shape != weight.values.shape):
             raise ValueError(f"{who}: value_mask must be a bool tensor shaped like the values "
@@ -150,16 +209,29 @@ class _PackedWeight(nn.Module):
     def index(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self._index_names}
 
-    def _values(self) -> torch.Tensor:
-        """The values the kernels use: pruned positions inside kept blocks forced to zero (so
-        they get no gradient) when the mask is not made of whole blocks."""
-        return self.values if self.value_mask is None else self.values * self.value_mask
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.format == "nm":  # validate the loaded col_idx / kept, derive the rest from them
+            fresh = NM(self.values.detach(), self.col_idx, self.kept, self.weight_shape, self.nm)
+            for name, t in fresh.tensors().items():
+                if name != "values":
+                    setattr(self, name, t)
+            self.nm_padded = not bool(self.kept.all())
 
-    def _format(self, values) -> BlockSparse | CSR:
+    def _values(self) -> torch.Tensor:
+        """The values the kernels use: pruned positions inside kept blocks (or an N:M group's
+        free slots) forced to zero, so they get no gradient, when there are any."""
+        if self.value_mask is not None:
+            return self.values * self.value_mask
+        return self.values * self.kept if self.nm_padded else self.values
+
+    def _format(self, values) -> BlockSparse | CSR | NM:
+        if self.format == "nm":
+            return NM(values, shape=self.weight_shape, nm=self.nm, **self.index())
         cls = BlockSparse if self.format == "bsr" else CSR
         return cls(values, shape=self.weight_shape, **self.index())
 
-    def weight_format(self) -> BlockSparse | CSR:
+    def weight_format(self) -> BlockSparse | CSR | NM:
         """The current weight as a format object (sharing this module's index tensors)."""
         return self._format(self._values().detach())
 
@@ -177,6 +249,7 @@ class _PackedWeight(nn.Module):
 
     def _format_repr(self) -> str:
         block = f", block={self.weight_format().block}" if self.format == "bsr" else ""
+        block += f" {self.nm[0]}:{self.nm[1]}" if self.format == "nm" else ""
         inside = ", value_mask" if self.value_mask is not None else ""
         return f"format={self.format}{block}{inside}, sparsity={self.sparsity():.3f}"
 
@@ -184,7 +257,7 @@ class _PackedWeight(nn.Module):
 class SparseLinear(_PackedWeight):
     """y = x W^T + b with W stored as BlockSparse or CSR."""
 
-    def __init__(self, weight: BlockSparse | CSR, bias: torch.Tensor | None = None,
+    def __init__(self, weight: BlockSparse | CSR | NM, bias: torch.Tensor | None = None,
                  value_mask: torch.Tensor | None = None):
         super().__init__()
         self._setup(weight, bias, value_mask, "SparseLinear")
@@ -195,21 +268,23 @@ class SparseLinear(_PackedWeight):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None,
-                   format: str = "auto", block=None) -> "SparseLinear":
-        """format: auto (BSR for a mask of whole blocks, else CSR), bsr or csr. block: (bn, bk)
-        output x input features; None = the largest block the mask is made of (bsr: else
-        32x32). mask: bool like the weight (float 0/1 accepted), None = the nonzeros."""
+                   format: str = "auto", block=None, nm=None) -> "SparseLinear":
+        """format: auto (BSR for a mask of whole blocks, else NM for an exact 2:4 / 1:4 / 4:8
+        mask, else CSR), bsr, csr or nm (see `pack`). block: (bn, bk) output x input features;
+        None = the largest block the mask is made of (bsr: else 32x32). nm: (n, m) for NM; None
+        = found from the mask. mask: bool like the weight (float 0/1 accepted), None = the
+        nonzeros."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseLinear.from_dense: linear must be nn.Linear, got "
                             f"{type(linear).__name__}")
         mask = as_mask(mask)
-        packed = pack(linear.weight, mask, format, block)
+        packed = pack(linear.weight, mask, format, block, nm)
         return cls(packed, linear.bias,
                    value_mask(packed, mask if mask is not None else linear.weight.detach() != 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_linear(x, self._values(), self.index(),
-                             (self.out_features, self.in_features), self.bias)
+                             (self.out_features, self.in_features), self.bias, self.nm)
 
     def to_linear(self) -> nn.Linear:
         return _linear_like(self, self.dense_weight(), self.bias)
@@ -238,7 +313,7 @@ class SparseConv2d(_PackedWeight):
     not); the output is channels_last, the layout the kernels compute in, so a chain of sparse
     convs with BatchNorm/ReLU between them converts the layout once, at the first one."""
 
-    def __init__(self, weight: BlockSparse | CSR, bias: torch.Tensor | None = None, stride=1,
+    def __init__(self, weight: BlockSparse | CSR | NM, bias: torch.Tensor | None = None, stride=1,
                  padding=0, dilation=1, value_mask: torch.Tensor | None = None):
         super().__init__()
         self._setup(weight, bias, value_mask, "SparseConv2d")
@@ -251,20 +326,22 @@ class SparseConv2d(_PackedWeight):
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None,
-                   format: str = "auto", block=None) -> "SparseConv2d":
-        """format: auto (BSR for a mask of whole channel blocks, else CSR), bsr or csr. block:
-        (out_channels, in_channels) per block, each spanning the kh x kw window; None = the
-        largest block the mask is made of (bsr: else 32x32). mask: bool like the 4-D weight
-        (float 0/1 accepted), None = the nonzeros. stride, padding, dilation are kept."""
+                   format: str = "auto", block=None, nm=None) -> "SparseConv2d":
+        """format: auto (BSR for a mask of whole channel blocks, else NM for an exact 2:4 / 1:4
+        / 4:8 mask over the (C_out, C_in * kh * kw) view, else CSR), bsr, csr or nm (see
+        `pack`). block: (out_channels, in_channels) per block, each spanning the kh x kw window;
+        None = the largest block the mask is made of (bsr: else 32x32). nm: (n, m) for NM; None
+        = found from the mask. mask: bool like the 4-D weight (float 0/1 accepted), None = the
+        nonzeros. stride, padding, dilation are kept."""
         _check_conv(conv, "SparseConv2d.from_dense")
         mask = as_mask(mask)
-        packed = pack(conv.weight, mask, format, block)
+        packed = pack(conv.weight, mask, format, block, nm)
         return cls(packed, conv.bias, conv.stride, conv.padding, conv.dilation,
                    value_mask(packed, mask if mask is not None else conv.weight.detach() != 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_conv2d(x, self._values(), self.index(), self.weight_shape, self.bias,
-                             self.stride, self.padding, self.dilation)
+                             self.stride, self.padding, self.dilation, self.nm)
 
     def to_conv(self) -> nn.Conv2d:
         return _conv_like(self, self.dense_weight(), self.bias)
@@ -488,13 +565,14 @@ def _after_sparse_conv(model: nn.Module, order: list[str], name: str) -> bool:
 
 def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None,
              format: str = "auto", policy: str = "auto", block=None, batch_size: int = 256,
-             repeats: int = 7, example_input=None) -> nn.Module:
+             repeats: int = 7, example_input=None, nm=None) -> nn.Module:
     """Replaces the pruned nn.Linear and nn.Conv2d layers of `model` (in place) and returns it.
 
     masks: {"<layer>.weight": bool tensor like the weight}; layers not named stay as they are
     (BatchNorm and everything else is never touched). A layer that an earlier call converted is
     converted again with the new mask. None: every Linear / Conv2d with zeros in its weight is
-    pruned where it is zero. policy="auto" times a training step of each layer both ways
+    pruned where it is zero. format and block (and nm, for N:M) as in `pack`: format="auto"
+    packs each layer as BSR, NM or CSR by its mask. policy="auto" times a training step of each layer both ways
     (interleaved, median of `repeats`) and keeps the faster; "sparse" / "dense" force the
     choice. Grouped / depthwise convs (and padding modes other than zeros) stay dense
     (MaskedConv2d) under every policy, with the reason in their decision. The timing input is
@@ -528,10 +606,12 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None,
             decision.update(format="dense", reason=reason)
         else:
             cls = SparseConv2d if kind == "conv" else SparseLinear
-            sparse = cls.from_dense(module, mask, format=format, block=block)
+            sparse = cls.from_dense(module, mask, format=format, block=block, nm=nm)
             decision["format"] = sparse.format
             if sparse.format == "bsr":
                 decision["block"] = list(sparse.weight_format().block)
+            if sparse.format == "nm":
+                decision["nm"] = list(sparse.nm)
             if policy == "auto":
                 x = inputs[name]
                 if kind == "conv" and x.dim() == 4 and _after_sparse_conv(model, order, name):
@@ -581,6 +661,7 @@ def report(model: nn.Module) -> str:
     rows = []
     for name, d in decisions(model).items():
         fmt = d["format"] + (f" {d['block'][0]}x{d['block'][1]}" if "block" in d else "")
+        fmt += f" {d['nm'][0]}:{d['nm'][1]}" if "nm" in d else ""
         ms = [f"{d[k]:.3f}" if k in d else "-" for k in ("dense_ms", "sparse_ms")]
         speedup = f"{d['dense_ms'] / d['sparse_ms']:.2f}x" if "dense_ms" in d else "-"
         rows.append([name, d["kind"], "x".join(map(str, d["shape"])),
@@ -645,7 +726,7 @@ def _fold(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
             mask = conv.mask()
             weight = conv.dense_weight() * scale.view(-1, 1, 1, 1)
             block = conv.weight_format().block if conv.format == "bsr" else None
-            packed = pack(weight, mask, conv.format, block)
+            packed = pack(weight, mask, conv.format, block, conv.nm)
             out = SparseConv2d(packed, new_bias, conv.stride, conv.padding, conv.dilation,
                                value_mask(packed, mask))
         else:

@@ -2,16 +2,22 @@
 
 The schemas live in csrc/ops.cpp. When the extension is not loaded every wrapper runs the
 matching function of reference.py instead, so callers never need to care.
+
+N:M weights (formats.NM) run on the CSR ops (their values viewed flat: no copy), except a 2:4
+linear on CUDA in float16/bfloat16 whose shape fits CUTLASS's tile: that one runs
+`semi_structured_linear` below, torch's semi-structured sparse matmul (sparse tensor cores).
+Where a CUDA N:M weight cannot take that path, a warning says why, once per reason.
 """
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from sparsekern import _extension, reference
-from sparsekern.formats import CSR, BlockSparse
+from sparsekern.formats import CSR, NM, SEMI_STRUCTURED_MULTIPLE, BlockSparse, scatter_slots
 
 _HAVE_OPS = _extension.available()
 
@@ -60,23 +66,157 @@ def csr_linear_grad_weight(grad_out, x, row_ptr, col_idx) -> torch.Tensor:
     return _op("csr_linear_grad_weight")(grad_out, x, row_ptr, col_idx)
 
 
-def linear(x: torch.Tensor, weight: BlockSparse | CSR,
+# ---- N:M ---------------------------------------------------------------------------------------
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str):
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def semi_structured_refusal(nm, shape, has_meta: bool, dtype: torch.dtype,
+                            capability: tuple[int, int]) -> str | None:
+    """Why an N:M linear on a CUDA device of `capability` cannot run torch's 2:4 semi-structured
+    matmul, or None when it can."""
+    if tuple(nm) != (2, 4):
+        return f"{nm[0]}:{nm[1]} is not 2:4, the only N:M pattern of the sparse tensor cores"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {dtype}: the 2:4 kernels take float16 or bfloat16"
+    if not has_meta:
+        return (f"weight {shape[0]}x{shape[1]} is not a multiple of {SEMI_STRUCTURED_MULTIPLE[0]}"
+                f"x{SEMI_STRUCTURED_MULTIPLE[1]} (CUTLASS's 2:4 operand)")
+    if tuple(capability) < (8, 0):
+        return f"compute capability {capability[0]}.{capability[1]} < 8.0 has no sparse tensor cores"
+    return None
+
+
+def _check_semi_structured(x, values, meta, bias):
+    op = "semi_structured_linear"
+    if x.dim() != 2 or values.dim() != 2 or x.shape[1] != 2 * values.shape[1]:
+        raise ValueError(f"{op}: x must be [M, K] and values [N, K / 2], got x "
+                         f"{tuple(x.shape)}, values {tuple(values.shape)}")
+    if x.dtype != values.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"{op}: x, values and bias must share a dtype, got {x.dtype}, "
+                         f"{values.dtype}, {None if bias is None else bias.dtype}")
+    want = (values.shape[0], x.shape[1] // 16)
+    if meta.dtype != torch.int16 or tuple(meta.shape) != want:
+        raise ValueError(f"{op}: meta must be int16 {list(want)} (CUTLASS 2:4 metadata), got "
+                         f"{meta.dtype} {list(meta.shape)}")
+    if bias is not None and tuple(bias.shape) != (values.shape[0],):
+        raise ValueError(f"{op}: bias must have {values.shape[0]} entries, got "
+                         f"{tuple(bias.shape)}")
+    devices = {t.device for t in (x, values, meta, bias) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"{op}: x, values, meta and bias must be on one device, got {devices}")
+
+
+@torch.library.custom_op(
+    "sparsekern::semi_structured_linear", mutates_args=(), device_types="cpu",
+    schema="(Tensor x, Tensor values, Tensor meta, Tensor row_ptr, Tensor col_idx, Tensor? bias)"
+           " -> Tensor")
+def semi_structured_linear(x, values, meta, row_ptr, col_idx, bias):
+    """y = x W^T + bias for a 2:4 W given as CUTLASS's semi-structured operand: `values`
+    [N, K / 2] (an NM weight's values) and its `meta`; `row_ptr`, `col_idx` (the NM weight's CSR
+    index) are what the backward samples dW with. The CUDA kernel is torch's CUTLASS 2:4 GEMM.
+    This CPU kernel decodes the operand with torch's own CUTLASS converter and multiplies
+    densely: sk.linear never sends CPU tensors here; it lets the layout, the metadata and the
+    autograd formula be checked without a GPU."""
+    from torch.sparse._semi_structured_conversions import (
+        sparse_semi_structured_to_dense_cutlass)
+    _check_semi_structured(x, values, meta, bias)
+    # torch's converter reads float32 operands as CUTLASS's 1:2 float32 layout; a 2:4 float32
+    # operand is decoded exactly through float64
+    wide = values.double() if values.dtype == torch.float32 else values
+    w = sparse_semi_structured_to_dense_cutlass(wide, meta).to(values.dtype)
+    return F.linear(x, w, bias)
+
+
+@semi_structured_linear.register_kernel("cuda")
+def _(x, values, meta, row_ptr, col_idx, bias):
+    _check_semi_structured(x, values, meta, bias)
+    if x.shape[0] == 0:
+        return x.new_zeros(0, values.shape[0])
+    with warnings.catch_warnings():  # torch's one-time "prototype API" notice
+        warnings.simplefilter("ignore", UserWarning)
+        w = torch.sparse.SparseSemiStructuredTensorCUTLASS(
+            torch.Size((values.shape[0], x.shape[1])), packed=values.contiguous(),
+            meta=meta.contiguous(), packed_t=None, meta_t=None,
+            compressed_swizzled_bitmask=None)
+    return F.linear(x.contiguous(), w, bias).contiguous()
+
+
+@semi_structured_linear.register_fake
+def _(x, values, meta, row_ptr, col_idx, bias):
+    return x.new_empty(x.shape[0], values.shape[0])
+
+
+def _semi_structured_setup(ctx, inputs, output):
+    x, values, meta, row_ptr, col_idx, bias = inputs
+    ctx.save_for_backward(x, values, row_ptr, col_idx)
+    ctx.has_bias = bias is not None
+
+
+def _semi_structured_backward(ctx, grad_out):
+    x, values, row_ptr, col_idx = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    dx = dv = db = None
+    if ctx.needs_input_grad[0]:
+        # dX = dY W reduces over out_features, along which W has no 2:4 structure (it has it
+        # along in_features only): no sparse tensor-core product applies. At 50% density a
+        # dense GEMM with W's zeros (cuBLAS) is the fast exact choice.
+        dx = grad_out @ scatter_slots(values, col_idx, x.shape[1])
+    if ctx.needs_input_grad[1]:  # at the kept slots only
+        dv = csr_linear_grad_weight(grad_out, x, row_ptr, col_idx).view_as(values)
+    if ctx.has_bias and ctx.needs_input_grad[5]:
+        db = grad_out.sum(0)
+    return dx, dv, None, None, None, db
+
+
+semi_structured_linear.register_autograd(_semi_structured_backward,
+                                         setup_context=_semi_structured_setup)
+
+
+def _nm_linear(x2, values, index, out_features, bias, nm):
+    if x2.device.type == "cuda":
+        refusal = semi_structured_refusal(nm, (out_features, x2.shape[1]),
+                                          "semi_structured_meta" in index, values.dtype,
+                                          torch.cuda.get_device_capability(x2.device))
+        if refusal is None:
+            return semi_structured_linear(x2, values, index["semi_structured_meta"],
+                                          index["row_ptr"], index["col_idx"], bias)
+        _warn_once(f"sparsekern: this {nm[0]}:{nm[1]} linear on CUDA runs the CSR kernels, "
+                   f"not the 2:4 sparse tensor cores: {refusal}")
+    return csr_linear(x2, values.reshape(-1), index["row_ptr"], index["col_idx"],
+                      index["col_ptr"], index["row_idx"], index["perm"], bias, out_features)
+
+
+# ---- dispatch ------------------------------------------------------------------------------------
+
+def linear(x: torch.Tensor, weight: BlockSparse | CSR | NM,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T + bias with a sparse W; x may have any leading batch dims. Autograd-aware."""
-    if not isinstance(weight, (BlockSparse, CSR)):
-        raise TypeError(f"linear: weight must be a sparsekern.BlockSparse or CSR, got "
+    if not isinstance(weight, (BlockSparse, CSR, NM)):
+        raise TypeError(f"linear: weight must be a sparsekern.BlockSparse, CSR or NM, got "
                         f"{type(weight).__name__}")
-    return sparse_linear(x, weight.values, weight.tensors(), weight.shape, bias)
+    return sparse_linear(x, weight.values, weight.tensors(), weight.shape, bias,
+                         getattr(weight, "nm", None))
 
 
-def sparse_linear(x: torch.Tensor, values: torch.Tensor, index: dict, shape, bias=None):
-    """The dispatch behind `linear` and the modules: `index` holds a format's index tensors."""
+def sparse_linear(x: torch.Tensor, values: torch.Tensor, index: dict, shape, bias=None,
+                  nm=None):
+    """The dispatch behind `linear` and the modules: `index` holds a format's index tensors;
+    nm = (n, m) for an NM weight."""
     out_features, in_features = shape
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"linear: x must end in in_features={in_features}, got shape "
                          f"{tuple(x.shape)}")
     x2 = x.reshape(math.prod(x.shape[:-1]), in_features)  # not -1: in_features may be 0
-    if "block_row_ptr" in index:
+    if nm is not None:
+        y = _nm_linear(x2, values, index, out_features, bias, nm)
+    elif "block_row_ptr" in index:
         y = bsr_linear(x2, values, index["block_row_ptr"], index["block_col_idx"],
                        index["block_col_ptr"], index["block_row_idx"], index["block_perm"],
                        bias, out_features)
@@ -159,28 +299,34 @@ def conv_padding(padding, kernel_size, stride, dilation):
     return (ph, pw), (0, 0)
 
 
-def conv2d(x: torch.Tensor, weight: BlockSparse | CSR, bias: torch.Tensor | None = None,
+def conv2d(x: torch.Tensor, weight: BlockSparse | CSR | NM, bias: torch.Tensor | None = None,
            stride=1, padding=0, dilation=1) -> torch.Tensor:
     """Like F.conv2d (groups=1) with a sparse 4-D weight; autograd-aware. x is [N, C_in, H, W]
     or unbatched [C_in, H, W]. The output is channels_last (the layout the kernels compute in)."""
-    if not isinstance(weight, (BlockSparse, CSR)) or len(weight.shape) != 4:
-        raise TypeError(f"conv2d: weight must be a sparsekern.BlockSparse or CSR made from a "
-                        f"4-D conv weight, got {weight!r}")
+    if not isinstance(weight, (BlockSparse, CSR, NM)) or len(weight.shape) != 4:
+        raise TypeError(f"conv2d: weight must be a sparsekern.BlockSparse, CSR or NM made from "
+                        f"a 4-D conv weight, got {weight!r}")
     return sparse_conv2d(x, weight.values, weight.tensors(), weight.shape, bias, stride,
-                         padding, dilation)
+                         padding, dilation, getattr(weight, "nm", None))
 
 
 def sparse_conv2d(x: torch.Tensor, values: torch.Tensor, index: dict, shape, bias=None,
-                  stride=1, padding=0, dilation=1):
+                  stride=1, padding=0, dilation=1, nm=None):
     """The dispatch behind `conv2d` and SparseConv2d: `index` holds a format's index tensors,
-    shape = (C_out, C_in, kh, kw)."""
+    shape = (C_out, C_in, kh, kw); nm = (n, m) for an NM weight (run on the CSR conv ops)."""
     out_channels, in_channels, kh, kw = shape
     if x.dim() not in (3, 4) or x.shape[-3] != in_channels:
         raise ValueError(f"conv2d: x must be [N, {in_channels}, H, W] (or unbatched "
                          f"[{in_channels}, H, W]), got shape {tuple(x.shape)}")
     if x.dim() == 3:
         return sparse_conv2d(x.unsqueeze(0), values, index, shape, bias, stride, padding,
-                             dilation).squeeze(0)
+                             dilation, nm).squeeze(0)
+    if nm is not None:
+        if x.device.type == "cuda":
+            _warn_once(f"sparsekern: a {nm[0]}:{nm[1]} conv2d on CUDA runs the CSR conv "
+                       f"kernels, not the 2:4 sparse tensor cores (torch's semi-structured "
+                       f"matmul is linear-only)")
+        values = values.reshape(-1)
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
     if min(stride) < 1 or min(dilation) < 1:
         raise ValueError(f"conv2d: stride and dilation must be >= 1, got stride={stride}, "
