@@ -408,11 +408,16 @@ class NM(_Format):
         for name, t in (("col_idx", col_idx), ("kept", kept)):
             if isinstance(t, torch.Tensor) and t.device != values.device:
                 raise ValueError(f"NM: {name} is on {t.device} but values on {values.device}")
+        if not isinstance(col_idx, torch.Tensor) or col_idx.dtype != torch.int32 \
+                or tuple(col_idx.shape) != (rows * s,):
+            raise ValueError(f"NM: col_idx must be a 1-D int32 tensor of {rows * s} entries, got "
+                             f"{getattr(col_idx, 'dtype', type(col_idx).__name__)} "
+                             f"{tuple(getattr(col_idx, 'shape', ()))}")
         self.values, self.col_idx, self.kept = values, col_idx, kept
+        self._check_groups(rows, s)
         if row_ptr is None:
             row_ptr = (torch.arange(rows + 1, device=values.device) * s).to(torch.int32)
         _validate_compressed("NM", "row_ptr", "col_idx", row_ptr, col_idx, rows, k, rows * s)
-        self._check_groups(rows, s)
         if bool((values.detach()[~kept] != 0).any()):
             raise ValueError("NM: values of the free slots (kept False) must be exactly 0")
         self.row_ptr = row_ptr

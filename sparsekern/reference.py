@@ -136,3 +136,12 @@ def csr_conv2d_grad_weight(grad_out, x, row_ptr, col_idx, kernel_size, stride, p
     shape = (grad_out.shape[1], x.shape[1], *kernel_size)
     dense = torch.nn.grad.conv2d_weight(x, shape, grad_out, stride, padding, dilation)
     return dense.reshape(shape[0], -1)[expand_ptr(row_ptr), col_idx.long()]
+
+
+# ---- N:M -------------------------------------------------------------------------------------
+
+def semi_structured_linear(x, values, meta, row_ptr, col_idx, bias):
+    """The 2:4 semi-structured linear from the weight's CSR index alone (`meta` unused), so a
+    metadata that disagrees with the index shows up as a different result."""
+    return csr_linear(x, values.reshape(-1), row_ptr, col_idx, None, None, None, bias,
+                      values.shape[0])
