@@ -78,9 +78,9 @@ def _warn_once(message: str):
 
 
 def semi_structured_refusal(nm, shape, has_meta: bool, dtype: torch.dtype,
-                            capability: tuple[int, int]) -> str | None:
+                            capability: tuple[int, int], cusparselt: bool) -> str | None:
     """Why an N:M linear on a CUDA device of `capability` cannot run torch's 2:4 semi-structured
-    matmul, or None when it can."""
+    matmul (`cusparselt`: whether this torch has cuSPARSELt), or None when it can."""
     if tuple(nm) != (2, 4):
         return f"{nm[0]}:{nm[1]} is not 2:4, the only N:M pattern of the sparse tensor cores"
     if dtype not in (torch.float16, torch.bfloat16):
@@ -90,6 +90,9 @@ def semi_structured_refusal(nm, shape, has_meta: bool, dtype: torch.dtype,
                 f"x{SEMI_STRUCTURED_MULTIPLE[1]} (CUTLASS's 2:4 operand)")
     if tuple(capability) < (8, 0):
         return f"compute capability {capability[0]}.{capability[1]} < 8.0 has no sparse tensor cores"
+    if capability[0] != 8 and not cusparselt:
+        return (f"compute capability {capability[0]}.{capability[1]}: torch's CUTLASS 2:4 kernels "
+                f"run on 8.x only and this torch build has no cuSPARSELt")
     return None
 
 
@@ -120,10 +123,15 @@ def _check_semi_structured(x, values, meta, bias):
 def semi_structured_linear(x, values, meta, row_ptr, col_idx, bias):
     """y = x W^T + bias for a 2:4 W given as CUTLASS's semi-structured operand: `values`
     [N, K / 2] (an NM weight's values) and its `meta`; `row_ptr`, `col_idx` (the NM weight's CSR
-    index) are what the backward samples dW with. The CUDA kernel is torch's CUTLASS 2:4 GEMM.
-    This CPU kernel decodes the operand with torch's own CUTLASS converter and multiplies
-    densely: sk.linear never sends CPU tensors here; it lets the layout, the metadata and the
-    autograd formula be checked without a GPU."""
+    index) are what the backward samples dW with.
+
+    CUDA: on compute capability 8.x torch's CUTLASS 2:4 GEMM takes values + meta as they are
+    (nothing is packed per call); torch builds those kernels for 8.x only, so on 9.x and later
+    (H100) cuSPARSELt runs it, after compressing the dense weight into its own opaque layout
+    (one pass over an [N, K] matrix per call, small beside the GEMM at training batch sizes).
+    CPU: decodes values + meta with torch's own CUTLASS converter and multiplies densely;
+    sk.linear never sends CPU tensors here: it lets the layout, the metadata and the autograd
+    formula be checked without a GPU."""
     from torch.sparse._semi_structured_conversions import (
         sparse_semi_structured_to_dense_cutlass)
     _check_semi_structured(x, values, meta, bias)
@@ -139,13 +147,17 @@ def _(x, values, meta, row_ptr, col_idx, bias):
     _check_semi_structured(x, values, meta, bias)
     if x.shape[0] == 0:
         return x.new_zeros(0, values.shape[0])
-    with warnings.catch_warnings():  # torch's one-time "prototype API" notice
-        warnings.simplefilter("ignore", UserWarning)
-        w = torch.sparse.SparseSemiStructuredTensorCUTLASS(
-            torch.Size((values.shape[0], x.shape[1])), packed=values.contiguous(),
-            meta=meta.contiguous(), packed_t=None, meta_t=None,
-            compressed_swizzled_bitmask=None)
-    return F.linear(x.contiguous(), w, bias).contiguous()
+    with torch.cuda.device(x.device), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's one-time "prototype API" notice
+        if torch.cuda.get_device_capability(x.device)[0] == 8:
+            w = torch.sparse.SparseSemiStructuredTensorCUTLASS(
+                torch.Size((values.shape[0], x.shape[1])), packed=values.contiguous(),
+                meta=meta.contiguous(), packed_t=None, meta_t=None,
+                compressed_swizzled_bitmask=None)
+        else:
+            w = torch.sparse.SparseSemiStructuredTensorCUSPARSELT.from_dense(
+                scatter_slots(values, col_idx, x.shape[1]).contiguous())
+        return F.linear(x.contiguous(), w, bias).contiguous()
 
 
 @semi_structured_linear.register_fake
@@ -183,7 +195,8 @@ def _nm_linear(x2, values, index, out_features, bias, nm):
     if x2.device.type == "cuda":
         refusal = semi_structured_refusal(nm, (out_features, x2.shape[1]),
                                           "semi_structured_meta" in index, values.dtype,
-                                          torch.cuda.get_device_capability(x2.device))
+                                          torch.cuda.get_device_capability(x2.device),
+                                          torch.backends.cusparselt.is_available())
         if refusal is None:
             return semi_structured_linear(x2, values, index["semi_structured_meta"],
                                           index["row_ptr"], index["col_idx"], bias)
