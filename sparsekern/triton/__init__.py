@@ -3,7 +3,8 @@ backend switch that runs the same kernels on CPU tensors in the Triton interpret
 
 Registration (done when sparsekern is imported, without importing triton): a
 ``torch.library.Library("sparsekern", "IMPL")`` registers, for the CUDA dispatch key, one Python
-function per existing op (``bsr_linear``, ``*_grad_input``, ``*_grad_weight``, ``csr_*``). The
+function per existing op (``bsr_linear``, ``csr_linear``, ``bsr_conv2d``, ``csr_conv2d`` and
+their ``*_grad_input`` / ``*_grad_weight``). The
 schemas (csrc/ops.cpp), fake kernels and autograd formulas (sparsekern/ops.py) are the same ones
 the CPU uses, so ``opcheck``, autograd and ``torch.compile(fullgraph=True)`` behave as on the
 CPU; the autograd backward calls the grad ops, which dispatch by device to these kernels.
@@ -36,10 +37,9 @@ from sparsekern import _extension
 BACKENDS = ("cpu", "triton")
 LINEAR_OPS = ("bsr_linear", "bsr_linear_grad_input", "bsr_linear_grad_weight",
               "csr_linear", "csr_linear_grad_input", "csr_linear_grad_weight")
-CONV_OPS = ("bsr_conv2d", "bsr_conv2d_grad_input", "bsr_conv2d_grad_weight")
-OP_NAMES = LINEAR_OPS + CONV_OPS  # the ops with Triton kernels
-# No GPU kernel yet: a CUDA tensor gets an error saying so (never a silent slow path).
-NO_GPU_KERNEL = ("csr_conv2d", "csr_conv2d_grad_input", "csr_conv2d_grad_weight")
+CONV_OPS = ("bsr_conv2d", "bsr_conv2d_grad_input", "bsr_conv2d_grad_weight",
+            "csr_conv2d", "csr_conv2d_grad_input", "csr_conv2d_grad_weight")
+OP_NAMES = LINEAR_OPS + CONV_OPS  # the ops with Triton kernels: every sparsekern op
 
 _cuda_lib = None   # Library registering the Triton launchers for CUDA tensors
 _cpu_lib = None    # Library overriding the C++ CPU kernels while the triton backend is on
@@ -86,16 +86,6 @@ def _cpu_impl(name):
     return impl
 
 
-def _no_gpu_kernel(name):
-    def impl(*args):
-        raise NotImplementedError(
-            f"sparsekern.{name}: there is no GPU kernel for unstructured (CSR) conv2d yet; on "
-            "CUDA use a block-sparse conv weight (format='bsr') or keep the layer dense")
-
-    impl.__name__ = f"no_gpu_{name}"
-    return impl
-
-
 def _existing(names):
     """The ops of `names` whose schema the loaded extension defines."""
     return [n for n in names if hasattr(torch.ops.sparsekern, n)]
@@ -112,8 +102,6 @@ def register_cuda() -> bool:
     lib = torch.library.Library("sparsekern", "IMPL")
     for name in _existing(OP_NAMES):
         lib.impl(name, _cuda_impl(name), "CUDA")
-    for name in _existing(NO_GPU_KERNEL):
-        lib.impl(name, _no_gpu_kernel(name), "CUDA")
     _cuda_lib = lib
     return True
 

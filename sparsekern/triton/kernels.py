@@ -4,7 +4,8 @@ Imported lazily (by the launchers), never at `import sparsekern`: whether triton
 in the interpreter is fixed when triton itself is first imported (TRITON_INTERPRET), see
 sparsekern/triton/__init__.py.
 
-Six kernels cover the six ops (three products per format):
+Four kernels cover the six linear ops (three products per format), three more the BSR conv2d
+(below); the CSR conv2d kernels live in csr_conv_kernels.py and join ``KERNELS`` at the end:
 
 * ``bsr_spmm``   BSR forward ``y = x W^T + b`` and BSR ``dX = dY W``. One program per (output
   block, BLOCK_M rows); it walks only the kept blocks of its output block: the block-CSR row of
@@ -29,7 +30,9 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton import knobs
+
+from sparsekern.triton.tuning import CONFIGS, configs_for  # noqa: F401  (re-exported)
+from sparsekern.triton.tuning import all_configs as _all, cfg as _cfg, pruner as _pruner
 
 # ---- autotune configurations (also what the AOT compile report iterates) ----------------------
 #
@@ -38,11 +41,7 @@ from triton import knobs
 # unless tf32 is allowed) keep operand tiles small enough that sm_80 does not spill (found by the
 # AOT report: BLOCK_M=128 with 64-blocks spills 4 KB/thread in fp32 on sm_80).
 
-def _cfg(num_warps, num_stages, **tiles):
-    return triton.Config(tiles, num_warps=num_warps, num_stages=num_stages)
-
-
-CONFIGS = {
+CONFIGS.update({
     "bsr_spmm": {
         2: [_cfg(4, 3, BLOCK_M=64), _cfg(4, 3, BLOCK_M=128), _cfg(8, 4, BLOCK_M=128),
             _cfg(8, 3, BLOCK_M=256)],
@@ -52,34 +51,12 @@ CONFIGS = {
         2: [_cfg(4, 3, BLOCK_M=64), _cfg(4, 3, BLOCK_M=128), _cfg(8, 4, BLOCK_M=128)],
         4: [_cfg(4, 2, BLOCK_M=32), _cfg(8, 3, BLOCK_M=32)],
     },
-}
+})
 # The CSR kernels gather on CUDA cores: one set for every type.
 _CSR_SPMM = [_cfg(4, 2, BLOCK_R=16, BLOCK_M=128), _cfg(4, 2, BLOCK_R=32, BLOCK_M=64)]
 _CSR_SDDMM = [_cfg(4, 2, BLOCK_E=32, BLOCK_M=128), _cfg(4, 2, BLOCK_E=64, BLOCK_M=64)]
 CONFIGS["csr_spmm"] = {2: _CSR_SPMM, 4: _CSR_SPMM}
 CONFIGS["csr_sddmm"] = {2: _CSR_SDDMM, 4: _CSR_SDDMM}
-
-
-def configs_for(kernel: str, element_size: int):
-    """The autotune configs of `kernel` for operands of `element_size` bytes (8 uses 4's)."""
-    return CONFIGS[kernel][2 if element_size <= 2 else 4]
-
-
-def _all(kernel):
-    return list({id(c): c for c in CONFIGS[kernel][2] + CONFIGS[kernel][4]}.values())
-
-
-def _pruner(kernel):
-    def prune(configs, named_args, **kwargs):
-        size = next(a.element_size() for a in named_args.values()
-                    if hasattr(a, "dtype") and a.dtype.is_floating_point)
-        wanted = configs_for(kernel, size)
-        keep = [c for c in configs if any(c is w for w in wanted)]
-        # The interpreter cannot time configs (no CUDA events): it runs the first one. Every
-        # config is compiled for sm_80/sm_90 by the AOT check (sparsekern.triton.aot).
-        return keep[:1] if knobs.runtime.interpret else keep
-
-    return {"early_config_prune": prune}
 
 
 # ---- BSR: forward and dX -------------------------------------------------------------------------
@@ -435,3 +412,9 @@ KERNELS.update({
     "bsr_conv_dx": bsr_conv_dx_kernel,
     "bsr_conv_dw": bsr_conv_dw_kernel,
 })
+
+# ---- CSR conv2d: in its own file (sparsekern/triton/csr_conv_kernels.py) ---------------------
+
+from sparsekern.triton.csr_conv_kernels import KERNELS as _CSR_CONV_KERNELS  # noqa: E402
+
+KERNELS.update(_CSR_CONV_KERNELS)

@@ -1,4 +1,5 @@
-"""Launchers: the six sparsekern ops on the Triton kernels, with the ops' exact signatures.
+"""Launchers: the sparsekern ops (linear and conv2d, BSR and CSR) on the Triton kernels, with
+the ops' exact signatures.
 
 Each launcher checks its arguments (device, dtype, shape; clear errors naming the argument),
 allocates the output and launches one kernel. They are registered as the CUDA implementation of
@@ -8,8 +9,8 @@ interpreter); see sparsekern/triton/__init__.py.
 GPU-side index: the kernels walk the format's own tensors (block_row_ptr / block_col_idx and the
 transposed block_col_ptr / block_row_idx / block_perm; CSR's row_ptr / col_idx / col_ptr /
 row_idx / perm): a block row's list of kept blocks *is* the per-output-tile work list. The only
-derived index, the row of every stored block/entry that the dW kernels need, is expanded here
-per call (one O(nnz) repeat_interleave with a known output size: no device sync); no copy of
+derived index, the row of every stored block/entry that the dW kernels need (and the column of
+every transposed entry for the CSR conv dX), is expanded here per call (one O(nnz) repeat_interleave with a known output size: no device sync); no copy of
 the weights is made.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 import torch
 import triton
 
+from sparsekern.triton import csr_conv_kernels as CK
 from sparsekern.triton import kernels as K
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -441,6 +443,150 @@ def bsr_conv2d_grad_weight(grad_out, x, block_row_ptr, block_col_idx, kernel_siz
     return out
 
 
+# ---- CSR conv2d (implicit GEMM, gathers on the channel-planar activation) -----------------------
+#
+# The gathers read one input channel plane at a time (why: csr_conv_kernels.py), so the
+# launchers hand the kernels NCHW-contiguous activations (a no-op for NCHW input, one transpose
+# for channels_last) and allocate the ops' channels_last outputs.
+
+def _csr_conv_index(op, ptr_name, ptr, idx_name, idx, rows, cols, nnz):
+    _check_ptr(op, ptr_name, ptr, rows, nnz)
+    _check_index(op, idx_name, idx, nnz, cols)
+
+
+def _csr_conv_values(op, values, dtype):
+    _check_float(op, "values", values, 1, dtype)
+    return values.contiguous()
+
+
+def csr_conv2d(x, values, row_ptr, col_idx, col_ptr, row_idx, perm, bias, out_channels,
+               kernel_size, stride, padding, dilation):
+    op = "csr_conv2d"
+    _device_of(op, dict(x=x, values=values, row_ptr=row_ptr, col_idx=col_idx, col_ptr=col_ptr,
+                        row_idx=row_idx, perm=perm, bias=bias))
+    _check_float(op, "x", x, 4)
+    values = _csr_conv_values(op, values, x.dtype)
+    kh, kw = _pair(op, "kernel_size", kernel_size, 1)
+    nimg, cin, h, w = x.shape
+    cout, nnz = int(out_channels), values.shape[0]
+    if cout < 0:
+        raise ValueError(f"{op}: out_channels must be >= 0, got {cout}")
+    oh, ow, geo = _conv_geometry(op, h, w, kh, kw, stride, padding, dilation)
+    cols = cin * kh * kw
+    _csr_conv_index(op, "row_ptr", row_ptr, "col_idx", col_idx, cout, cols, nnz)
+    _csr_conv_index(op, "col_ptr", col_ptr, "row_idx", row_idx, cols, cout, nnz)
+    _check_index(op, "perm", perm, nnz, nnz)
+    if bias is not None:
+        _check_float(op, "bias", bias, 1, x.dtype)
+        if bias.shape[0] != cout:
+            raise ValueError(f"{op}: bias must have {cout} entries, got {bias.shape[0]}")
+        bias = bias.contiguous()
+    out = torch.empty(nimg, cout, oh, ow, dtype=x.dtype, device=x.device, memory_format=CL)
+    p = nimg * oh * ow
+    if p == 0 or cout == 0:
+        return out
+    x = x.contiguous()
+
+    def grid(meta):
+        return (triton.cdiv(cout, meta["BLOCK_R"]), triton.cdiv(p, meta["BLOCK_P"]))
+
+    CK.csr_conv_fwd_kernel[grid](
+        x, values, row_ptr, col_idx, bias if bias is not None else x, out,
+        p, h, w, oh, ow, cout, nnz, _bucket(p), kw, kh * kw, *geo,
+        x.stride(0), x.stride(1), x.stride(2),
+        HAS_BIAS=bias is not None, ACC_F64=x.dtype == torch.float64)
+    return out
+
+
+def csr_conv2d_grad_input(grad_out, values, col_ptr, row_idx, perm, input_size, kernel_size,
+                          stride, padding, dilation):
+    op = "csr_conv2d_grad_input"
+    _device_of(op, dict(grad_out=grad_out, values=values, col_ptr=col_ptr, row_idx=row_idx,
+                        perm=perm))
+    _check_float(op, "grad_out", grad_out, 4)
+    values = _csr_conv_values(op, values, grad_out.dtype)
+    kh, kw = _pair(op, "kernel_size", kernel_size, 1)
+    if len(input_size) != 4:
+        raise ValueError(f"{op}: input_size must be [N, C_in, H, W], got {list(input_size)}")
+    nimg, cin, h, w = (int(v) for v in input_size)
+    cout, nnz = grad_out.shape[1], values.shape[0]
+    oh, ow, geo = _conv_geometry(op, h, w, kh, kw, stride, padding, dilation)
+    if tuple(grad_out.shape) != (nimg, cout, oh, ow):
+        raise ValueError(f"{op}: grad_out must be {[nimg, cout, oh, ow]} for input_size "
+                         f"{list(input_size)}, got {list(grad_out.shape)}")
+    taps = kh * kw
+    _csr_conv_index(op, "col_ptr", col_ptr, "row_idx", row_idx, cin * taps, cout, nnz)
+    _check_index(op, "perm", perm, nnz, nnz)
+    out = torch.empty(nimg, cin, h, w, dtype=grad_out.dtype, device=grad_out.device,
+                      memory_format=CL)
+    q = nimg * h * w
+    if q == 0 or cin == 0:
+        return out
+    dy = grad_out.contiguous()
+    # the column (hence the tap) of every transposed entry: the op has no col_idx
+    col_of = _rows_of(col_ptr, nnz)
+
+    def grid(meta):
+        return (triton.cdiv(cin, meta["BLOCK_R"]), triton.cdiv(q, meta["BLOCK_P"]))
+
+    CK.csr_conv_dx_kernel[grid](
+        dy, values, col_ptr, row_idx, perm, col_of, out,
+        q, h, w, cin, oh, ow, nnz, _bucket(q), kw, taps, *geo,
+        dy.stride(0), dy.stride(1), dy.stride(2), ACC_F64=dy.dtype == torch.float64)
+    return out
+
+
+# dW: enough programs to fill an H100 (132 SMs x ~8 resident CTAs); a split gets at least this
+# many pixels, so the per-split partial sums stay a small fraction of the work.
+DW_TARGET_PROGRAMS = 1024
+DW_MIN_PIXELS_PER_SPLIT = 512
+
+
+def _pixel_splits(p, nnz):
+    """(pixels per split, splits) for the CSR conv dW grid: a multiple of the largest BLOCK_P
+    per split, at most one split per DW_MIN_PIXELS_PER_SPLIT pixels."""
+    entry_blocks = triton.cdiv(nnz, CK.DW_MIN_BLOCK_E)
+    wanted = max(1, min(triton.cdiv(DW_TARGET_PROGRAMS, entry_blocks),
+                        p // DW_MIN_PIXELS_PER_SPLIT))
+    per_split = triton.cdiv(triton.cdiv(p, wanted), CK.DW_MAX_BLOCK_P) * CK.DW_MAX_BLOCK_P
+    return per_split, triton.cdiv(p, per_split)
+
+
+def csr_conv2d_grad_weight(grad_out, x, row_ptr, col_idx, kernel_size, stride, padding,
+                           dilation):
+    op = "csr_conv2d_grad_weight"
+    _device_of(op, dict(grad_out=grad_out, x=x, row_ptr=row_ptr, col_idx=col_idx))
+    _check_float(op, "grad_out", grad_out, 4)
+    _check_float(op, "x", x, 4, grad_out.dtype)
+    kh, kw = _pair(op, "kernel_size", kernel_size, 1)
+    nimg, cin, h, w = x.shape
+    cout, nnz = grad_out.shape[1], col_idx.numel()
+    oh, ow, geo = _conv_geometry(op, h, w, kh, kw, stride, padding, dilation)
+    if tuple(grad_out.shape) != (nimg, cout, oh, ow):
+        raise ValueError(f"{op}: grad_out must be {[nimg, cout, oh, ow]} for x "
+                         f"{list(x.shape)}, got {list(grad_out.shape)}")
+    _csr_conv_index(op, "row_ptr", row_ptr, "col_idx", col_idx, cout, cin * kh * kw, nnz)
+    p = nimg * oh * ow
+    if nnz == 0:
+        return torch.empty(0, dtype=x.dtype, device=x.device)
+    if p == 0:
+        return torch.zeros(nnz, dtype=x.dtype, device=x.device)
+    x, dy = x.contiguous(), grad_out.contiguous()
+    per_split, splits = _pixel_splits(p, nnz)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    partial = torch.empty(splits, nnz, dtype=acc, device=x.device)
+
+    def grid(meta):
+        return (triton.cdiv(nnz, meta["BLOCK_E"]), splits)
+
+    CK.csr_conv_dw_kernel[grid](
+        dy, x, _rows_of(row_ptr, nnz), col_idx, partial,
+        p, h, w, oh, ow, nnz, _bucket(p), per_split, kw, kh * kw, *geo,
+        x.stride(0), x.stride(1), x.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
+        ACC_F64=acc == torch.float64)
+    return partial.sum(0).to(x.dtype)
+
+
 OPS = {
     "bsr_linear": bsr_linear,
     "bsr_linear_grad_input": bsr_linear_grad_input,
@@ -451,4 +597,7 @@ OPS = {
     "bsr_conv2d": bsr_conv2d,
     "bsr_conv2d_grad_input": bsr_conv2d_grad_input,
     "bsr_conv2d_grad_weight": bsr_conv2d_grad_weight,
+    "csr_conv2d": csr_conv2d,
+    "csr_conv2d_grad_input": csr_conv2d_grad_input,
+    "csr_conv2d_grad_weight": csr_conv2d_grad_weight,
 }
