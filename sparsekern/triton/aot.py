@@ -78,6 +78,24 @@ def _variants(kernel: str, dtype: str, block):
         sig = dict(dy_ptr=f"*{t}", x_ptr=f"*{t}", row_of_ptr="*i32", col_idx_ptr="*i32",
                    out_ptr=f"*{t}", P="i32", P_BUCKET="i32", **geo)
         return [("conv_grad_weight", sig, consts)]
+    if kernel.startswith("csr_conv"):
+        geo = dict(H="i32", W="i32", OH="i32", OW="i32", NNZ="i32", KW="i32", TAPS="i32",
+                   SH="i32", SW="i32", PH="i32", PW="i32", DH="i32", DW="i32")
+        if kernel == "csr_conv_fwd":
+            sig = dict(x_ptr=f"*{t}", v_ptr=f"*{t}", ptr_ptr="*i32", idx_ptr="*i32",
+                       bias_ptr=f"*{t}", out_ptr=f"*{t}", P="i32", C_OUT="i32", P_BUCKET="i32",
+                       stride_xn="i32", stride_xc="i32", stride_xh="i32", **geo)
+            return [("conv_forward", sig, dict(HAS_BIAS=True, ACC_F64=False))]
+        if kernel == "csr_conv_dx":
+            sig = dict(dy_ptr=f"*{t}", v_ptr=f"*{t}", ptr_ptr="*i32", row_idx_ptr="*i32",
+                       perm_ptr="*i32", col_of_ptr="*i32", out_ptr=f"*{t}", Q="i32", C_IN="i32",
+                       Q_BUCKET="i32", stride_dn="i32", stride_dc="i32", stride_dh="i32", **geo)
+            return [("conv_grad_input", sig, dict(ACC_F64=False))]
+        sig = dict(dy_ptr=f"*{t}", x_ptr=f"*{t}", row_of_ptr="*i32", col_idx_ptr="*i32",
+                   partial_ptr="*fp32", P="i32", P_BUCKET="i32", P_PER_SPLIT="i32",
+                   stride_xn="i32", stride_xc="i32", stride_xh="i32", stride_dn="i32",
+                   stride_dc="i32", stride_dh="i32", **geo)
+        return [("conv_grad_weight", sig, dict(ACC_F64=False))]
     if kernel == "csr_sddmm":
         sig = dict(dyT_ptr=f"*{t}", xT_ptr=f"*{t}", row_of_ptr="*i32", col_idx_ptr="*i32",
                    out_ptr=f"*{t}", M="i32", NNZ="i32", M_BUCKET="i32", stride_dy="i32",
@@ -89,6 +107,11 @@ def _variants(kernel: str, dtype: str, block):
 def _aligned(kernel, name):
     """Arguments a launch at the report's shapes passes 16-divisible (pointers; linear sizes;
     conv channel counts and pixel counts), as triton's launcher would detect."""
+    if kernel.startswith("csr_conv"):
+        # channel planes of a ResNet layer (e.g. 56x56) are 16-divisible, a 7x7 or 14x14 row
+        # is not: the planar strides get no hint
+        return name.endswith("_ptr") or name in ("C_IN", "C_OUT", "P", "Q", "P_BUCKET",
+                                                   "Q_BUCKET", "P_PER_SPLIT")
     if not kernel.startswith("bsr_conv"):
         return True
     return name.endswith("_ptr") or name in ("C_IN", "C_OUT", "P", "Q", "P_BUCKET", "Q_BUCKET")
@@ -148,9 +171,15 @@ def compile_one(kernel: str, config_index: int, dtype: str, block, arch: int, pr
             config=_config_str(config), config_index=config_index, arch=f"sm_{arch}",
             regs=regs, spills=spills, smem=int(compiled.metadata.shared),
             wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx or "wgmma" in ptx,
-            round_nearest=_rounds_to_nearest(ptx, dtype),
+            round_nearest=_rounds_to_nearest(ptx, dtype) if _stores_dtype(sig, dtype) else None,
             compile_s=round(seconds, 2)))
     return rows
+
+
+def _stores_dtype(sig, dtype):
+    """Whether the kernel writes its output in `dtype` (the CSR conv dW writes fp32 partial
+    sums, added and rounded to the output type by torch)."""
+    return sig.get("out_ptr") == f"*{DTYPES[dtype]}"
 
 
 def _rounds_to_nearest(ptx: str, dtype: str):

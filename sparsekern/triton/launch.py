@@ -454,6 +454,14 @@ def _csr_conv_index(op, ptr_name, ptr, idx_name, idx, rows, cols, nnz):
     _check_index(op, idx_name, idx, nnz, cols)
 
 
+def _int32_offsets(op, **tensors):
+    """The CSR conv kernels address activations with 32-bit offsets (csr_conv_kernels.py)."""
+    for name, t in tensors.items():
+        if t.numel() >= 2**31:
+            raise ValueError(f"{op}: {name} has {t.numel()} elements; the CSR conv kernels "
+                             "index it with 32-bit offsets (at most 2**31 - 1): split the batch")
+
+
 def _csr_conv_values(op, values, dtype):
     _check_float(op, "values", values, 1, dtype)
     return values.contiguous()
@@ -482,6 +490,7 @@ def csr_conv2d(x, values, row_ptr, col_idx, col_ptr, row_idx, perm, bias, out_ch
             raise ValueError(f"{op}: bias must have {cout} entries, got {bias.shape[0]}")
         bias = bias.contiguous()
     out = torch.empty(nimg, cout, oh, ow, dtype=x.dtype, device=x.device, memory_format=CL)
+    _int32_offsets(op, x=x, output=out)
     p = nimg * oh * ow
     if p == 0 or cout == 0:
         return out
@@ -519,6 +528,7 @@ def csr_conv2d_grad_input(grad_out, values, col_ptr, row_idx, perm, input_size, 
     _check_index(op, "perm", perm, nnz, nnz)
     out = torch.empty(nimg, cin, h, w, dtype=grad_out.dtype, device=grad_out.device,
                       memory_format=CL)
+    _int32_offsets(op, grad_out=grad_out, output=out)
     q = nimg * h * w
     if q == 0 or cin == 0:
         return out
@@ -566,6 +576,7 @@ def csr_conv2d_grad_weight(grad_out, x, row_ptr, col_idx, kernel_size, stride, p
         raise ValueError(f"{op}: grad_out must be {[nimg, cout, oh, ow]} for x "
                          f"{list(x.shape)}, got {list(grad_out.shape)}")
     _csr_conv_index(op, "row_ptr", row_ptr, "col_idx", col_idx, cout, cin * kh * kw, nnz)
+    _int32_offsets(op, x=x, grad_out=grad_out)
     p = nimg * oh * ow
     if nnz == 0:
         return torch.empty(0, dtype=x.dtype, device=x.device)
