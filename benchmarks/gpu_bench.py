@@ -6,8 +6,9 @@ Cases: bf16 (or --dtype float16), x [M, K] with M = 8192 (and --rows), weights 4
 BERT-base / ViT-B MLP shapes (3072x768, 768x3072), square blocks 16/32/64 at 80/90/95% sparsity
 with an exact kept count per block row. Modes: forward (y = x W^T) and training step (forward +
 dX + dW at kept blocks, through autograd). Conv: ResNet-50's 3x3 convs (batch 32, channels_last)
-with channel blocks pruned, vs cuDNN. Peers: forward torch.sparse `bsr_dense_mm` (Triton,
-torch/sparse/_triton_ops.py) on the same blocks; dW `sampled_addmm` on a BSR layout, where torch
+with channel blocks pruned (BSR) and unstructured (CSR; --no-conv-csr leaves it out), vs cuDNN.
+Peers: forward torch.sparse `bsr_dense_mm` (Triton, torch/sparse/_triton_ops.py) on the same
+blocks; dW `sampled_addmm` on a BSR layout, where torch
 supports the case (else reported n/a with torch's message). Writes benchmarks/gpu/cuda.json and
 regenerates benchmarks/gpu/RESULTS.md. Needs a CUDA device (exits with a message otherwise).
 """
@@ -96,15 +97,32 @@ def run_case(name, n, k, m, block, sparsity, dtype, generator, dev="cuda", bench
     return rows
 
 
-def run_conv_case(name, c, hw, batch, block, sparsity, dtype, generator, dev="cuda",
-                  bench=_do_bench):
-    """3x3 stride-1 'same' conv with channel blocks (block x block over C_out x C_in) pruned:
-    sparsekern vs cuDNN (F.conv2d, channels_last), forward and training step."""
+def _conv_weight(c, block, sparsity, dtype, generator, dev):
+    """(dense masked weight, sparsekern weight, rebuild(values) -> weight) of a C -> C 3x3 conv:
+    block = an int prunes (block x block) channel blocks spanning the window (BSR); "csr" prunes
+    single weights (each kept with probability 1 - sparsity)."""
     import sparsekern as sk
+    if block == "csr":
+        mask = (torch.rand(c, c, 3, 3, generator=generator) >= sparsity).to(dev)
+        w = torch.randn(c, c, 3, 3, device=dev, dtype=dtype) * mask
+        W = sk.CSR.from_dense(w, mask)
+        return w, W, lambda v: sk.CSR(v, W.row_ptr, W.col_idx, W.shape, W.col_ptr, W.row_idx,
+                                      W.perm)
     mask2 = _block_mask(c, c, block, sparsity, generator, dev)
     mask = mask2[:, :, None, None].expand(-1, -1, 3, 3).contiguous()
     w = torch.randn(c, c, 3, 3, device=dev, dtype=dtype) * mask
     W = sk.BlockSparse.from_dense(w, mask, block=(block, block))
+    return w, W, lambda v: sk.BlockSparse(v, W.block_row_ptr, W.block_col_idx, W.shape,
+                                          W.block_col_ptr, W.block_row_idx, W.block_perm)
+
+
+def run_conv_case(name, c, hw, batch, block, sparsity, dtype, generator, dev="cuda",
+                  bench=_do_bench):
+    """3x3 stride-1 'same' conv with channel blocks (block x block over C_out x C_in) pruned,
+    or unstructured (block="csr"): sparsekern vs cuDNN (F.conv2d, channels_last), forward and
+    training step."""
+    import sparsekern as sk
+    w, W, rebuild = _conv_weight(c, block, sparsity, dtype, generator, dev)
     x = torch.randn(batch, c, hw, hw, device=dev, dtype=dtype).contiguous(
         memory_format=torch.channels_last)
     dy = torch.randn(batch, c, hw, hw, device=dev, dtype=dtype).contiguous(
@@ -118,8 +136,7 @@ def run_conv_case(name, c, hw, batch, block, sparsity, dtype, generator, dev="cu
                      peer=None, peer_ms=None))
     xg, wg = x.clone().requires_grad_(), wc.clone().requires_grad_()
     values = W.values.clone().requires_grad_()
-    Wt = sk.BlockSparse(values, W.block_row_ptr, W.block_col_idx, W.shape, W.block_col_ptr,
-                        W.block_row_idx, W.block_perm)
+    Wt = rebuild(values)
     dense_ms = bench(lambda: torch.autograd.grad(
         torch.nn.functional.conv2d(xg, wg, None, 1, 1), (xg, wg), dy))
     sparse_ms = bench(lambda: torch.autograd.grad(
@@ -142,6 +159,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--conv", nargs="*", default=list(CONV_SHAPES), choices=list(CONV_SHAPES),
                    help="ResNet-50 3x3 conv shapes (none: skip conv)")
     p.add_argument("--conv-batch", type=int, default=32)
+    p.add_argument("--conv-csr", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the unstructured (CSR) conv at each sparsity")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/gpu)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -168,9 +187,9 @@ def main(argv: list[str]) -> int:
                               f"({r['speedup']:.2f}x)", flush=True)
     for name in a.conv:
         c, hw = CONV_SHAPES[name]
-        for block in a.blocks:
+        for block in a.blocks + (["csr"] if a.conv_csr else []):
             for s in a.sparsities:
-                if c % block:
+                if block != "csr" and c % block:
                     continue
                 for r in run_conv_case(name, c, hw, a.conv_batch, block, s, dtype, gen):
                     rows.append(r)

@@ -126,7 +126,28 @@ def _roofline_md(data):
         lines += _table(["block", "sparsity", "product", "config", "GFLOP", "HBM MB", "L2 MB",
                          "CTAs", "CTAs/SM", "HBM us", "L2 us", "SM us", "time us"], rows)
         lines.append("")
+        if model.get("conv_rows"):
+            lines += _conv_roofline_md(model["conv_rows"])
     return lines
+
+
+def _conv_roofline_md(conv_rows):
+    lines = ["CSR (unstructured) conv2d, 3x3 stride 1 padding 1, C -> C channels, batch "
+             f"{conv_rows[0]['batch']}, bf16, channels_last in and out, vs cuDNN:", ""]
+    rows = []
+    for r in conv_rows:
+        k = r["kernels"]
+        rows.append([r["layer"], f"{r['channels']}x{r['spatial']}x{r['spatial']}",
+                     f"{r['sparsity']:.0%}", f"{r['ideal']:.1f}x",
+                     f"{r['dense_forward_us']:.0f}", f"{r['forward_us']:.0f}",
+                     f"**{r['forward_speedup']:.2f}x**", f"{r['dense_train_us']:.0f}",
+                     f"{r['train_us']:.0f}", f"**{r['train_speedup']:.2f}x**",
+                     " / ".join(f"{k[p]['bound']} ({k[p]['config']}, {k[p]['occupancy']} CTAs/SM)"
+                                for p in ("forward", "grad_input", "grad_weight"))])
+    lines += _table(["layer", "C x H x W", "sparsity", "ideal", "cuDNN fwd us", "sparse fwd us",
+                     "fwd speedup", "cuDNN step us", "sparse step us", "step speedup",
+                     "bound (config): forward / dX / dW"], rows)
+    return lines + [""]
 
 
 def _compile_md(data):
@@ -136,7 +157,8 @@ def _compile_md(data):
     spills = sum(r["spills"] for r in rows)
     lines += [f"{len(rows)} kernel x product x dtype x block x config x arch builds; total spill "
               f"bytes: {spills}; wgmma in {sum(r['wgmma'] for r in rows)} sm_90 builds "
-              "(16-bit BSR dots with an M dim >= 64); CSR kernels are CUDA-core gathers.", ""]
+              "(16-bit BSR dots with an M dim >= 64); CSR kernels (linear and conv) are CUDA-core "
+              "gathers.", ""]
     lines += _table(["kernel", "product", "dtype", "block", "config", "arch", "regs",
                      "spills (B)", "smem (B)", "tensor-core MMA", "wgmma"],
                     [[r["kernel"], r["product"], r["dtype"], r["block"], r["config"], r["arch"],

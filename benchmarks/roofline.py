@@ -24,6 +24,12 @@ gathers a BLOCK_M slice of the transposed activation per m-tile (1 FLOP per gath
 bf16), the longest row of a BLOCK_R group sets its loop, plus the transposes. cuBLAS dense = 2MNK / (peak x
 cuBLAS efficiency); training step = 3 such GEMMs. Every assumption is a named constant in GPUS
 and printed into the report.
+
+CSR conv2d rows (ResNet-50's 3x3 layers, batch 32, bf16): the same gather accounting over
+[rows, BLOCK_P] tiles of shifted channel planes, plus the per-element index arithmetic of an
+implicit-GEMM gather (tap shift, padding bounds, address: CONV_INT_OPS, on the INT32 pipe at
+half the FP32 rate), the planar copies of the channels_last activations, dX's column expansion
+and dW's pixel splits; vs cuDNN = 2 P C^2 9 / (peak x cudnn_efficiency).
 """
 from __future__ import annotations
 
@@ -51,13 +57,17 @@ GPUS = {
         step_overhead_clk=40,         # per kept block: index load, loop, barrier (assumption)
         program_overhead_clk=1500,    # per CTA: pipeline fill + epilogue latency (assumption)
         launch_us=4.0,                # per kernel launch (assumption)
-        fp32_lanes=128),              # FP32 FMA lanes per SM per clock (CSR kernels: CUDA cores)
+        fp32_lanes=128,               # FP32 FMA lanes per SM per clock (CSR kernels: CUDA cores)
+        int32_lanes=64,               # INT32 lanes per SM per clock (datasheet: 16 per SMSP)
+        issue_lanes=128,              # 4 schedulers x 1 warp instruction per clock
+        cudnn_efficiency=0.5),        # cuDNN bf16 3x3 conv at ResNet-50 shapes, batch 32
+                                      # (assumption: small GEMM N = C_out <= 512)
     "a100": dict(
         name="A100 SXM4 80GB", arch=80, sms=108, clock_ghz=1.41,
         peak_tflops=312.0, cublas_efficiency=0.80, mma_sync_fraction=1.0,
         hbm_tbs=2.04, l2_tbs=4.5, l2_mb=40, smem_b_per_clk=128, smem_per_sm=164 * 1024,
         regs_per_sm=65536, step_overhead_clk=40, program_overhead_clk=1500, launch_us=4.0,
-        fp32_lanes=64),
+        fp32_lanes=64, int32_lanes=64, issue_lanes=128, cudnn_efficiency=0.5),
 }
 
 
@@ -187,6 +197,69 @@ def csr_sddmm(gpu, facts, config, sparsity):
     return r
 
 
+# CSR conv2d (csr_conv_kernels.py): ResNet-50's 3x3 layers (stride 1, padding 1) at the batch
+# gpu_bench measures, channels_last activations as a sparse conv hands them on.
+CONV_BATCH = 32
+# Integer and float operations per element of a [rows, pixels] gather tile, counted from the
+# kernels' loop bodies (stride 1: triton specialises the stride arguments equal to 1, so dX's
+# divisions by the stride fold away): tap shift (2), bounds (4 compares, 5 ands), offset and
+# address (2); dW adds a second address (2) and the dY mask. Float: widen + FMA (dW: 2 widens).
+CONV_INT_OPS = {"forward": 13, "grad_input": 13, "grad_weight": 16}
+CONV_FP_OPS = {"forward": 2, "grad_input": 2, "grad_weight": 3}
+CONV_INDEX_BYTES = {"forward": 4 + ELEM, "grad_input": 12 + ELEM, "grad_weight": 8}
+
+
+def csr_conv(gpu, facts, config, layer, sparsity, product):
+    """CSR conv2d forward / dX / dW on CUDA cores: every step of a program gathers a
+    [rows, BLOCK_P] tile of shifted channel planes (one kept weight per row); the planar copies
+    of the channels_last activations (forward: x; dX: dY; dW: both) are HBM traffic.
+    layer = (channels, spatial) of a C -> C 3x3 conv, batch CONV_BATCH."""
+    from sparsekern.triton.launch import dw_pixel_splits
+    c, hw = layer
+    p = CONV_BATCH * hw * hw
+    nnz = round((1 - sparsity) * c * c * 9)
+    warps, bp = config["num_warps"], config["BLOCK_P"]
+    act = p * c * ELEM
+    flops = 2 * p * nnz
+    occ = _occupancy(gpu, facts, warps)
+    int_lanes, issue_lanes = gpu["int32_lanes"], gpu["issue_lanes"]
+    per_elem = max(CONV_INT_OPS[product] / int_lanes,
+                   (CONV_INT_OPS[product] + CONV_FP_OPS[product] + 1) / issue_lanes,
+                   CONV_FP_OPS[product] / gpu["fp32_lanes"])
+    idx_b = CONV_INDEX_BYTES[product]
+    if product == "grad_weight":
+        be = config["BLOCK_E"]
+        per_split, splits = dw_pixel_splits(p, nnz)
+        programs = math.ceil(nnz / be) * splits
+        chunks = math.ceil(per_split / bp)
+        # both planes fit L2 at these shapes (<= 13 MB each): read once after the transposes
+        hbm = 2 * 2 * act + 2 * act + nnz * idx_b + 2 * splits * nnz * 4
+        l2 = programs * chunks * 2 * be * bp * ELEM + nnz * idx_b
+        per_program = chunks * (be * bp * per_elem + gpu["step_overhead_clk"]) \
+            + gpu["program_overhead_clk"] / occ
+        r = _finish(gpu, flops, hbm, l2, programs, per_program, occ)
+        r["time_us"] += 3 * gpu["launch_us"]  # two transposes, the sum of the partials
+        return r
+    br = config["BLOCK_R"]
+    iters = nnz / c + _MAX_Z[br] * math.sqrt(c * 9 * sparsity * (1 - sparsity))
+    programs = math.ceil(c / br) * math.ceil(p / bp)
+    # transpose (read + write), the planar activation once, the channels_last output once
+    hbm = 2 * act + act + act + nnz * idx_b
+    l2 = programs * iters * (br * bp * ELEM + br * idx_b) + act
+    per_program = iters * (br * bp * per_elem + gpu["step_overhead_clk"]) \
+        + gpu["program_overhead_clk"] / occ
+    r = _finish(gpu, flops, hbm, l2, programs, per_program, occ)
+    r["time_us"] += gpu["launch_us"] * (2 if product == "grad_input" else 1)  # + dX's col_of
+    return r
+
+
+def cudnn_conv_us(gpu, layer):
+    """Dense 3x3 conv (cuDNN implicit GEMM) at cudnn_efficiency of the tensor-core peak."""
+    c, hw = layer
+    flops = 2 * CONV_BATCH * hw * hw * c * c * 9
+    return flops / (gpu["peak_tflops"] * 1e12 * gpu["cudnn_efficiency"]) * 1e6 + gpu["launch_us"]
+
+
 def cublas_us(gpu):
     return 2 * M_ROWS * N_OUT * K_IN / (gpu["peak_tflops"] * 1e12 * gpu["cublas_efficiency"]) \
         * 1e6 + gpu["launch_us"]
@@ -198,7 +271,8 @@ def compile_facts(gpu, blocks):
     process has triton in interpreter mode)."""
     rows = gpu_report.aot_rows(archs=[gpu["arch"]], dtypes=["bfloat16"],
                                blocks=[f"{b}x{b}" for b in blocks],
-                               kernels=["bsr_spmm", "bsr_sddmm", "csr_spmm", "csr_sddmm"])
+                               kernels=["bsr_spmm", "bsr_sddmm", "csr_spmm", "csr_sddmm",
+                                        "csr_conv_fwd", "csr_conv_dx", "csr_conv_dw"])
     return {(r["kernel"], r["product"],
              None if r["block"] == "-" else int(r["block"].split("x")[0]), r["config_index"]): r
             for r in rows}
@@ -253,7 +327,39 @@ def model(gpu_name, sparsities=SPARSITIES, blocks=BLOCKS):
             forward_speedup=dense / fwd, train_speedup=3 * dense / train,
             ideal=1 / (1 - s), kernels=best))
     return dict(gpu=gpu_name, assumptions=gpu, shape=dict(M=M_ROWS, N=N_OUT, K=K_IN,
-                                                          dtype="bfloat16"), rows=rows)
+                                                          dtype="bfloat16"), rows=rows,
+                conv_rows=conv_model(gpu, facts, configs, sparsities))
+
+
+CONV_KERNELS = {"forward": "csr_conv_fwd", "grad_input": "csr_conv_dx",
+                "grad_weight": "csr_conv_dw"}
+
+
+def conv_model(gpu, facts, configs, sparsities=SPARSITIES):
+    """CSR conv2d rows: ResNet-50 3x3 layers x sparsity, best config per product, vs cuDNN."""
+    from benchmarks.gpu_bench import CONV_SHAPES
+    rows = []
+    for name, layer in CONV_SHAPES.items():
+        dense = cudnn_conv_us(gpu, layer)
+        for s in sparsities:
+            best = {}
+            for product, kernel in CONV_KERNELS.items():
+                cands = []
+                for ci, cfg in enumerate(configs[kernel]):
+                    f = facts[(kernel, f"conv_{product}", None, ci)]
+                    r = csr_conv(gpu, f, cfg, layer, s, product)
+                    r.update(config=f["config"], regs=f["regs"], smem=f["smem"],
+                             wgmma=f["wgmma"])
+                    cands.append(r)
+                best[product] = min(cands, key=lambda r: r["time_us"])
+            fwd = best["forward"]["time_us"]
+            train = sum(k["time_us"] for k in best.values())
+            rows.append(dict(layer=name, channels=layer[0], spatial=layer[1],
+                             batch=CONV_BATCH, sparsity=s, dense_forward_us=dense,
+                             dense_train_us=3 * dense, forward_us=fwd, train_us=train,
+                             forward_speedup=dense / fwd, train_speedup=3 * dense / train,
+                             ideal=1 / (1 - s), kernels=best))
+    return rows
 
 
 def main(argv: list[str]) -> int:
@@ -269,6 +375,11 @@ def main(argv: list[str]) -> int:
             print(f"{res['gpu']} block {r['block']:>3} sparsity {r['sparsity']:.2f}: forward "
                   f"{r['forward_us']:7.1f} us ({r['forward_speedup']:.2f}x), train "
                   f"{r['train_us']:7.1f} us ({r['train_speedup']:.2f}x); dense "
+                  f"{r['dense_forward_us']:.1f} us / step {r['dense_train_us']:.1f} us")
+        for r in res["conv_rows"]:
+            print(f"{res['gpu']} csr conv {r['layer']} sparsity {r['sparsity']:.2f}: forward "
+                  f"{r['forward_us']:7.1f} us ({r['forward_speedup']:.2f}x), train "
+                  f"{r['train_us']:7.1f} us ({r['train_speedup']:.2f}x); cuDNN "
                   f"{r['dense_forward_us']:.1f} us / step {r['dense_train_us']:.1f} us")
     paths = gpu_report.save_section("roofline", ["python", "-m", "benchmarks", "roofline",
                                                  *argv], {"models": results}, a.out)

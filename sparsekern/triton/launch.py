@@ -552,7 +552,7 @@ DW_TARGET_PROGRAMS = 1024
 DW_MIN_PIXELS_PER_SPLIT = 512
 
 
-def _pixel_splits(p, nnz):
+def dw_pixel_splits(p, nnz):
     """(pixels per split, splits) for the CSR conv dW grid: a multiple of the largest BLOCK_P
     per split, at most one split per DW_MIN_PIXELS_PER_SPLIT pixels."""
     entry_blocks = triton.cdiv(nnz, CK.DW_MIN_BLOCK_E)
@@ -583,7 +583,7 @@ def csr_conv2d_grad_weight(grad_out, x, row_ptr, col_idx, kernel_size, stride, p
     if p == 0:
         return torch.zeros(nnz, dtype=x.dtype, device=x.device)
     x, dy = x.contiguous(), grad_out.contiguous()
-    per_split, splits = _pixel_splits(p, nnz)
+    per_split, splits = dw_pixel_splits(p, nnz)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     partial = torch.empty(splits, nnz, dtype=acc, device=x.device)
 

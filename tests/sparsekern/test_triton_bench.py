@@ -31,7 +31,10 @@ def test_gpu_bench_cases_run_on_the_interpreter(triton_backend):
                               bench=_wall_ms)
     rows += gpu_bench.run_conv_case("tiny_conv", 16, 5, 1, 16, 0.0, torch.float32, gen,
                                     dev="cpu", bench=_wall_ms)
-    assert [r["mode"] for r in rows] == ["forward", "train", "forward", "train"]
+    rows += gpu_bench.run_conv_case("tiny_csr_conv", 4, 4, 1, "csr", 0.5, torch.float32, gen,
+                                    dev="cpu", bench=_wall_ms)
+    assert [r["mode"] for r in rows] == ["forward", "train"] * 3
+    assert rows[-1]["block"] == "csr"
     for r in rows:
         assert r["dense_ms"] > 0 and r["sparse_ms"] > 0
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
@@ -77,3 +80,28 @@ def test_roofline_csr_counts():
     for r in (fwd, dw):
         assert r["flops"] == 2 * m * nnz
         assert r["l2_bytes"] >= nnz * m * e
+
+
+def test_roofline_csr_conv_counts():
+    """CSR conv: 2 FLOPs per kept weight per output pixel; every kept weight gathers its
+    shifted plane for every pixel (nnz x P elements through L2); the planar copy of the
+    channels_last input is HBM traffic; sparser is faster, and never above the ideal."""
+    gpu = roofline.GPUS["h100"]
+    c, hw = 64, 56
+    p, e = roofline.CONV_BATCH * hw * hw, roofline.ELEM
+    dense = roofline.cudnn_conv_us(gpu, (c, hw))
+    cfg = {"BLOCK_R": 16, "BLOCK_P": 128, "num_warps": 4}
+    dw_cfg = {"BLOCK_E": 16, "BLOCK_P": 128, "num_warps": 4}
+    for s in (0.8, 0.9):
+        nnz = round((1 - s) * c * c * 9)
+        fwd = roofline.csr_conv(gpu, FACTS, cfg, (c, hw), s, "forward")
+        dx = roofline.csr_conv(gpu, FACTS, cfg, (c, hw), s, "grad_input")
+        dw = roofline.csr_conv(gpu, FACTS, dw_cfg, (c, hw), s, "grad_weight")
+        for r in (fwd, dx, dw):
+            assert r["flops"] == 2 * p * nnz
+            assert r["l2_bytes"] >= nnz * p * e
+            assert r["time_us"] >= max(r["hbm_us"], r["l2_us"], r["sm_us"])
+        assert fwd["hbm_bytes"] >= 4 * p * c * e  # transpose (read + write), read, write
+        assert dense / fwd["time_us"] < 1 / (1 - s)
+    denser = roofline.csr_conv(gpu, FACTS, cfg, (c, hw), 0.8, "forward")
+    assert denser["time_us"] > fwd["time_us"]

@@ -53,7 +53,7 @@ def report(request, tmp_path_factory):
 def test_every_kernel_config_arch_compiled(report):
     dtypes, blocks, rows = report
     got = {(r["kernel"], r["config_index"], r["arch"], r["dtype"]) for r in rows}
-    want = {(k, ci, f"sm_{a}", d) for k in KERNELS for d in dtypes
+    want = {(k, ci, f"sm_{a}", d) for k in KERNELS for d in dtypes if aot.applies(k, d)
             for ci in range(len(configs_for(k, aot.ELEMENT_SIZE[d]))) for a in aot.ARCHS}
     assert got == want
     products = {(r["kernel"], r["product"]) for r in rows}
@@ -61,7 +61,8 @@ def test_every_kernel_config_arch_compiled(report):
                         ("bsr_sddmm", "grad_weight"), ("csr_spmm", "forward"),
                         ("csr_spmm", "grad_input"), ("csr_sddmm", "grad_weight"),
                         ("bsr_conv_fwd", "conv_forward"), ("bsr_conv_dx", "conv_grad_input"),
-                        ("bsr_conv_dw", "conv_grad_weight")}
+                        ("bsr_conv_dw", "conv_grad_weight"), ("csr_conv_fwd", "conv_forward"),
+                        ("csr_conv_dx", "conv_grad_input"), ("csr_conv_dw", "conv_grad_weight")}
     assert {r["block"] for r in rows if r["kernel"].startswith("bsr")} == set(blocks)
 
 
@@ -91,7 +92,13 @@ def test_tensor_cores_and_wgmma_where_expected(report):
 
 
 def test_outputs_round_to_nearest(report):
+    """16-bit outputs round to nearest; only the CSR conv dW writes float32 partial sums (torch
+    adds and rounds them), so it has no 16-bit conversion to check."""
     _, _, rows = report
     for r in rows:
-        if r["dtype"] not in ("float32", "tfloat32"):
+        if r["dtype"] in ("float32", "tfloat32"):
+            continue
+        if r["kernel"] == "csr_conv_dw":
+            assert r["round_nearest"] is None, r
+        else:
             assert r["round_nearest"], f"{r['kernel']} {r['dtype']} {r['arch']}: not cvt.rn"

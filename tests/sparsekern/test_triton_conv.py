@@ -4,7 +4,7 @@ blocks x float32/float16/float64 on small problems with padding, stride, dilatio
 kernels, ragged channel counts, empty block rows/columns, all-kept and all-pruned weights; the
 public API (sk.conv2d, autograd) and opcheck. bfloat16 is compile-only for the same reason as in
 test_triton_interpreter.py (triton #11584); test_triton_compile.py compiles these kernels for
-sm_80/sm_90. CSR conv has no Triton kernel: on CUDA it raises (see test_triton_interpreter.py).
+sm_80/sm_90. The CSR conv kernels: test_triton_conv_csr.py.
 """
 import math
 
