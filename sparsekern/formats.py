@@ -324,7 +324,7 @@ class CSR(_Format):
 SEMI_STRUCTURED_MULTIPLE = (32, 64)
 
 
-def _check_nm(n, m, who: str) -> tuple[int, int]:
+def check_nm(n, m, who: str) -> tuple[int, int]:
     for name, v in (("n", n), ("m", m)):
         if not isinstance(v, int) or isinstance(v, bool):
             raise ValueError(f"{who}: {name} must be an int, got {v!r}")
@@ -388,7 +388,7 @@ class NM(_Format):
             n, m = (int(v) for v in nm)
         except (TypeError, ValueError):
             raise ValueError(f"NM: nm must be a pair (n, m), got {nm!r}") from None
-        self.n, self.m = _check_nm(n, m, "NM")
+        self.n, self.m = check_nm(n, m, "NM")
         self.shape = shape
         rows, k = self.matrix_shape
         s = nm_slots_per_row(k, n, m)
@@ -475,7 +475,7 @@ class NM(_Format):
         (C_out, C_in * kh * kw) view) whose mask keeps at most `n` of every `m` consecutive
         inputs of each row; a ragged tail group (K not a multiple of m) is padded internally."""
         weight, mask = _check_weight_and_mask(weight, mask, "NM.from_dense")
-        n, m = _check_nm(n, m, "NM.from_dense")
+        n, m = check_nm(n, m, "NM.from_dense")
         rows = weight.shape[0]
         k = math.prod(weight.shape[1:])
         matrix, kept = weight.reshape(rows, k), mask.reshape(rows, k)

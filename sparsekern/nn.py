@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekern.formats import BLOCK_SIZES, CSR, NM, BlockSparse, _check_nm, nm_group_counts
+from sparsekern.formats import BLOCK_SIZES, CSR, NM, BlockSparse, check_nm, nm_group_counts
 from sparsekern.ops import sparse_conv2d, sparse_linear
 from sparsekern.timing import interleaved_medians
 
@@ -125,7 +125,7 @@ def pack(weight: torch.Tensor, mask: torch.Tensor | None, format: str = "auto",
                 raise ValueError
         except (TypeError, ValueError):
             raise ValueError(f"nm must be a pair (n, m), got {nm!r}") from None
-        nm = _check_nm(*nm, "nm")
+        nm = check_nm(*nm, "nm")
     if format == "nm" and block is not None:
         raise ValueError(f"block={block!r} applies to format='bsr', not 'nm'")
     mask = weight.detach() != 0 if mask is None else as_mask(mask)
@@ -572,8 +572,8 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None,
     (BatchNorm and everything else is never touched). A layer that an earlier call converted is
     converted again with the new mask. None: every Linear / Conv2d with zeros in its weight is
     pruned where it is zero. format and block (and nm, for N:M) as in `pack`: format="auto"
-    packs each layer as BSR, NM or CSR by its mask. policy="auto" times a training step of each layer both ways
-    (interleaved, median of `repeats`) and keeps the faster; "sparse" / "dense" force the
+    packs each layer as BSR, NM or CSR by its mask. policy="auto" times a training step of each
+    layer both ways (interleaved, median of `repeats`) and keeps the faster; "sparse" / "dense" force the
     choice. Grouped / depthwise convs (and padding modes other than zeros) stay dense
     (MaskedConv2d) under every policy, with the reason in their decision. The timing input is
     what each layer receives in model(example_input) when one is given (a real batch: its size,

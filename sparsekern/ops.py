@@ -89,7 +89,8 @@ def semi_structured_refusal(nm, shape, has_meta: bool, dtype: torch.dtype,
         return (f"weight {shape[0]}x{shape[1]} is not a multiple of {SEMI_STRUCTURED_MULTIPLE[0]}"
                 f"x{SEMI_STRUCTURED_MULTIPLE[1]} (CUTLASS's 2:4 operand)")
     if tuple(capability) < (8, 0):
-        return f"compute capability {capability[0]}.{capability[1]} < 8.0 has no sparse tensor cores"
+        return (f"compute capability {capability[0]}.{capability[1]} < 8.0 has no sparse tensor "
+                f"cores")
     if capability[0] != 8 and not cusparselt:
         return (f"compute capability {capability[0]}.{capability[1]}: torch's CUTLASS 2:4 kernels "
                 f"run on 8.x only and this torch build has no cuSPARSELt")

@@ -35,8 +35,9 @@ def _reference_linear(W, x, bias, dy):
     x64 = x.detach().double().requires_grad_()
     b64 = None if bias is None else bias.detach().double().requires_grad_()
     rows, k = W.matrix_shape
-    y = reference.csr_linear(x64.reshape(math.prod(x.shape[:-1]), k), values.reshape(-1), W.row_ptr, W.col_idx,
-                             W.col_ptr, W.row_idx, W.perm, b64, rows).reshape(*x.shape[:-1], rows)
+    x2 = x64.reshape(math.prod(x.shape[:-1]), k)  # not -1: k may be 0
+    y = reference.csr_linear(x2, values.reshape(-1), W.row_ptr, W.col_idx, W.col_ptr, W.row_idx,
+                             W.perm, b64, rows).reshape(*x.shape[:-1], rows)
     y.backward(dy.double())
     return y, x64.grad, values.grad, None if b64 is None else b64.grad
 
