@@ -73,6 +73,24 @@ def autocast_context(device: torch.device, name: str):
     return lambda: torch.autocast(device.type, dtype={"bf16": torch.bfloat16}[name])
 
 
+def sparse_kernels_autocast(device: torch.device, name: str) -> bool:
+    """Whether a sparse layer runs under --autocast on `device` when its input arrives in the
+    autocast dtype (the output of a dense layer): sparsekern's ops must be registered for
+    torch.autocast, as F.linear / F.conv2d are."""
+    import sparsekern as sk
+    layer = sk.SparseLinear.from_dense(nn.Linear(8, 8).to(device),
+                                       torch.eye(8, dtype=torch.bool, device=device),
+                                       format="csr")
+    x = torch.ones(2, 8, device=device, requires_grad=True)
+    try:
+        with autocast_context(device, name)():
+            out = layer(x.to({"bf16": torch.bfloat16}[name]))
+        out.float().sum().backward()
+    except RuntimeError:
+        return False
+    return True
+
+
 class Autocast(nn.Module):
     """A model whose forward runs under --autocast: what the step timing measures."""
 
@@ -144,12 +162,18 @@ class Experiment:
             raise UsageError(str(e)) from None
         self.phases = self.method.phases(c)
         self.loss_fn = self.ctx.cross_entropy
-        self.autocast = autocast_context(self.device, c.training.autocast)
         self.policy = c.sparse.policy
         if self.policy != "dense" and not sparse_kernels_run_on(self.device):
             warnings.warn(f"sparsekern has no kernels for {self.device}: pruned layers train "
                           f"masked-dense (--sparse-policy dense)", RuntimeWarning, stacklevel=2)
             self.policy = "dense"
+        self.autocast = autocast_context(self.device, c.training.autocast)
+        if (c.training.autocast != "none" and self.policy != "dense"
+                and not sparse_kernels_autocast(self.device, c.training.autocast)):
+            raise UsageError(f"--autocast {c.training.autocast}: sparsekern's kernels are not "
+                             f"registered for torch.autocast on {self.device.type} (a sparse "
+                             f"layer would get {c.training.autocast} inputs and float32 "
+                             f"weights); use --sparse-policy dense or --autocast none")
 
     # ------------------------------------------------------------------ small helpers
     def log(self, msg: str):
