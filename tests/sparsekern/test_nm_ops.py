@@ -14,7 +14,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparsekern as sk
-import sparsekern.triton as skt
 from _sk_helpers import TOL, assert_close, rel_err
 from sparsekern import ops, reference
 from test_nm_format import PATTERNS, random_nm_mask
@@ -250,17 +249,13 @@ def test_cuda_fallback_warns_once_and_is_correct(monkeypatch):
 
 
 @CUDA
-def test_cuda_nm_conv_says_it_has_no_tensor_core_path(monkeypatch):
+def test_cuda_nm_conv_says_it_runs_the_csr_kernels(monkeypatch):
     monkeypatch.setattr(ops, "_warned", set())
     C = sk.NM.from_dense(torch.randn(8, 4, 3, 3), random_nm_mask(8, 36, 2, 4).view(8, 4, 3, 3))
     x = torch.randn(2, 4, 6, 6)
     with pytest.warns(RuntimeWarning, match="semi-structured matmul is linear-only"):
-        if "csr_conv2d" in skt.NO_GPU_KERNEL:
-            with pytest.raises(NotImplementedError, match="no GPU kernel"):
-                sk.conv2d(x.cuda(), C.to("cuda"), None, 1, 1)
-        else:
-            y = sk.conv2d(x.cuda(), C.to("cuda"), None, 1, 1)
-            assert rel_err(y, F.conv2d(x.double(), C.to_dense().double(), None, 1, 1)) < 1e-4
+        y = sk.conv2d(x.cuda(), C.to("cuda"), None, 1, 1)
+    assert rel_err(y, F.conv2d(x.double(), C.to_dense().double(), None, 1, 1)) < 1e-4
 
 
 # ---- fuzz --------------------------------------------------------------------------------------
