@@ -1,7 +1,7 @@
 """NM weights on the Triton CSR kernels (what a CUDA N:M weight runs where the 2:4 tensor cores
-do not apply: float32, N:M other than 2:4, shapes CUTLASS rejects), checked without a GPU: the
-backend switch runs them on CPU tensors in the Triton interpreter, through sk.linear and
-SparseLinear, against the float64 reference. float32 at 1e-5; float16 at most 2x the error of
+do not apply: float32, N:M other than 2:4, shapes CUTLASS rejects, conv), checked without a GPU:
+the backend switch runs them on CPU tensors in the Triton interpreter, through sk.linear,
+sk.conv2d and SparseLinear, against the float64 reference. float32 at 1e-5; float16 at most 2x the error of
 torch's own float16 dense product (DESIGN.md). bfloat16 is left to test_triton_interpreter.py
 (the interpreter stores bf16 by truncation; it checks the CSR kernels bit for bit there).
 
@@ -66,3 +66,25 @@ def test_nm_module_trains_on_the_triton_kernels():
     assert bool((sparse.dense_weight()[~mask] == 0).all())
     x = torch.randn(5, 32)
     assert rel_err(sparse(x), F.linear(x, sparse.dense_weight(), sparse.bias)) < 1e-5
+
+
+def test_nm_conv_on_the_triton_csr_kernels():
+    """An NM conv weight on CUDA runs the CSR conv kernels: here in the interpreter, float32."""
+    shape = (8, 4, 3, 3)
+    C = sk.NM.from_dense(torch.randn(shape), random_nm_mask(8, 36, 2, 4, exact=False).view(shape))
+    x, bias = torch.randn(2, 4, 6, 5), torch.randn(8)
+    exact_w = C.to_dense().double().requires_grad_()
+    x64, b64 = x.double().requires_grad_(), bias.double().requires_grad_()
+    exact = F.conv2d(x64, exact_w, b64, 2, 1)
+    dy = torch.randn(exact.shape)
+    exact.backward(dy.double())
+    cols = C.col_idx.view(8, -1).long()
+    values = C.values.clone().requires_grad_()
+    xs, bs = x.clone().requires_grad_(), bias.clone().requires_grad_()
+    with skt.backend("triton"):
+        y = sk.conv2d(xs, sk.NM(values, C.col_idx, C.kept, C.shape, C.nm), bs, 2, 1)
+        y.backward(dy)
+    for what, got, want in (("y", y, exact), ("dx", xs.grad, x64.grad),
+                            ("dvalues", values.grad, exact_w.grad.view(8, -1).gather(1, cols)),
+                            ("dbias", bs.grad, b64.grad)):
+        assert rel_err(got, want) < TOL[torch.float32], what
