@@ -110,13 +110,11 @@ inline Tensor to_panels(const KernelTable<T>* k, const Tensor& t) {
   return panels;
 }
 
-// Runs fn(u0, u1) in parallel over consecutive ranges of units [0, units) of near-equal cost,
-// cost(u) = ptr[u+1] - ptr[u] + base_cost: pruned rows vary a lot in how much they kept
-// (magnitude pruning leaves some neurons dense), so equal unit counts would leave threads idle.
-template <class F>
-inline void parallel_by_cost(const int32_t* ptr, int64_t units, int64_t base_cost, F fn) {
-  const int64_t pieces = std::min<int64_t>(units, 4 * at::get_num_threads());
-  if (pieces <= 0) return;
+// Splits [0, units) into `pieces` consecutive ranges of near-equal cost, cost(u) = ptr[u+1] -
+// ptr[u] + base_cost: pruned rows vary a lot in how much they kept (magnitude pruning leaves
+// some neurons dense), so equal unit counts would leave threads idle.
+inline std::vector<int64_t> cost_bounds(const int32_t* ptr, int64_t units, int64_t base_cost,
+                                        int64_t pieces) {
   const auto cost_before = [&](int64_t u) { return int64_t(ptr[u]) + base_cost * u; };
   std::vector<int64_t> bounds(pieces + 1, units);
   bounds[0] = 0;
@@ -126,9 +124,39 @@ inline void parallel_by_cost(const int32_t* ptr, int64_t units, int64_t base_cos
     while (u < units && cost_before(u) < target) ++u;
     bounds[p] = u;
   }
+  return bounds;
+}
+
+// Runs fn(u0, u1) in parallel over consecutive ranges of units [0, units) of near-equal cost.
+template <class F>
+inline void parallel_by_cost(const int32_t* ptr, int64_t units, int64_t base_cost, F fn) {
+  const int64_t pieces = std::min<int64_t>(units, 4 * at::get_num_threads());
+  if (pieces <= 0) return;
+  const std::vector<int64_t> bounds = cost_bounds(ptr, units, base_cost, pieces);
   at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       if (bounds[p] < bounds[p + 1]) fn(bounds[p], bounds[p + 1]);
+  });
+}
+
+// Runs fn(chunk, u0, u1) over image chunks x cost-balanced ranges of units. Whole chunks per
+// thread when they divide evenly among the threads: each thread then streams only its own
+// images through the caches (a conv's input is megabytes, its sparse weight kilobytes, so
+// splitting the weight's rows instead makes every thread read every image). Otherwise each
+// chunk is also split by cost, so that no thread idles.
+template <class F>
+inline void parallel_chunks_by_cost(const int32_t* ptr, int64_t units, int64_t base_cost,
+                                    int64_t chunks, F fn) {
+  const int64_t threads = at::get_num_threads();
+  if (units <= 0 || chunks <= 0) return;
+  const int64_t per_chunk =
+      chunks % threads == 0 ? 1 : std::min<int64_t>(units, ceil_div(4 * threads, chunks));
+  const std::vector<int64_t> bounds = cost_bounds(ptr, units, base_cost, per_chunk);
+  at::parallel_for(0, chunks * per_chunk, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t c = w / per_chunk, p = w % per_chunk;
+      if (bounds[p] < bounds[p + 1]) fn(c, bounds[p], bounds[p + 1]);
+    }
   });
 }
 

@@ -385,6 +385,15 @@ void unpack_into(const KernelTable<T>* k, const Tensor& panels, int64_t N, Tenso
   });
 }
 
+// The arguments of one image chunk (the kernels' own loop over chunks then runs once), so that
+// threads can split a call by chunks.
+template <class T>
+CsrConvArgs<T> single_chunk(CsrConvArgs<T> args, const KernelTable<T>* k) {
+  args.chunks = 1;
+  args.images = k->panel > 0 ? k->panel : 1;  // what the scalar kernels loop over
+  return args;
+}
+
 // col_off[j] = tap_off[tap] + ci of every stored weight (column = ci * taps + tap).
 std::vector<int64_t> column_offsets(const Tensor& col_idx, const GeometryArrays& g) {
   const int64_t taps = int64_t(g.tap_off.size());
@@ -467,8 +476,12 @@ Tensor csr_conv2d(const Tensor& x, const Tensor& values, const Tensor& row_ptr,
     const ConvGeometry geo = g.view();
     const scalar_t* bp = bias ? b.data_ptr<scalar_t>() : nullptr;
     Tensor ys = k->panel > 0 ? at::empty({args.chunks, c.pixels() * Co, k->panel}, x.options()) : y;
-    parallel_by_cost(args.row_ptr, Co, 4, [&](int64_t r0, int64_t r1) {
-      k->csr_conv_forward(args, geo, xs.data_ptr<scalar_t>(), bp, ys.data_ptr<scalar_t>(), r0, r1);
+    const CsrConvArgs<scalar_t> one_chunk = single_chunk(args, k);
+    const int64_t x_chunk = args.in_rows * std::max<int64_t>(k->panel, 1);
+    const int64_t y_chunk = c.pixels() * Co * std::max<int64_t>(k->panel, 1);
+    parallel_chunks_by_cost(args.row_ptr, Co, 4, args.chunks, [&](int64_t ch, int64_t r0, int64_t r1) {
+      k->csr_conv_forward(one_chunk, geo, xs.data_ptr<scalar_t>() + ch * x_chunk, bp,
+                          ys.data_ptr<scalar_t>() + ch * y_chunk, r0, r1);
     });
     if (k->panel > 0) unpack_into(k, ys, c.N, y);
   });
@@ -514,10 +527,14 @@ Tensor csr_conv2d_grad_input(const Tensor& grad_out, const Tensor& values, const
     const CsrConvArgs<scalar_t> args{chunks,  c.N,     in_rows, Co, col_ptr.data_ptr<int32_t>(),
                                      nullptr, t_vals.data_ptr<scalar_t>(), nullptr, 0};
     const ConvGeometry geo = g.view();
+    const CsrConvArgs<scalar_t> one_chunk = single_chunk(args, k);
+    const int64_t dy_chunk = c.pixels() * Co * lanes, dx_chunk = in_rows * lanes;
     if (c.N > 0)
-      parallel_by_cost(channel_ptr.data(), c.C, 4, [&](int64_t c0, int64_t c1) {
-        k->csr_conv_grad_input(args, geo, row_idx.data_ptr<int32_t>(), dys.data_ptr<scalar_t>(),
-                               dxs.data_ptr<scalar_t>(), c0, c1);
+      parallel_chunks_by_cost(channel_ptr.data(), c.C, 4, chunks,
+                              [&](int64_t ch, int64_t c0, int64_t c1) {
+        k->csr_conv_grad_input(one_chunk, geo, row_idx.data_ptr<int32_t>(),
+                               dys.data_ptr<scalar_t>() + ch * dy_chunk,
+                               dxs.data_ptr<scalar_t>() + ch * dx_chunk, c0, c1);
       });
     if (k->panel > 0) {
       dx_padded = at::empty({c.N, in_rows}, grad_out.options());
@@ -552,8 +569,8 @@ Tensor csr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x, const Ten
   const GeometryArrays g = geometry(c, panel_pixel_stride(c.C), 1);
   const std::vector<int64_t> col_off = column_offsets(col_idx, g);
   const Segments seg = column_segments(row_ptr, col_idx, Co, c.C * c.taps());
-  Tensor dw = at::empty({nnz}, x.options());
-  if (c.N == 0) return dw.zero_();
+  if (c.N == 0) return at::zeros({nnz}, x.options());
+  Tensor dw_chunks;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
     const Tensor xs = panels_of(k, xp), dys = panels_of(k, dy);
@@ -561,12 +578,19 @@ Tensor csr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x, const Ten
                                      row_ptr.data_ptr<int32_t>(), col_off.data(), nullptr,
                                      seg.ptr.data(), seg.count};
     const ConvGeometry geo = g.view();
-    parallel_by_cost(args.row_ptr, Co, 4, [&](int64_t r0, int64_t r1) {
-      k->csr_conv_grad_weight(args, geo, dys.data_ptr<scalar_t>(), xs.data_ptr<scalar_t>(),
-                              dw.data_ptr<scalar_t>(), r0, r1);
+    // One dW per chunk (each thread sums its own images), added up once at the end: nnz floats
+    // per chunk, small next to the images.
+    const CsrConvArgs<scalar_t> one_chunk = single_chunk(args, k);
+    const int64_t lanes = std::max<int64_t>(k->panel, 1);
+    const int64_t x_chunk = args.in_rows * lanes, dy_chunk = c.pixels() * Co * lanes;
+    dw_chunks = at::empty({args.chunks, nnz}, x.options());
+    parallel_chunks_by_cost(args.row_ptr, Co, 4, args.chunks, [&](int64_t ch, int64_t r0, int64_t r1) {
+      k->csr_conv_grad_weight(one_chunk, geo, dys.data_ptr<scalar_t>() + ch * dy_chunk,
+                              xs.data_ptr<scalar_t>() + ch * x_chunk,
+                              dw_chunks.data_ptr<scalar_t>() + ch * nnz, r0, r1);
     });
   });
-  return dw;
+  return dw_chunks.size(0) == 1 ? dw_chunks.view({nnz}) : dw_chunks.sum(0);
 }
 
 }  // namespace

@@ -660,12 +660,31 @@ void csr_sddmm(const sparsekern::cpu::CsrSddmmArgs<float>& a, int64_t r0, int64_
 
 // ---- CSR conv2d: batch panels of images (kernels.h) -----------------------------------------
 
-// The row pairs of the linear SpMM per output pixel, for blocks of RB rows (outer, so that a
-// pixel reads RB rows' weights, not all of them: the weights and the pixel's window together
-// must stay in L2), one column segment at a time (kernels.h): a pixel's whole window
-// (kh*kw*C_in panel rows, ~300 KB at 256 channels) does not fit L1, one segment's share of it
-// does, and every row of the block reads it from there. Between segments the partial sums wait
-// in y, whose RB rows of this pixel (RB * panel floats) stay in L1 too.
+// acc[p][i] += values[j] * window_p[col_off[j]] for PX output pixels at once: one broadcast
+// weight and one index read serve 4*PX FMAs, where a row pair (the linear SpMM's tile) spends
+// a broadcast and an index read on every 4 FMAs and keeps only 8 chains in flight. A conv has
+// no row-pair reuse to lose: the pixels' windows overlap, so their panel rows share L1 lines.
+template <class V, int PX>
+SK_INLINE void conv_pixels_accumulate(typename V::reg (&acc)[PX][4], const float* values,
+                                      const int64_t* col_off, const float* const (&window)[PX],
+                                      int64_t begin, int64_t end) {
+  constexpr int MB = panel_width<V>();
+  for (int64_t j = begin; j < end; ++j) {
+    const typename V::reg v = V::bcast(values + j);
+    const int64_t off = col_off[j] * MB;
+#pragma GCC unroll 3
+    for (int p = 0; p < PX; ++p)
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) acc[p][i] = V::fma(v, V::load(window[p] + off + i * V::L), acc[p][i]);
+  }
+}
+
+// Per block of RB rows (outer, so that a pixel tile reads RB rows' weights, not all of them:
+// the weights and the tile's windows together stay in L2), three output pixels at a time, one
+// column segment at a time (kernels.h): a pixel's whole window (kh*kw*C_in panel rows, ~300 KB
+// at 256 channels) does not fit L1, one segment's share of three windows does, and every row
+// of the block reads it from there. Between segments the partial sums wait in y (RB rows x
+// three pixels: 24 KB on AVX2, so L1 or L2).
 template <class V>
 void csr_conv_forward(const sparsekern::cpu::CsrConvArgs<float>& a,
                       const sparsekern::cpu::ConvGeometry& g, const float* x, const float* bias,
@@ -677,30 +696,29 @@ void csr_conv_forward(const sparsekern::cpu::CsrConvArgs<float>& a,
     const float* panel = x + c * a.in_rows * MB;
     for (int64_t rb = r0; rb < r1; rb += RB) {
       const int64_t re = min64(r1, rb + RB);
-      for (int64_t m = 0; m < g.M; ++m) {
-        const float* window = panel + g.pix_off[m] * MB;
-        const auto addr = [&](int64_t j) { return window + a.col_off[j] * MB; };
-        float* out = y + (c * g.M + m) * R * MB;
-        for (int64_t b = 0; b < S; ++b)
-          for (int64_t r = rb; r < re; r += 2) {
-            const bool pair = r + 1 < re;
-            const int32_t* s0 = a.seg_ptr + r * ldseg + b;
-            const int32_t* s1 = pair ? s0 + ldseg : s0;
-            float* p0 = out + r * MB;
-            float* p1 = pair ? p0 + MB : p0;
-            typename V::reg acc0[4], acc1[4];
-            for (int i = 0; i < 4; ++i) {
-              acc0[i] = b > 0 ? V::load(p0 + i * V::L) : bias ? V::bcast(bias + r) : V::zero();
-              acc1[i] = b > 0 ? V::load(p1 + i * V::L)
-                              : bias && pair ? V::bcast(bias + r + 1) : V::zero();
-            }
-            spmm_pair<V>(acc0, acc1, a.values, addr, s0[0], s0[1], s1[0], pair ? s1[1] : s1[0]);
-            for (int i = 0; i < 4; ++i) {
-              V::store(p0 + i * V::L, acc0[i]);
-              if (pair) V::store(p1 + i * V::L, acc1[i]);
-            }
+      balanced_tiles<3>(0, g.M, [&](int64_t m0, int64_t pixels) {
+        with_rows<3>(pixels, [&](auto px) {
+          constexpr int PX = decltype(px)::value;
+          const float* window[PX];
+          float* out[PX];
+          for (int p = 0; p < PX; ++p) {
+            window[p] = panel + g.pix_off[m0 + p] * MB;
+            out[p] = y + (c * g.M + m0 + p) * R * MB;
           }
-      }
+          for (int64_t b = 0; b < S; ++b)
+            for (int64_t r = rb; r < re; ++r) {
+              const int32_t* seg = a.seg_ptr + r * ldseg + b;
+              typename V::reg acc[PX][4];
+              for (int p = 0; p < PX; ++p)
+                for (int i = 0; i < 4; ++i)
+                  acc[p][i] = b > 0 ? V::load(out[p] + r * MB + i * V::L)
+                                    : bias ? V::bcast(bias + r) : V::zero();
+              conv_pixels_accumulate<V, PX>(acc, a.values, a.col_off, window, seg[0], seg[1]);
+              for (int p = 0; p < PX; ++p)
+                for (int i = 0; i < 4; ++i) V::store(out[p] + r * MB + i * V::L, acc[p][i]);
+            }
+        });
+      });
     }
   }
 }
