@@ -142,7 +142,8 @@ def _conv_roofline_md(conv_rows):
                      f"{r['dense_forward_us']:.0f}", f"{r['forward_us']:.0f}",
                      f"**{r['forward_speedup']:.2f}x**", f"{r['dense_train_us']:.0f}",
                      f"{r['train_us']:.0f}", f"**{r['train_speedup']:.2f}x**",
-                     " / ".join(f"{k[p]['bound']} ({k[p]['config']}, {k[p]['occupancy']} CTAs/SM)"
+                     " / ".join(f"{k[p]['bound']} ({k[p]['config']}, "
+                                f"{k[p]['occupancy']} CTAs/SM)"
                                 for p in ("forward", "grad_input", "grad_weight"))])
     lines += _table(["layer", "C x H x W", "sparsity", "ideal", "cuDNN fwd us", "sparse fwd us",
                      "fwd speedup", "cuDNN step us", "sparse step us", "step speedup",

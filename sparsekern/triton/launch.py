@@ -10,8 +10,8 @@ GPU-side index: the kernels walk the format's own tensors (block_row_ptr / block
 transposed block_col_ptr / block_row_idx / block_perm; CSR's row_ptr / col_idx / col_ptr /
 row_idx / perm): a block row's list of kept blocks *is* the per-output-tile work list. The only
 derived index, the row of every stored block/entry that the dW kernels need (and the column of
-every transposed entry for the CSR conv dX), is expanded here per call (one O(nnz) repeat_interleave with a known output size: no device sync); no copy of
-the weights is made.
+every transposed entry for the CSR conv dX), is expanded here per call (one O(nnz)
+repeat_interleave with a known output size: no device sync); no copy of the weights is made.
 """
 from __future__ import annotations
 
