@@ -37,6 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from sparsekern.triton.grid import channel_group_and_pixel_tile
 from sparsekern.triton.tuning import CONFIGS, all_configs, cfg, pruner
 
 # CUDA-core gathers: one set for every type. Every [rows, pixels] tile costs a register per
@@ -70,8 +71,7 @@ def csr_conv_fwd_kernel(x_ptr, v_ptr, ptr_ptr, idx_ptr, bias_ptr, out_ptr,
     """out[p, co] = sum over kept entries (ci, dh, dw) of row co:
     v * x[n(p), ci, oh(p)*SH - PH + dh*DH, ow(p)*SW - PW + dw*DW]  (+ bias[co]).
     x planar with unit W stride; out channels_last ([P, C_OUT])."""
-    pid_r = tl.program_id(0)
-    pid_p = tl.program_id(1)
+    pid_r, pid_p = channel_group_and_pixel_tile(C_OUT, BLOCK_R)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rows < C_OUT
     start = tl.load(ptr_ptr + rows, mask=r_ok, other=0)
@@ -119,8 +119,7 @@ def csr_conv_dx_kernel(dy_ptr, v_ptr, ptr_ptr, row_idx_ptr, perm_ptr, col_of_ptr
     v * dY[n(q), co, oh, ow] where oh*SH - PH + dh*DH = ih(q) (and the same for w).
     Transposed entry e: row row_idx[e], column col_of[e], value v[perm[e]].
     dY planar with unit W stride; dX channels_last ([Q, C_IN])."""
-    pid_c = tl.program_id(0)
-    pid_q = tl.program_id(1)
+    pid_c, pid_q = channel_group_and_pixel_tile(C_IN, BLOCK_R)
     chans = pid_c * BLOCK_R + tl.arange(0, BLOCK_R)
     c_ok = chans < C_IN
     start = tl.load(ptr_ptr + chans * TAPS, mask=c_ok, other=0)

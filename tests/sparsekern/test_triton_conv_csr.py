@@ -23,6 +23,7 @@ from sparsekern import reference
 
 skt.use_interpreter()
 from sparsekern.triton import launch  # noqa: E402  (after the interpreter is chosen)
+from sparsekern.triton.tuning import configs_for  # noqa: E402
 
 F16, BF16 = torch.float16, torch.bfloat16
 OPS = ("csr_conv2d", "csr_conv2d_grad_input", "csr_conv2d_grad_weight")
@@ -33,7 +34,7 @@ CASES = {
     "stride2_dilated_rect": (2, 4, 9, (7, 8), (3, 2), 2, (1, 0), (1, 2), 0.5, False),
     "1x1_all_kept": (2, 6, 5, (4, 3), 1, 1, 0, 1, 0.0, False),
     "all_pruned": (1, 3, 4, (5, 5), 3, 1, 1, 1, 1.0, False),
-    "dw_pixel_splits": (2, 2, 3, (24, 24), 3, 1, 1, 1, 0.5, False),
+    "dw_pixel_splits": (2, 2, 17, (24, 24), 3, 1, 1, 1, 0.8, False),
 }
 
 
@@ -100,14 +101,19 @@ def test_csr_conv_ops_match_reference(case, dtype, triton_backend):
 
 
 def test_case_coverage():
-    """The cases above hold what their names promise: empty rows and columns, and a dW whose
-    pixels are split over several programs (partial sums added by the launcher)."""
+    """The cases above hold what their names promise: empty rows and columns; a forward over
+    several channel groups x pixel tiles of the config the interpreter runs (the 1-D grid's
+    decomposition), and a dW whose pixels are split over several programs (partial sums added
+    by the launcher)."""
     W, x, dy, _, _ = _problem("3x3_pad_ragged_empty")
     assert bool((W.row_ptr[1:] == W.row_ptr[:-1]).any()), "no empty row"
     assert bool((W.col_ptr[1:] == W.col_ptr[:-1]).any()), "no empty column"
     W, x, dy, _, _ = _problem("dw_pixel_splits")
-    per_split, splits = launch.dw_pixel_splits(dy.shape[0] * dy.shape[2] * dy.shape[3], W.nnz)
-    assert splits > 1 and per_split * (splits - 1) < dy[:, 0].numel() <= per_split * splits
+    p = dy.shape[0] * dy.shape[2] * dy.shape[3]
+    tiles = configs_for("csr_conv_fwd", 4)[0].kwargs
+    assert W.shape[0] > tiles["BLOCK_R"] and p > tiles["BLOCK_P"]
+    per_split, splits = launch.dw_pixel_splits(p, W.nnz)
+    assert splits > 1 and per_split * (splits - 1) < p <= per_split * splits
 
 
 def test_inputs_in_any_layout(triton_backend):
