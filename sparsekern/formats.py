@@ -495,15 +495,14 @@ class NM(_Format):
         padded = padded.view(rows, groups, m)
         in_range = (torch.arange(groups * m, device=kept.device) < k).view(1, groups, m)
         # Each group's N slots: its kept inputs first, then its free in-range inputs, lowest
-        # first (stable sort); then in column order within the group.
-        rank = padded.to(torch.int16) * 2 + in_range
-        chosen = torch.sort(rank, dim=-1, descending=True, stable=True).indices[..., :n]
-        chosen = chosen.sort(dim=-1).values
-        cols = chosen + torch.arange(groups, device=kept.device).view(1, groups, 1) * m
-        real = cols < k  # a tail group with fewer than N inputs has fewer slots
+        # first, as many as fit; taken in column order.
+        order = torch.where(padded, padded.cumsum(-1) - 1,
+                            (in_range & ~padded).cumsum(-1) - 1 + padded.sum(-1, keepdim=True))
+        chosen = in_range & (order < n)
         s = nm_slots_per_row(k, n, m)
-        slot_kept = padded.gather(-1, chosen)[real].view(rows, s)
-        cols = cols[real].view(rows, s)
+        cols = torch.arange(groups * m, device=kept.device).view(1, groups, m).expand_as(chosen)
+        cols = cols[chosen].view(rows, s)
+        slot_kept = padded[chosen].view(rows, s)
         values = torch.where(slot_kept, matrix.gather(1, cols), matrix.new_zeros(()))
         return cls(values.contiguous(), cols.reshape(-1).to(torch.int32), slot_kept.contiguous(),
                    tuple(weight.shape), (n, m))
