@@ -606,7 +606,10 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None,
             decision.update(format="dense", reason=reason)
         else:
             cls = SparseConv2d if kind == "conv" else SparseLinear
-            sparse = cls.from_dense(module, mask, format=format, block=block, nm=nm)
+            try:
+                sparse = cls.from_dense(module, mask, format=format, block=block, nm=nm)
+            except ValueError as exc:  # e.g. format="nm" with a mask that is not N:M
+                raise ValueError(f"sparsify: layer {name!r}: {exc}") from None
             decision["format"] = sparse.format
             if sparse.format == "bsr":
                 decision["block"] = list(sparse.weight_format().block)

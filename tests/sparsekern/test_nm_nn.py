@@ -207,6 +207,14 @@ def test_sparsify_an_lth_ticket_into_nm_layers():
         assert bool((weight[~mask] == 0).all())
 
 
+def test_sparsify_format_nm_names_the_layer_that_is_not_nm():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    masks = {"0.weight": random_nm_mask(8, 8, 2, 4), "2.weight": torch.ones(4, 8, dtype=bool)}
+    with pytest.raises(ValueError, match=r"sparsify: layer '2': format='nm': mask keeps more "
+                                         r"than N of some group of M"):
+        sk.sparsify(model, masks, format="nm", policy="sparse")
+
+
 def _copy(model):
     import copy
     return copy.deepcopy(model)
