@@ -65,6 +65,28 @@ def plot_run(run_dir: str, entries: list[dict]) -> list[str]:
     return paths
 
 
+def plot_comparison(rows: list[dict], path: str) -> str | None:
+    """Accuracy vs sparsity of several runs (rows of lth.report.compare), one line per
+    configuration and method/branch, error bars over the seeds; None without matplotlib."""
+    plt = _pyplot()
+    if plt is None or not rows:
+        return None
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    lines: dict[str, list[dict]] = {}
+    for r in rows:
+        lines.setdefault(f"{r['config']}: {r['line']}", []).append(r)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, rs in lines.items():
+        rs = sorted(rs, key=lambda r: r["sparsity"])
+        ax.errorbar([100 * r["sparsity"] for r in rs], [100 * r["test_acc"] for r in rs],
+                    yerr=[100 * r["test_acc_std"] for r in rs], marker="o", capsize=3,
+                    label=label)
+    ax.set_xlabel("sparsity (% of prunable weights removed)")
+    ax.set_ylabel("test accuracy (%, mean over seeds)")
+    ax.set_title("accuracy vs sparsity")
+    return _save(fig, ax, path)
+
+
 def _save(fig, ax, path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend()

@@ -5,11 +5,19 @@ when it reaches the dense network's accuracy within its epoch budget (up to --to
 beats the best random baseline trained with the same budget (random_reinit, random_ticket,
 shuffled) by at least --margin. Both numbers are shown; a sparsity without a baseline gets no
 verdict. Prints the table and saves report.txt / report.json in the run dir.
+
+`python -m lth.report RUN_DIR RUN_DIR ...` compares runs instead: runs whose settings differ
+only in --seed are one configuration (mean and standard deviation over the seeds), and every
+ticket round and branch of every configuration is a row with its accuracy, sparsity and the
+measured sparse / dense-masked step time, overlaid in one accuracy-vs-sparsity plot
+(comparison.txt / .json / .png in --out).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import sys
 
 from lth.checkpoint import read_json, write_json, write_text
@@ -68,10 +76,65 @@ def report_text(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _configurations(run_dirs: list[str]) -> dict[str, list[str]]:
+    """{label: run dirs} with runs grouped by their settings other than the seed."""
+    groups: dict[str, list[str]] = {}
+    names: dict[str, str] = {}
+    for run in run_dirs:
+        info = read_json(os.path.join(run, "config.json"))
+        key = json.dumps({k: v for k, v in info["non_default"].items()
+                          if k != "training.seed"}, sort_keys=True)
+        if key not in names:
+            base = info["name"].rsplit("-", 1)[0]
+            taken = sum(1 for v in names.values() if v.split("#")[0] == base)
+            names[key] = f"{base}#{taken + 1}" if taken else base
+        groups.setdefault(names[key], []).append(run)
+    return groups
+
+
+def compare(run_dirs: list[str]) -> list[dict]:
+    """One row per configuration x (round, branch): mean/std over the seeds."""
+    rows = []
+    for label, runs in _configurations(run_dirs).items():
+        cells: dict[tuple, list[dict]] = {}
+        for run in runs:
+            for e in read_json(os.path.join(run, "summary.json")):
+                cells.setdefault((e["round"], e["branch"]), []).append(e)
+        for (rnd, branch), es in sorted(cells.items(),  # each round: ticket, then branches
+                                        key=lambda kv: (kv[0][0], kv[0][1] != "ticket",
+                                                        kv[0][1])):
+            accs = [e["test_acc"] for e in es]
+            rows.append({
+                "config": label, "round": rnd, "branch": branch,
+                "line": es[0]["method"] if branch == "ticket" else branch,
+                "seeds": len(es), "sparsity": statistics.fmean(e["sparsity"] for e in es),
+                "test_acc": statistics.fmean(accs),
+                "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "step_ms_sparse": statistics.median(e["step_ms_sparse"] for e in es),
+                "step_ms_dense": statistics.median(e["step_ms_dense"] for e in es),
+                "runs": runs})
+    return rows
+
+
+def compare_text(rows: list[dict]) -> str:
+    lines = [f"{'config':<22} {'line':<14} {'round':>5}  {'sparsity':>8}  "
+             f"{'test acc (mean +- std, n)':<26} {'sparse ms':>9}  {'dense ms':>8}"]
+    for r in rows:
+        acc = f"{100 * r['test_acc']:.2f} +- {100 * r['test_acc_std']:.2f} ({r['seeds']})"
+        lines.append(f"{r['config']:<22} {r['line']:<14} {r['round']:>5}  "
+                     f"{100 * r['sparsity']:>7.1f}%  {acc:<26} {r['step_ms_sparse']:>9.2f}  "
+                     f"{r['step_ms_dense']:>8.2f}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lth.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="a run folder written by python -m lth.train")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="a run folder written by python -m lth.train; several: compare")
+    parser.add_argument("--out", default="lth_comparison",
+                        help="several RUN_DIRs: folder for comparison.txt/.json/.png "
+                        "(default: lth_comparison)")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE,
                         help=f"how far below dense accuracy a ticket may be and still 'reach' "
                         f"it, as a fraction (default: {TOLERANCE} = 1 point)")
@@ -82,9 +145,15 @@ def main(argv=None) -> int:
                         help="final test accuracy of each phase, or its best over the epochs "
                         "(default: test_acc)")
     args = parser.parse_args(argv)
+    for run in args.run_dirs:
+        for name in ("summary.json", "config.json"):
+            path = os.path.join(run, name)
+            if not os.path.isfile(path):
+                parser.error(f"{path} not found: is {run} a run folder of python -m lth.train?")
+    if len(args.run_dirs) > 1:
+        return _compare_main(args.run_dirs, args.out)
+    args.run_dir = args.run_dirs[0]
     path = os.path.join(args.run_dir, "summary.json")
-    if not os.path.isfile(path):
-        parser.error(f"{path} not found: is {args.run_dir} a run folder of python -m lth.train?")
     if args.tolerance < 0 or args.margin < 0:
         parser.error("--tolerance and --margin must be >= 0")
     rows = verdicts(read_json(path), args.tolerance, args.margin, args.metric)
@@ -93,6 +162,19 @@ def main(argv=None) -> int:
     write_text(text + "\n", os.path.join(args.run_dir, "report.txt"))
     write_json(rows, os.path.join(args.run_dir, "report.json"))
     print(f"\nsaved {os.path.join(args.run_dir, 'report.txt')} and report.json")
+    return 0
+
+
+def _compare_main(run_dirs: list[str], out: str) -> int:
+    from lth.plots import plot_comparison
+    rows = compare(run_dirs)
+    text = compare_text(rows)
+    print(text)
+    write_text(text + "\n", os.path.join(out, "comparison.txt"))
+    write_json(rows, os.path.join(out, "comparison.json"))
+    plot = plot_comparison(rows, os.path.join(out, "comparison.png"))
+    print(f"\nsaved {os.path.join(out, 'comparison.txt')}, comparison.json"
+          + (f", {plot}" if plot else ""))
     return 0
 
 

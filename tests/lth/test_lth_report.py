@@ -56,3 +56,39 @@ def test_report_cli_prints_and_saves(tmp_path, capsys):
         report.main([str(tmp_path)])
     assert exc.value.code == 2
     assert "summary.json not found" in capsys.readouterr().err
+
+
+def _fake_run(root, name, non_default, accs, method="imp"):
+    """A run folder as python -m lth.train writes it (config.json + summary.json)."""
+    run = os.path.join(str(root), name)
+    os.makedirs(run)
+    json.dump({"name": name, "non_default": non_default}, open(os.path.join(run,
+                                                                           "config.json"), "w"))
+    entries = [{"round": r, "branch": b, "method": method, "sparsity": s, "test_acc": a,
+                "step_ms_sparse": 1.0 + r, "step_ms_dense": 2.0}
+               for (r, b, s), a in zip([(0, "ticket", 0.0), (1, "ticket", 0.9),
+                                        (1, "random_ticket", 0.9)], accs)]
+    json.dump(entries, open(os.path.join(run, "summary.json"), "w"))
+    return run
+
+
+def test_compare_groups_seeds_and_overlays_methods(tmp_path, capsys):
+    runs = [_fake_run(tmp_path, "imp_mlp_digits-a1", {"method.rounds": 1}, [0.9, 0.8, 0.5]),
+            _fake_run(tmp_path, "imp_mlp_digits-b2", {"method.rounds": 1, "training.seed": 1},
+                      [0.92, 0.84, 0.6]),
+            _fake_run(tmp_path, "kd_mlp_digits-c3", {"method.name": "kd"}, [0.9, 0.88, 0.7],
+                      method="kd")]
+    out = tmp_path / "cmp"
+    assert report.main([*runs, "--out", str(out)]) == 0
+    rows = json.load(open(out / "comparison.json"))
+    imp = {(r["round"], r["branch"]): r for r in rows if r["config"] == "imp_mlp_digits"}
+    assert imp[(1, "ticket")]["seeds"] == 2
+    assert imp[(1, "ticket")]["test_acc"] == pytest.approx(0.82)
+    assert imp[(1, "ticket")]["test_acc_std"] == pytest.approx(0.0282843, rel=1e-5)
+    assert imp[(1, "random_ticket")]["line"] == "random_ticket"
+    kd = [r for r in rows if r["config"] == "kd_mlp_digits"]
+    assert [r["seeds"] for r in kd] == [1, 1, 1] and kd[1]["line"] == "kd"
+    text = capsys.readouterr().out
+    assert "82.00 +- 2.83 (2)" in text and "kd_mlp_digits" in text
+    assert os.path.isfile(out / "comparison.png")
+    assert open(out / "comparison.txt").read().strip() == text.split("\n\nsaved")[0]
