@@ -161,10 +161,13 @@ def _compile_md(data):
               "(16-bit BSR dots with an M dim >= 64); CSR kernels (linear and conv) are CUDA-core "
               "gathers.", ""]
     lines += _table(["kernel", "product", "dtype", "block", "config", "arch", "regs",
-                     "spills (B)", "smem (B)", "tensor-core MMA", "wgmma"],
+                     "spills (B)", "smem (B)", "tensor-core MMA", "wgmma",
+                     "PTX instr / FMA (CUDA-core loop)"],
                     [[r["kernel"], r["product"], r["dtype"], r["block"], r["config"], r["arch"],
                       r["regs"], r["spills"], r["smem"], "yes" if r["mma"] else "no",
-                      "yes" if r["wgmma"] else "no"] for r in rows])
+                      "yes" if r["wgmma"] else "no",
+                      "-" if r.get("loop_instr_per_fma") is None else r["loop_instr_per_fma"]]
+                     for r in rows])
     return lines + [""]
 
 

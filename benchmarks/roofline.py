@@ -26,10 +26,11 @@ cuBLAS efficiency); training step = 3 such GEMMs. Every assumption is a named co
 and printed into the report.
 
 CSR conv2d rows (ResNet-50's 3x3 layers, batch 32, bf16): the same gather accounting over
-[rows, BLOCK_P] tiles of shifted channel planes, plus the per-element index arithmetic of an
-implicit-GEMM gather (tap shift, padding bounds, address: CONV_INT_OPS, on the INT32 pipe at
-half the FP32 rate), the planar copies of the channels_last activations, dX's column expansion
-and dW's pixel splits; vs cuDNN = 2 P C^2 9 / (peak x cudnn_efficiency).
+[rows, BLOCK_P] tiles of shifted channel planes; the SM time of a gathered element is the
+compiled loop's PTX instructions per FMA (index arithmetic, padding bounds, masks: 18-36, the
+CSR linear's are ~6) at one warp instruction per scheduler and clock; plus the planar copies of
+the channels_last activations, dX's column expansion and dW's pixel splits; vs cuDNN =
+2 P C^2 9 / (peak x cudnn_efficiency).
 """
 from __future__ import annotations
 
@@ -58,7 +59,6 @@ GPUS = {
         program_overhead_clk=1500,    # per CTA: pipeline fill + epilogue latency (assumption)
         launch_us=4.0,                # per kernel launch (assumption)
         fp32_lanes=128,               # FP32 FMA lanes per SM per clock (CSR kernels: CUDA cores)
-        int32_lanes=64,               # INT32 lanes per SM per clock (datasheet: 16 per SMSP)
         issue_lanes=128,              # 4 schedulers x 1 warp instruction per clock
         cudnn_efficiency=0.5),        # cuDNN bf16 3x3 conv at ResNet-50 shapes, batch 32
                                       # (assumption: small GEMM N = C_out <= 512)
@@ -67,7 +67,7 @@ GPUS = {
         peak_tflops=312.0, cublas_efficiency=0.80, mma_sync_fraction=1.0,
         hbm_tbs=2.04, l2_tbs=4.5, l2_mb=40, smem_b_per_clk=128, smem_per_sm=164 * 1024,
         regs_per_sm=65536, step_overhead_clk=40, program_overhead_clk=1500, launch_us=4.0,
-        fp32_lanes=64, int32_lanes=64, issue_lanes=128, cudnn_efficiency=0.5),
+        fp32_lanes=64, issue_lanes=128, cudnn_efficiency=0.5),
 }
 
 
@@ -200,12 +200,9 @@ def csr_sddmm(gpu, facts, config, sparsity):
 # CSR conv2d (csr_conv_kernels.py): ResNet-50's 3x3 layers (stride 1, padding 1) at the batch
 # gpu_bench measures, channels_last activations as a sparse conv hands them on.
 CONV_BATCH = 32
-# Integer and float operations per element of a [rows, pixels] gather tile, counted from the
-# kernels' loop bodies (stride 1: triton specialises the stride arguments equal to 1, so dX's
-# divisions by the stride fold away): tap shift (2), bounds (4 compares, 5 ands), offset and
-# address (2); dW adds a second address (2) and the dY mask. Float: widen + FMA (dW: 2 widens).
-CONV_INT_OPS = {"forward": 13, "grad_input": 13, "grad_weight": 16}
-CONV_FP_OPS = {"forward": 2, "grad_input": 2, "grad_weight": 3}
+# SM cost of a gathered element: the PTX instructions per FMA of the compiled inner loop
+# (sparsekern.triton.aot, loop_instr_per_fma: index arithmetic, padding bounds, masks, loads,
+# widening, FMA) issued at issue_lanes per SM and clock.
 CONV_INDEX_BYTES = {"forward": 4 + ELEM, "grad_input": 12 + ELEM, "grad_weight": 8}
 
 
@@ -222,10 +219,7 @@ def csr_conv(gpu, facts, config, layer, sparsity, product):
     act = p * c * ELEM
     flops = 2 * p * nnz
     occ = _occupancy(gpu, facts, warps)
-    int_lanes, issue_lanes = gpu["int32_lanes"], gpu["issue_lanes"]
-    per_elem = max(CONV_INT_OPS[product] / int_lanes,
-                   (CONV_INT_OPS[product] + CONV_FP_OPS[product] + 1) / issue_lanes,
-                   CONV_FP_OPS[product] / gpu["fp32_lanes"])
+    per_elem = facts["loop_instr_per_fma"] / gpu["issue_lanes"]
     idx_b = CONV_INDEX_BYTES[product]
     if product == "grad_weight":
         be = config["BLOCK_E"]

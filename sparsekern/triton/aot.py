@@ -172,8 +172,24 @@ def compile_one(kernel: str, config_index: int, dtype: str, block, arch: int, pr
             regs=regs, spills=spills, smem=int(compiled.metadata.shared),
             wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx or "wgmma" in ptx,
             round_nearest=_rounds_to_nearest(ptx, dtype) if _stores_dtype(sig, dtype) else None,
+            loop_instr_per_fma=None if uses_tensor_cores(kernel, dtype) else
+            _loop_instructions_per_fma(ptx),
             compile_s=round(seconds, 2)))
     return rows
+
+
+def _loop_instructions_per_fma(ptx: str):
+    """PTX instructions per FMA in the basic block with the most FMAs (the gather kernels'
+    inner loop): the issue cost of one multiply-add with its index arithmetic, loads and
+    masks. PTX, not SASS: an integer division is one PTX instruction but ~20 SASS ones."""
+    blocks = re.split(r"\n\$L__BB\d+_\d+:", ptx)
+    body = max(blocks, key=lambda b: len(re.findall(r"\bfma\.rn", b)))
+    fmas = len(re.findall(r"\bfma\.rn", body))
+    if not fmas:
+        return None
+    instructions = [line for line in body.splitlines() if line.strip()
+                    and not line.strip().startswith(("//", ".", "$", "{", "}"))]
+    return round(len(instructions) / fmas, 1)
 
 
 def _stores_dtype(sig, dtype):

@@ -44,8 +44,12 @@ from sparsekern.triton.tuning import CONFIGS, all_configs, cfg, pruner
 # element and thread for the accumulator, the gathered values and the mask, and two for its
 # 64-bit addresses: at most 16 elements per thread (2048 per 4 warps). dW holds two gathered
 # tiles (dY and x) and spilled ~1 KB/thread at 32 per thread on sm_80/sm_90 (AOT report).
-_GATHER = [cfg(4, 2, BLOCK_R=16, BLOCK_P=128), cfg(4, 2, BLOCK_R=32, BLOCK_P=64),
-           cfg(8, 2, BLOCK_R=32, BLOCK_P=128)]
+# Forward/dX tiles are few rows x many pixels: a thread holds elements of every row of the
+# tile, so each row's decode (column -> channel, tap: integer divisions) is paid per row a
+# thread holds; 16 rows x 128 pixels cost 35 PTX instructions per FMA, 4 x 512 cost 20, 2 x
+# 1024 cost 18 (forward, sm_90).
+_GATHER = [cfg(4, 2, BLOCK_R=4, BLOCK_P=512), cfg(4, 2, BLOCK_R=2, BLOCK_P=1024),
+           cfg(8, 2, BLOCK_R=4, BLOCK_P=1024)]
 _SAMPLED = [cfg(4, 2, BLOCK_E=16, BLOCK_P=128), cfg(4, 2, BLOCK_E=32, BLOCK_P=64),
             cfg(8, 2, BLOCK_E=32, BLOCK_P=128)]
 CONFIGS.update({

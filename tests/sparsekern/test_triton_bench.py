@@ -92,16 +92,21 @@ def test_roofline_csr_conv_counts():
     dense = roofline.cudnn_conv_us(gpu, (c, hw))
     cfg = {"BLOCK_R": 16, "BLOCK_P": 128, "num_warps": 4}
     dw_cfg = {"BLOCK_E": 16, "BLOCK_P": 128, "num_warps": 4}
+    facts = dict(FACTS, loop_instr_per_fma=20.0)
     for s in (0.8, 0.9):
         nnz = round((1 - s) * c * c * 9)
-        fwd = roofline.csr_conv(gpu, FACTS, cfg, (c, hw), s, "forward")
-        dx = roofline.csr_conv(gpu, FACTS, cfg, (c, hw), s, "grad_input")
-        dw = roofline.csr_conv(gpu, FACTS, dw_cfg, (c, hw), s, "grad_weight")
+        fwd = roofline.csr_conv(gpu, facts, cfg, (c, hw), s, "forward")
+        dx = roofline.csr_conv(gpu, facts, cfg, (c, hw), s, "grad_input")
+        dw = roofline.csr_conv(gpu, facts, dw_cfg, (c, hw), s, "grad_weight")
         for r in (fwd, dx, dw):
             assert r["flops"] == 2 * p * nnz
             assert r["l2_bytes"] >= nnz * p * e
             assert r["time_us"] >= max(r["hbm_us"], r["l2_us"], r["sm_us"])
         assert fwd["hbm_bytes"] >= 4 * p * c * e  # transpose (read + write), read, write
         assert dense / fwd["time_us"] < 1 / (1 - s)
-    denser = roofline.csr_conv(gpu, FACTS, cfg, (c, hw), 0.8, "forward")
+    denser = roofline.csr_conv(gpu, facts, cfg, (c, hw), 0.8, "forward")
+    # the SM time follows the compiled loop's instruction count
+    leaner = roofline.csr_conv(gpu, dict(facts, loop_instr_per_fma=5.0), cfg, (c, hw), 0.9,
+                               "forward")
+    assert leaner["sm_us"] < fwd["sm_us"]
     assert denser["time_us"] > fwd["time_us"]
