@@ -325,6 +325,7 @@ SEMI_STRUCTURED_MULTIPLE = (32, 64)
 
 
 def check_nm(n, m, who: str) -> tuple[int, int]:
+    """(n, m) of an N:M pattern, checked: ints with 0 < n < m."""
     for name, v in (("n", n), ("m", m)):
         if not isinstance(v, int) or isinstance(v, bool):
             raise ValueError(f"{who}: {name} must be an int, got {v!r}")
@@ -385,7 +386,7 @@ class NM(_Format):
         if len(shape) not in (2, 4):
             raise ValueError(f"NM: shape must be (out, in) or (C_out, C_in, kh, kw), got {shape}")
         try:
-            n, m = (int(v) for v in nm)
+            n, m = nm
         except (TypeError, ValueError):
             raise ValueError(f"NM: nm must be a pair (n, m), got {nm!r}") from None
         self.n, self.m = check_nm(n, m, "NM")
