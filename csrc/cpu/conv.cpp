@@ -114,9 +114,13 @@ Tensor padded_nhwc(const Tensor& x, const Conv& c, int64_t channels) {
     const float* src = x.data_ptr<float>();
     float* dst = interior.data_ptr<float>();
     const int64_t C = x.size(1), image = C * c.H * c.W, padded_image = c.Hp() * c.Wp() * channels;
+    // Without width padding the interior rows are contiguous: one row of H*W pixels has fewer
+    // edge blocks than H rows of W (a 7x7 map: one instead of seven per 8 channels).
+    const bool flat = c.Wp() == c.W;
+    const int64_t H = flat ? 1 : c.H, W = flat ? c.H * c.W : c.W, Wp = flat ? W : c.Wp();
     at::parallel_for(0, c.N, 1, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n)
-        k->nchw_to_nhwc(src + n * image, C, c.H, c.W, dst + n * padded_image, c.Wp(), channels);
+        k->nchw_to_nhwc(src + n * image, C, H, W, dst + n * padded_image, Wp, channels);
     });
   } else {
     interior.narrow(3, 0, x.size(1)).copy_(nhwc);

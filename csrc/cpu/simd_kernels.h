@@ -129,8 +129,16 @@ SK_INLINE void transpose_block(const float* src, int64_t ld_src, int64_t rows, i
     for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + j * ld_dst, r[j]);
     return;
   }
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+  // Edge blocks (a 7x7 feature map has nothing else): masked loads and stores, which neither
+  // read nor write past the block, keep them in registers too.
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i col_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(cols)), lane);
+  const __m256i row_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(rows)), lane);
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i)
+    r[i] = i < rows ? _mm256_maskload_ps(src + i * ld_src, col_mask) : _mm256_setzero_ps();
+  transpose8(r);
+  for (int j = 0; j < cols; ++j) _mm256_maskstore_ps(dst + j * ld_dst, row_mask, r[j]);
 }
 
 // The one register tile: acc[r][v] += sum_t A(r, t) * B(t)[v-th vector], with a_at(r, t) the
