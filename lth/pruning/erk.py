@@ -53,8 +53,8 @@ def layer_densities(shapes: dict[str, tuple], density: float,
         budget = density * sum(sizes.values()) - sum(sizes[n] for n in dense)
         epsilon = budget / sum(raw[n] * sizes[n] for n in sparse)
         largest = max(raw[n] for n in sparse)
-        if largest * epsilon <= 1.0:
-            out = {n: raw[n] * epsilon for n in sparse}
+        if largest * epsilon <= 1.0 + 1e-12:  # rounding must not make a last layer "dense"
+            out = {n: min(1.0, raw[n] * epsilon) for n in sparse}
             out.update({n: 1.0 for n in dense})
             return {n: out[n] for n in shapes}
         # the layers that would pass density 1 become dense; the rest share what remains
