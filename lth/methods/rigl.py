@@ -149,7 +149,10 @@ class DynamicSparse(Method):
                 "dst_drop_fraction": c.dst.drop_fraction, "dst_updates": s["updates"],
                 "dst_swapped_weights": s["swapped"],
                 "dst_scores_ms": s["grad_s"] * ms, "dst_mask_ms": s["mask_s"] * ms,
-                "dst_repack_ms": s["repack_s"] * ms}
+                "dst_repack_ms": s["repack_s"] * ms,
+                # the updates' cost spread over the round: what it adds to step_ms_sparse
+                "dst_ms_per_step": 1e3 * (s["grad_s"] + s["mask_s"] + s["repack_s"])
+                / self.ctx.total_steps}
 
     def state_dict(self) -> dict:
         return dict(self.stats)

@@ -53,6 +53,8 @@ def test_small_rigl_experiment_runs_and_reports_its_updates(tmp_path):
     assert e["dst_swapped_weights"] > 0
     for key in ("dst_scores_ms", "dst_mask_ms", "dst_repack_ms"):
         assert e[key] > 0
+    per_update = e["dst_scores_ms"] + e["dst_mask_ms"] + e["dst_repack_ms"]
+    assert e["dst_ms_per_step"] == pytest.approx(per_update * e["dst_updates"] / total)
     assert e["sparse_layers"] == "2/2"  # trained on sparsekern's kernels
     assert all(v["chosen"] == "sparse" and v["format"] == "csr" for v in e["layers"].values())
     _masks_moved_with_constant_counts(run)
