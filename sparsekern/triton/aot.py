@@ -79,8 +79,8 @@ def _variants(kernel: str, dtype: str, block):
                    out_ptr=f"*{t}", P="i32", P_BUCKET="i32", **geo)
         return [("conv_grad_weight", sig, consts)]
     if kernel.startswith("csr_conv"):
-        geo = dict(H="i32", W="i32", OH="i32", OW="i32", NNZ="i32", KW="i32", TAPS="i32",
-                   SH="i32", SW="i32", PH="i32", PW="i32", DH="i32", DW="i32")
+        geo = dict(OH="i32", OW="i32", NNZ="i32", KW="i32", TAPS="i32", SH="i32", SW="i32",
+                   DH="i32", DW="i32")
         if kernel == "csr_conv_fwd":
             sig = dict(x_ptr=f"*{t}", v_ptr=f"*{t}", ptr_ptr="*i32", idx_ptr="*i32",
                        bias_ptr=f"*{t}", out_ptr=f"*{t}", P="i32", C_OUT="i32", P_BUCKET="i32",
@@ -88,13 +88,14 @@ def _variants(kernel: str, dtype: str, block):
             return [("conv_forward", sig, dict(HAS_BIAS=True, ACC_F64=False))]
         if kernel == "csr_conv_dx":
             sig = dict(dy_ptr=f"*{t}", v_ptr=f"*{t}", ptr_ptr="*i32", row_idx_ptr="*i32",
-                       perm_ptr="*i32", col_of_ptr="*i32", out_ptr=f"*{t}", Q="i32", C_IN="i32",
-                       Q_BUCKET="i32", stride_dn="i32", stride_dc="i32", stride_dh="i32", **geo)
+                       perm_ptr="*i32", col_of_ptr="*i32", out_ptr=f"*{t}", Q="i32", H="i32",
+                       W="i32", C_IN="i32", Q_BUCKET="i32", PH="i32", PW="i32",
+                       stride_dn="i32", stride_dc="i32", stride_dh="i32", **geo)
             return [("conv_grad_input", sig, dict(ACC_F64=False))]
         sig = dict(dy_ptr=f"*{t}", x_ptr=f"*{t}", row_of_ptr="*i32", col_idx_ptr="*i32",
                    partial_ptr="*fp32", P="i32", P_BUCKET="i32", P_PER_SPLIT="i32",
                    stride_xn="i32", stride_xc="i32", stride_xh="i32", stride_dn="i32",
-                   stride_dc="i32", stride_dh="i32", **geo)
+                   stride_dc="i32", **geo)
         return [("conv_grad_weight", sig, dict(ACC_F64=False))]
     if kernel == "csr_sddmm":
         sig = dict(dyT_ptr=f"*{t}", xT_ptr=f"*{t}", row_of_ptr="*i32", col_idx_ptr="*i32",

@@ -12,17 +12,24 @@ per channel with a vector of BLOCK_P pixels of *one* input channel at one tap. T
 contiguous in a channel-planar (NCHW) activation, so the gather is coalesced (a warp reads 32
 consecutive pixels of one plane); in NHWC consecutive pixels of one channel lie C_in elements
 apart and every gathered element would cost its own 32-byte sector. The launchers therefore run
-the gathers on the planar activation (NCHW input is used as is; channels_last input costs one
-transposing copy, like the CSR linear kernels' transposed activation) and write the ops'
-channels_last outputs (BLOCK_R contiguous channels per pixel). The planes of the kept input
-channels are re-read by every row group and stay in L2. A program walks only the kept entries
+the gathers on the planar activation (channels_last input costs one transposing copy, like the
+CSR linear kernels' transposed activation) and write the ops' channels_last outputs. Forward
+and dW read x zero-padded in that same copy, so every tap of every output pixel is in bounds
+and a gathered element costs an address add, a load, a widening and an FMA (sm_90 PTX: 9-11
+instructions per FMA with the loop's share of the row decode; 18-20 with per-element padding
+bounds, 25-36 for the dW before its 2-D accumulator). dX keeps its bounds and stride tests
+(30 per FMA; triton specialises a stride of 1, which folds the divisions away at run time).
+Tiles are few channels x many pixels because a thread holds elements of every channel of its
+tile: a channel's column decode (integer divisions) is paid per channel a thread holds. The
+planes of the kept input channels are re-read by every channel group and stay in L2. A
+program walks only the kept entries
 of its rows (the format's row_ptr / col_idx; dX: the transposed col_ptr / row_idx / perm, where
 the columns of input channel ci are the contiguous range [ci*taps, (ci+1)*taps)): an empty row
 writes the bias (or zeros) and costs one loop test.
 
 dW is sampled at kept positions only: one program per BLOCK_E consecutive entries (mostly one
 output channel, so its dY plane is shared in L1) and one slice of the pixels; the dot of the dY
-plane with the shifted input plane is reduced over BLOCK_P pixels at a time. The pixel axis
+plane with the shifted input plane is accumulated per pixel lane and reduced once. The pixel axis
 (N*OH*OW, up to 10^5 for ResNet stems) is split over the grid's second axis so that a layer
 with few kept weights still fills the GPU; the per-split partial sums are added by the launcher
 (deterministic, no atomics).
@@ -44,10 +51,9 @@ from sparsekern.triton.tuning import CONFIGS, all_configs, cfg, pruner
 # element and thread for the accumulator, the gathered values and the mask, and two for its
 # 64-bit addresses: at most 16 elements per thread (2048 per 4 warps). dW holds two gathered
 # tiles (dY and x) and spilled ~1 KB/thread at 32 per thread on sm_80/sm_90 (AOT report).
-# Forward/dX tiles are few rows x many pixels: a thread holds elements of every row of the
-# tile, so each row's decode (column -> channel, tap: integer divisions) is paid per row a
-# thread holds; 16 rows x 128 pixels cost 35 PTX instructions per FMA, 4 x 512 cost 20, 2 x
-# 1024 cost 18 (forward, sm_90).
+# Forward/dX tiles are few rows x many pixels (module docstring): with per-element padding
+# bounds, 16 rows x 128 pixels cost 35 PTX instructions per FMA, 4 x 512 cost 20, 2 x 1024 18
+# (forward, sm_90).
 _GATHER = [cfg(4, 2, BLOCK_R=4, BLOCK_P=512), cfg(4, 2, BLOCK_R=2, BLOCK_P=1024),
            cfg(8, 2, BLOCK_R=4, BLOCK_P=1024)]
 _SAMPLED = [cfg(4, 2, BLOCK_E=16, BLOCK_P=128), cfg(4, 2, BLOCK_E=32, BLOCK_P=64),
@@ -68,13 +74,14 @@ DW_MAX_BLOCK_P = max(c.kwargs["BLOCK_P"] for c in _SAMPLED)
                  prune_configs_by=pruner("csr_conv_fwd"))
 @triton.jit
 def csr_conv_fwd_kernel(x_ptr, v_ptr, ptr_ptr, idx_ptr, bias_ptr, out_ptr,
-                        P, H, W, OH, OW, C_OUT, NNZ, P_BUCKET, KW, TAPS,
-                        SH, SW, PH, PW, DH, DW, stride_xn, stride_xc, stride_xh,
+                        P, OH, OW, C_OUT, NNZ, P_BUCKET, KW, TAPS, SH, SW, DH, DW,
+                        stride_xn, stride_xc, stride_xh,
                         HAS_BIAS: tl.constexpr, ACC_F64: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
     """out[p, co] = sum over kept entries (ci, dh, dw) of row co:
-    v * x[n(p), ci, oh(p)*SH - PH + dh*DH, ow(p)*SW - PW + dw*DW]  (+ bias[co]).
-    x planar with unit W stride; out channels_last ([P, C_OUT])."""
+    v * xpad[n(p), ci, oh(p)*SH + dh*DH, ow(p)*SW + dw*DW]  (+ bias[co]).
+    xpad: the input zero-padded, planar, unit W stride (every tap in bounds: no bounds test
+    per element); out channels_last ([P, C_OUT])."""
     pid_r, pid_p = channel_group_and_pixel_tile(C_OUT, BLOCK_R)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rows < C_OUT
@@ -82,11 +89,8 @@ def csr_conv_fwd_kernel(x_ptr, v_ptr, ptr_ptr, idx_ptr, bias_ptr, out_ptr,
     length = tl.load(ptr_ptr + rows + 1, mask=r_ok, other=0) - start
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < P
-    n = offs_p // (OH * OW)
     rem = offs_p % (OH * OW)
-    ih0 = (rem // OW) * SH - PH
-    iw0 = (rem % OW) * SW - PW
-    base = n * stride_xn + ih0 * stride_xh + iw0
+    base = (offs_p // (OH * OW)) * stride_xn + (rem // OW) * SH * stride_xh + (rem % OW) * SW
     if ACC_F64:
         acc = tl.zeros((BLOCK_R, BLOCK_P), dtype=tl.float64)
     else:
@@ -97,13 +101,9 @@ def csr_conv_fwd_kernel(x_ptr, v_ptr, ptr_ptr, idx_ptr, bias_ptr, out_ptr,
         col = tl.load(idx_ptr + e, mask=live, other=0)
         v = tl.load(v_ptr + e, mask=live, other=0.0).to(acc.dtype)
         tap = col % TAPS
-        dh = (tap // KW) * DH
-        dw = (tap % KW) * DW
-        ih = ih0[None, :] + dh[:, None]
-        iw = iw0[None, :] + dw[:, None]
-        ok = (live[:, None] & p_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
-        off = (col // TAPS) * stride_xc + dh * stride_xh + dw
-        s = tl.load(x_ptr + base[None, :] + off[:, None], mask=ok, other=0.0)
+        off = (col // TAPS) * stride_xc + (tap // KW) * DH * stride_xh + (tap % KW) * DW
+        s = tl.load(x_ptr + base[None, :] + off[:, None], mask=live[:, None] & p_ok[None, :],
+                    other=0.0)
         acc += v[:, None] * s.to(acc.dtype)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=r_ok, other=0.0)[:, None].to(acc.dtype)
@@ -164,49 +164,39 @@ def csr_conv_dx_kernel(dy_ptr, v_ptr, ptr_ptr, row_idx_ptr, perm_ptr, col_of_ptr
                  prune_configs_by=pruner("csr_conv_dw"))
 @triton.jit
 def csr_conv_dw_kernel(dy_ptr, x_ptr, row_of_ptr, col_idx_ptr, partial_ptr,
-                       P, H, W, OH, OW, NNZ, P_BUCKET, P_PER_SPLIT, KW, TAPS,
-                       SH, SW, PH, PW, DH, DW, stride_xn, stride_xc, stride_xh,
-                       stride_dn, stride_dc, stride_dh,
+                       P, OH, OW, NNZ, P_BUCKET, P_PER_SPLIT, KW, TAPS, SH, SW, DH, DW,
+                       stride_xn, stride_xc, stride_xh, stride_dn, stride_dc,
                        ACC_F64: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr):
     """partial[split, e] = sum over the split's output pixels p of
-    dY[n, co(e), oh, ow] * x[n, ci(e), oh*SH - PH + dh(e)*DH, ow*SW - PW + dw(e)*DW].
-    dY and x planar with unit W stride; partial is [splits, NNZ] in the accumulator type."""
+    dY[n, co(e), oh, ow] * xpad[n, ci(e), oh*SH + dh(e)*DH, ow*SW + dw(e)*DW].
+    xpad as in the forward; dY planar and contiguous per image; partial is [splits, NNZ] in
+    the accumulator type."""
     offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     split = tl.program_id(1)
     e_ok = offs_e < NNZ
-    co = tl.load(row_of_ptr + offs_e, mask=e_ok, other=0)
     col = tl.load(col_idx_ptr + offs_e, mask=e_ok, other=0)
     tap = col % TAPS
-    dh = (tap // KW) * DH
-    dw = (tap % KW) * DW
-    x_off = (col // TAPS) * stride_xc + dh * stride_xh + dw
-    dy_off = co * stride_dc
+    x_off = (col // TAPS) * stride_xc + (tap // KW) * DH * stride_xh + (tap % KW) * DW
+    dy_off = tl.load(row_of_ptr + offs_e, mask=e_ok, other=0) * stride_dc
     p_begin = split * P_PER_SPLIT
     p_end = tl.minimum(P, p_begin + P_PER_SPLIT)
+    # per-lane partial sums, reduced across the pixel lanes once after the loop (a reduction
+    # per chunk costs warp shuffles every step)
     if ACC_F64:
-        acc = tl.zeros((BLOCK_E, ), dtype=tl.float64)
+        acc = tl.zeros((BLOCK_E, BLOCK_P), dtype=tl.float64)
     else:
-        acc = tl.zeros((BLOCK_E, ), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_E, BLOCK_P), dtype=tl.float32)
     for p0 in range(p_begin, p_end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
-        p_ok = offs_p < p_end
+        ok = e_ok[:, None] & (offs_p < p_end)[None, :]
         n = offs_p // (OH * OW)
         rem = offs_p % (OH * OW)
-        oh = rem // OW
-        ow = rem % OW
-        ih0 = oh * SH - PH
-        iw0 = ow * SW - PW
-        ih = ih0[None, :] + dh[:, None]
-        iw = iw0[None, :] + dw[:, None]
-        ok = (e_ok[:, None] & p_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
-        n64 = n
-        x_base = n64 * stride_xn + ih0 * stride_xh + iw0
-        dy_base = n64 * stride_dn + oh * stride_dh + ow
-        a = tl.load(dy_ptr + dy_base[None, :] + dy_off[:, None],
-                    mask=e_ok[:, None] & p_ok[None, :], other=0.0)
+        x_base = n * stride_xn + (rem // OW) * SH * stride_xh + (rem % OW) * SW
+        a = tl.load(dy_ptr + (n * stride_dn + rem)[None, :] + dy_off[:, None], mask=ok,
+                    other=0.0)
         b = tl.load(x_ptr + x_base[None, :] + x_off[:, None], mask=ok, other=0.0)
-        acc += tl.sum(a.to(acc.dtype) * b.to(acc.dtype), axis=1)
-    tl.store(partial_ptr + split.to(tl.int64) * NNZ + offs_e, acc, mask=e_ok)
+        acc += a.to(acc.dtype) * b.to(acc.dtype)
+    tl.store(partial_ptr + split.to(tl.int64) * NNZ + offs_e, tl.sum(acc, axis=1), mask=e_ok)
 
 
 KERNELS = {

@@ -446,20 +446,33 @@ def bsr_conv2d_grad_weight(grad_out, x, block_row_ptr, block_col_idx, kernel_siz
 # ---- CSR conv2d (implicit GEMM, gathers on the channel-planar activation) -----------------------
 #
 # The gathers read one input channel plane at a time (why: csr_conv_kernels.py), so the
-# launchers hand the kernels NCHW-contiguous activations (a no-op for NCHW input, one transpose
-# for channels_last) and allocate the ops' channels_last outputs.
+# launchers hand the kernels NCHW-contiguous activations and allocate the ops' channels_last
+# outputs. The forward and dW read x zero-padded (one copy, which a channels_last x needs for
+# the planar layout anyway), so their gathers test no padding bounds per element.
+
+def _padded_planar(x, ph, pw):
+    """x [N, C, H, W] (any layout) as a contiguous NCHW tensor with ph / pw zero rows and
+    columns on each side."""
+    if ph == 0 and pw == 0:
+        return x.contiguous()
+    n, c, h, w = x.shape
+    padded = x.new_zeros(n, c, h + 2 * ph, w + 2 * pw)
+    padded[:, :, ph:ph + h, pw:pw + w] = x
+    return padded
+
 
 def _csr_conv_index(op, ptr_name, ptr, idx_name, idx, rows, cols, nnz):
     _check_ptr(op, ptr_name, ptr, rows, nnz)
     _check_index(op, idx_name, idx, nnz, cols)
 
 
-def _int32_offsets(op, **tensors):
-    """The CSR conv kernels address activations with 32-bit offsets (csr_conv_kernels.py)."""
-    for name, t in tensors.items():
-        if t.numel() >= 2**31:
-            raise ValueError(f"{op}: {name} has {t.numel()} elements; the CSR conv kernels "
-                             "index it with 32-bit offsets (at most 2**31 - 1): split the batch")
+def _int32_offsets(op, elements: dict):
+    """The CSR conv kernels address activations with 32-bit offsets (csr_conv_kernels.py);
+    `elements`: {what: element count}."""
+    for name, numel in elements.items():
+        if numel >= 2**31:
+            raise ValueError(f"{op}: {name} has {numel} elements; the CSR conv kernels index "
+                             "it with 32-bit offsets (at most 2**31 - 1): split the batch")
 
 
 def _csr_conv_values(op, values, dtype):
@@ -490,19 +503,21 @@ def csr_conv2d(x, values, row_ptr, col_idx, col_ptr, row_idx, perm, bias, out_ch
             raise ValueError(f"{op}: bias must have {cout} entries, got {bias.shape[0]}")
         bias = bias.contiguous()
     out = torch.empty(nimg, cout, oh, ow, dtype=x.dtype, device=x.device, memory_format=CL)
-    _int32_offsets(op, x=x, output=out)
+    sh, sw, ph, pw, dh, dw = geo
+    _int32_offsets(op, {"the padded x": nimg * cin * (h + 2 * ph) * (w + 2 * pw),
+                        "the output": out.numel()})
     p = nimg * oh * ow
     if p == 0 or cout == 0:
         return out
-    x = x.contiguous()
+    xp = _padded_planar(x, ph, pw)
 
     def grid(meta):
         return (triton.cdiv(cout, meta["BLOCK_R"]) * triton.cdiv(p, meta["BLOCK_P"]),)
 
     CK.csr_conv_fwd_kernel[grid](
-        x, values, row_ptr, col_idx, bias if bias is not None else x, out,
-        p, h, w, oh, ow, cout, nnz, _bucket(p), kw, kh * kw, *geo,
-        x.stride(0), x.stride(1), x.stride(2),
+        xp, values, row_ptr, col_idx, bias if bias is not None else xp, out,
+        p, oh, ow, cout, nnz, _bucket(p), kw, kh * kw, sh, sw, dh, dw,
+        xp.stride(0), xp.stride(1), xp.stride(2),
         HAS_BIAS=bias is not None, ACC_F64=x.dtype == torch.float64)
     return out
 
@@ -528,7 +543,7 @@ def csr_conv2d_grad_input(grad_out, values, col_ptr, row_idx, perm, input_size, 
     _check_index(op, "perm", perm, nnz, nnz)
     out = torch.empty(nimg, cin, h, w, dtype=grad_out.dtype, device=grad_out.device,
                       memory_format=CL)
-    _int32_offsets(op, grad_out=grad_out, output=out)
+    _int32_offsets(op, {"grad_out": grad_out.numel(), "the output": out.numel()})
     q = nimg * h * w
     if q == 0 or cin == 0:
         return out
@@ -576,13 +591,15 @@ def csr_conv2d_grad_weight(grad_out, x, row_ptr, col_idx, kernel_size, stride, p
         raise ValueError(f"{op}: grad_out must be {[nimg, cout, oh, ow]} for x "
                          f"{list(x.shape)}, got {list(grad_out.shape)}")
     _csr_conv_index(op, "row_ptr", row_ptr, "col_idx", col_idx, cout, cin * kh * kw, nnz)
-    _int32_offsets(op, x=x, grad_out=grad_out)
+    sh, sw, ph, pw, dh, dw = geo
+    _int32_offsets(op, {"the padded x": nimg * cin * (h + 2 * ph) * (w + 2 * pw),
+                        "grad_out": grad_out.numel()})
     p = nimg * oh * ow
     if nnz == 0:
         return torch.empty(0, dtype=x.dtype, device=x.device)
     if p == 0:
         return torch.zeros(nnz, dtype=x.dtype, device=x.device)
-    x, dy = x.contiguous(), grad_out.contiguous()
+    xp, dy = _padded_planar(x, ph, pw), grad_out.contiguous()
     per_split, splits = dw_pixel_splits(p, nnz)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     partial = torch.empty(splits, nnz, dtype=acc, device=x.device)
@@ -591,9 +608,9 @@ def csr_conv2d_grad_weight(grad_out, x, row_ptr, col_idx, kernel_size, stride, p
         return (triton.cdiv(nnz, meta["BLOCK_E"]), splits)
 
     CK.csr_conv_dw_kernel[grid](
-        dy, x, _rows_of(row_ptr, nnz), col_idx, partial,
-        p, h, w, oh, ow, nnz, _bucket(p), per_split, kw, kh * kw, *geo,
-        x.stride(0), x.stride(1), x.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
+        dy, xp, _rows_of(row_ptr, nnz), col_idx, partial,
+        p, oh, ow, nnz, _bucket(p), per_split, kw, kh * kw, sh, sw, dh, dw,
+        xp.stride(0), xp.stride(1), xp.stride(2), dy.stride(0), dy.stride(1),
         ACC_F64=acc == torch.float64)
     return partial.sum(0).to(x.dtype)
 
