@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from _lth_helpers import TINY, load, run_inprocess
-from lth import train
+from lth import precision, train
 
 ARGS = TINY + ["--branches", "none", "--rounds", "1", "--epochs", "2"]
 
@@ -35,7 +35,7 @@ def test_bf16_autocast_trains_masked_dense_on_cpu(tmp_path):
 def test_bf16_autocast_on_sparse_kernels(tmp_path, capsys):
     cpu = torch.device("cpu")
     lib = None
-    if not train.sparse_kernels_autocast(cpu, "bf16"):
+    if not precision.sparse_kernels_autocast(cpu, "bf16"):
         # until sparsekern registers its ops for autocast: refused before any work
         code = train.main(ARGS + ["--autocast", "bf16", "--runs-dir", str(tmp_path / "no")])
         assert code == 2
@@ -45,7 +45,7 @@ def test_bf16_autocast_on_sparse_kernels(tmp_path, capsys):
         lib = torch.library.Library("sparsekern", "IMPL")  # the registration it needs
         for op in ("bsr_linear", "csr_linear", "bsr_conv2d", "csr_conv2d"):
             torch.library.register_autocast(f"sparsekern::{op}", "cpu", torch.bfloat16, lib=lib)
-        assert train.sparse_kernels_autocast(cpu, "bf16")
+        assert precision.sparse_kernels_autocast(cpu, "bf16")
     try:
         run = run_inprocess(ARGS + ["--autocast", "bf16", "--sparse-policy", "sparse",
                                     "--model", "lenet5", "--rewind", "init"], tmp_path)
