@@ -91,7 +91,8 @@ def _variants(kernel: str, dtype: str, block):
                        perm_ptr="*i32", col_of_ptr="*i32", out_ptr=f"*{t}", Q="i32", H="i32",
                        W="i32", C_IN="i32", Q_BUCKET="i32", PH="i32", PW="i32",
                        stride_dn="i32", stride_dc="i32", stride_dh="i32", **geo)
-            return [("conv_grad_input", sig, dict(ACC_F64=False))]
+            return [("conv_grad_input", sig, dict(UNIT_STRIDE=True, ACC_F64=False)),
+                    ("conv_grad_input_strided", sig, dict(UNIT_STRIDE=False, ACC_F64=False))]
         sig = dict(dy_ptr=f"*{t}", x_ptr=f"*{t}", row_of_ptr="*i32", col_idx_ptr="*i32",
                    partial_ptr="*fp32", P="i32", P_BUCKET="i32", P_PER_SPLIT="i32",
                    stride_xn="i32", stride_xc="i32", stride_xh="i32", stride_dn="i32",

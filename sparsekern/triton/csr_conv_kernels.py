@@ -17,8 +17,9 @@ CSR linear kernels' transposed activation) and write the ops' channels_last outp
 and dW read x zero-padded in that same copy, so every tap of every output pixel is in bounds
 and a gathered element costs an address add, a load, a widening and an FMA (sm_90 PTX: 9-11
 instructions per FMA with the loop's share of the row decode; 18-20 with per-element padding
-bounds, 25-36 for the dW before its 2-D accumulator). dX keeps its bounds and stride tests
-(30 per FMA; triton specialises a stride of 1, which folds the divisions away at run time).
+bounds, 25-36 for the dW before its 2-D accumulator). dX at stride 1 reads dY padded by the
+kernel's reach (11-14 per FMA); at other strides it tests bounds and stride divisibility per
+element (30-35).
 Tiles are few channels x many pixels because a thread holds elements of every channel of its
 tile: a channel's column decode (integer divisions) is paid per channel a thread holds. The
 planes of the kept input channels are re-read by every channel group and stay in L2. A
@@ -112,17 +113,20 @@ def csr_conv_fwd_kernel(x_ptr, v_ptr, ptr_ptr, idx_ptr, bias_ptr, out_ptr,
 
 
 @triton.autotune(configs=all_configs("csr_conv_dx"),
-                 key=["Q_BUCKET", "C_IN", "TAPS", "NNZ"],
+                 key=["Q_BUCKET", "C_IN", "TAPS", "NNZ", "UNIT_STRIDE"],
                  prune_configs_by=pruner("csr_conv_dx"))
 @triton.jit
 def csr_conv_dx_kernel(dy_ptr, v_ptr, ptr_ptr, row_idx_ptr, perm_ptr, col_of_ptr, out_ptr,
                        Q, H, W, C_IN, OH, OW, NNZ, Q_BUCKET, KW, TAPS,
                        SH, SW, PH, PW, DH, DW, stride_dn, stride_dc, stride_dh,
-                       ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+                       UNIT_STRIDE: tl.constexpr, ACC_F64: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
     """dX[q, ci] = sum over kept entries (co, dh, dw) of the columns of input channel ci:
     v * dY[n(q), co, oh, ow] where oh*SH - PH + dh*DH = ih(q) (and the same for w).
-    Transposed entry e: row row_idx[e], column col_of[e], value v[perm[e]].
-    dY planar with unit W stride; dX channels_last ([Q, C_IN])."""
+    Transposed entry e: row row_idx[e], column col_of[e], value v[perm[e]]. dX channels_last
+    ([Q, C_IN]). dY planar with unit W stride; UNIT_STRIDE: padded by (KH-1)*DH - PH rows and
+    (KW-1)*DW - PW columns on each side (cropped where negative), so that every tap of every
+    input pixel reads inside it (no bounds or stride tests per element)."""
     pid_c, pid_q = channel_group_and_pixel_tile(C_IN, BLOCK_R)
     chans = pid_c * BLOCK_R + tl.arange(0, BLOCK_R)
     c_ok = chans < C_IN
@@ -132,9 +136,14 @@ def csr_conv_dx_kernel(dy_ptr, v_ptr, ptr_ptr, row_idx_ptr, perm_ptr, col_of_ptr
     q_ok = offs_q < Q
     n = offs_q // (H * W)
     rem = offs_q % (H * W)
-    th0 = rem // W + PH
-    tw0 = rem % W + PW
-    base = n * stride_dn
+    if UNIT_STRIDE:
+        base = n * stride_dn + (rem // W) * stride_dh + rem % W
+        last_h = (TAPS // KW - 1) * DH
+        last_w = (KW - 1) * DW
+    else:
+        th0 = rem // W + PH
+        tw0 = rem % W + PW
+        base = n * stride_dn
     if ACC_F64:
         acc = tl.zeros((BLOCK_R, BLOCK_P), dtype=tl.float64)
     else:
@@ -146,14 +155,20 @@ def csr_conv_dx_kernel(dy_ptr, v_ptr, ptr_ptr, row_idx_ptr, perm_ptr, col_of_ptr
         tap = tl.load(col_of_ptr + e, mask=live, other=0) % TAPS
         v = tl.load(v_ptr + tl.load(perm_ptr + e, mask=live, other=0), mask=live,
                     other=0.0).to(acc.dtype)
-        th = th0[None, :] - ((tap // KW) * DH)[:, None]
-        tw = tw0[None, :] - ((tap % KW) * DW)[:, None]
-        oh = th // SH
-        ow = tw // SW
-        ok = (live[:, None] & q_ok[None, :] & (th >= 0) & (tw >= 0) & (th % SH == 0)
-              & (tw % SW == 0) & (oh < OH) & (ow < OW))
-        off = co[:, None] * stride_dc + oh * stride_dh + ow
-        g = tl.load(dy_ptr + base[None, :] + off, mask=ok, other=0.0)
+        if UNIT_STRIDE:
+            off = (co * stride_dc + (last_h - (tap // KW) * DH) * stride_dh
+                   + last_w - (tap % KW) * DW)
+            g = tl.load(dy_ptr + base[None, :] + off[:, None],
+                        mask=live[:, None] & q_ok[None, :], other=0.0)
+        else:
+            th = th0[None, :] - ((tap // KW) * DH)[:, None]
+            tw = tw0[None, :] - ((tap % KW) * DW)[:, None]
+            oh = th // SH
+            ow = tw // SW
+            ok = (live[:, None] & q_ok[None, :] & (th >= 0) & (tw >= 0) & (th % SH == 0)
+                  & (tw % SW == 0) & (oh < OH) & (ow < OW))
+            off = co[:, None] * stride_dc + oh * stride_dh + ow
+            g = tl.load(dy_ptr + base[None, :] + off, mask=ok, other=0.0)
         acc += v[:, None] * g.to(acc.dtype)
     tl.store(out_ptr + offs_q[None, :] * C_IN + chans[:, None],
              acc.to(out_ptr.dtype.element_ty), mask=c_ok[:, None] & q_ok[None, :])

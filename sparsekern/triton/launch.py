@@ -547,7 +547,16 @@ def csr_conv2d_grad_input(grad_out, values, col_ptr, row_idx, perm, input_size, 
     q = nimg * h * w
     if q == 0 or cin == 0:
         return out
-    dy = grad_out.contiguous()
+    sh, sw, ph, pw, dh, dw = geo
+    unit_stride = sh == 1 and sw == 1
+    if unit_stride:  # dY padded by the kernel's reach less the padding (cropped where that
+        # is negative): every tap of every input pixel then reads inside it
+        pad_h, pad_w = (kh - 1) * dh - ph, (kw - 1) * dw - pw
+        _int32_offsets(op, {"the padded grad_out": nimg * cout * (oh + 2 * pad_h) *
+                            (ow + 2 * pad_w)})
+        dy = torch.nn.functional.pad(grad_out.contiguous(), (pad_w, pad_w, pad_h, pad_h))
+    else:
+        dy = grad_out.contiguous()
     # the column (hence the tap) of every transposed entry: the op has no col_idx
     col_of = _rows_of(col_ptr, nnz)
 
@@ -557,7 +566,8 @@ def csr_conv2d_grad_input(grad_out, values, col_ptr, row_idx, perm, input_size, 
     CK.csr_conv_dx_kernel[grid](
         dy, values, col_ptr, row_idx, perm, col_of, out,
         q, h, w, cin, oh, ow, nnz, _bucket(q), kw, taps, *geo,
-        dy.stride(0), dy.stride(1), dy.stride(2), ACC_F64=dy.dtype == torch.float64)
+        dy.stride(0), dy.stride(1), dy.stride(2), UNIT_STRIDE=unit_stride,
+        ACC_F64=dy.dtype == torch.float64)
     return out
 
 

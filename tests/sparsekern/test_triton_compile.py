@@ -62,7 +62,9 @@ def test_every_kernel_config_arch_compiled(report):
                         ("csr_spmm", "grad_input"), ("csr_sddmm", "grad_weight"),
                         ("bsr_conv_fwd", "conv_forward"), ("bsr_conv_dx", "conv_grad_input"),
                         ("bsr_conv_dw", "conv_grad_weight"), ("csr_conv_fwd", "conv_forward"),
-                        ("csr_conv_dx", "conv_grad_input"), ("csr_conv_dw", "conv_grad_weight")}
+                        ("csr_conv_dx", "conv_grad_input"),
+                        ("csr_conv_dx", "conv_grad_input_strided"),
+                        ("csr_conv_dw", "conv_grad_weight")}
     assert {r["block"] for r in rows if r["kernel"].startswith("bsr")} == set(blocks)
 
 

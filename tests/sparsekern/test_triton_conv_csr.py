@@ -1,10 +1,10 @@
 """The Triton CSR (unstructured) conv2d kernels (sparsekern/triton/csr_conv_kernels.py) in the
 Triton interpreter through the backend switch, against the float64 reference: forward, dX and
 dW at kept positions x float32/float16/bfloat16 (and float64 once) on small problems with
-padding, stride 2, dilation, rectangular, 1x1 and 3x3 kernels, empty rows and columns, all-kept
-and all-pruned weights and a dW split over several pixel ranges, on NaN-poisoned outputs;
-gradcheck in float64, opcheck, the public API (sk.conv2d, SparseConv2d, sparsify, torch.compile)
-and bad input.
+padding (also beyond the kernel's reach), stride 2, dilation, rectangular, 1x1 and 3x3 kernels,
+empty rows and columns, all-kept and all-pruned weights and a dW split over several pixel
+ranges, on NaN-poisoned outputs; gradcheck in float64, opcheck, the public API (sk.conv2d,
+SparseConv2d, sparsify, torch.compile) and bad input.
 
 bfloat16 runs here (unlike the BSR kernels, triton #11584): these kernels use no tl.dot. The
 interpreter stores bf16 by truncation (a GPU rounds to nearest: test_triton_compile.py), so a
@@ -33,6 +33,8 @@ CASES = {
     "3x3_pad_ragged_empty": (2, 5, 7, (6, 5), 3, 1, 1, 1, 0.6, True),
     "stride2_dilated_rect": (2, 4, 9, (7, 8), (3, 2), 2, (1, 0), (1, 2), 0.5, False),
     "1x1_all_kept": (2, 6, 5, (4, 3), 1, 1, 0, 1, 0.0, False),
+    # stride 1 with padding beyond the kernel's reach in w: dX crops dY there, pads it in h
+    "unit_stride_overpadded": (1, 3, 5, (4, 5), (3, 1), 1, (3, 1), (2, 1), 0.4, False),
     "all_pruned": (1, 3, 4, (5, 5), 3, 1, 1, 1, 1.0, False),
     "dw_pixel_splits": (2, 2, 17, (24, 24), 3, 1, 1, 1, 0.8, False),
 }
