@@ -16,7 +16,9 @@ DESCRIPTION = """\
 Find lottery tickets with iterative magnitude pruning (IMP) and rewinding, train them on
 sparsekern's sparse kernels, and run the sanity-check baselines. With no arguments: IMP with
 weight rewinding on scikit-learn's digits, mlp 64-1536-1536-10, 14 rounds of 20% pruning
-(95.6% sparse) plus a random-reinit branch at the last round.
+(95.6% sparse) plus a random-reinit branch at the last round. Other methods (--method): oneshot,
+kd (KD ticket), rst (dual LTH), rigl / set (dynamic sparse training); a method's own settings
+are in its section below. Small and paper-scale configs: lth/experiments/*.yaml.
 
 Outputs go to <runs-dir>/<name>-<hash of the non-default settings>/; rerunning the same command
 resumes after the last finished epoch, and a finished run is reported, not redone.

@@ -600,11 +600,16 @@ def validate(c: Config) -> None:
             fl = Flag(section, {f.name: f for f in dataclasses.fields(SECTIONS[section])}[
                 key.split(".")[1]])
             _fail(fl.option, f"applies to --method {' or '.join(SECTION_METHODS[section])} only")
+    if not method.rewinds:
+        rewinders = " or ".join(n for n in METHODS.names() if METHODS.get(n).rewinds)
+        for key, flag in (("method.rewind", "--rewind"), ("method.rewind_to", "--rewind-to")):
+            if key in c.non_default():
+                _fail(flag, f"applies to --method {rewinders} only ({m.name} does not rewind)")
     method.check(c)
     for name in MODIFIERS.names():
         if MODIFIERS.get(name).enabled(c):
             MODIFIERS.get(name).check(c)
-    if m.rewind in ("weights", "lr") and last_round(c) >= 1:
+    if m.rewind in ("weights", "lr") and method.rewinds and last_round(c) >= 1:
         k, unit = int(m.rewind_to[:-2]), m.rewind_to[-2:]
         if unit == "ep" and k >= t.epochs:
             _fail("--rewind-to", f"{m.rewind_to} is not before the end of training "

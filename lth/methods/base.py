@@ -143,7 +143,7 @@ class RunContext:
     prunable: list[str]
     template: nn.Module  # the run's initialisation (seed "init"); never trained
     fresh_model: Callable[[int], nn.Module]  # seed -> plain dense model on the CPU
-    phase_masks: Callable[[Phase], dict]  # masks a finished or current phase trains (round 0: {})
+    phase_masks: Callable[[Phase], dict]  # the masks a finished phase ended with (round 0: {})
     final_state: Callable[[Phase], dict]  # dense weights at the end of a finished phase
     rewind_state: Callable[[], dict]  # the weights saved at the rewind point (Method.rewind_step)
     trained_model: Callable[[Phase], nn.Module]  # a finished phase's model, packed, on device
@@ -211,6 +211,8 @@ class Method(Hooks):
 
     # whether --target-sparsity means something to this method
     takes_target_sparsity = False
+    # whether --rewind / --rewind-to mean something to this method
+    rewinds = False
 
     @classmethod
     def last_round(cls, config) -> int:

@@ -22,6 +22,8 @@ def rewind_step(c, steps_per_epoch: int) -> int:
 class IMP(Method):
     """Every round removes --prune-fraction of what remains."""
 
+    rewinds = True
+
     @classmethod
     def last_round(cls, c) -> int:
         return c.method.rounds

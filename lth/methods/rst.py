@@ -106,12 +106,6 @@ class RST(Method):
 
     @classmethod
     def check(cls, c) -> None:
-        from lth.hparams import MethodHparams
-        default = MethodHparams()
-        for flag, field in (("--rewind", "rewind"), ("--rewind-to", "rewind_to")):
-            if getattr(c.method, field) != getattr(default, field):
-                raise ConfigError(f"{flag}: rst fine-tunes its transformed weights; rewinding "
-                                  f"applies to imp, oneshot and kd")
         if c.method.rounds < 1 and c.pruning.target_sparsity is None:
             raise ConfigError("--rounds: rst needs --target-sparsity or --rounds >= 1 (the "
                               "sparsity of --rounds rounds of --prune-fraction)")

@@ -108,7 +108,8 @@ def test_rst_run_transforms_then_fine_tunes_the_mask(tmp_path):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--method", "rst", "--rewind", "init"], "--rewind: rst fine-tunes"),
+    (["--method", "rst", "--rewind", "init"], "--rewind: applies to --method imp or oneshot"),
+    (["--method", "rst", "--epochs", "1", "--rewind-to", "2ep"], "rst does not rewind"),
     (["--rst-cycles", "2"], "--rst-cycles: applies to --method rst only"),
     (["--method", "rst", "--rst-delta", "0"], "--rst-delta: must be > 0"),
     (["--method", "rst", "--rst-cycles", "2", "--branch-rounds", "all"], "--branch-rounds:"),
