@@ -210,10 +210,13 @@ void bsr_forward_impl(const sparsekern::cpu::BsrArgs<float>& a, const float* x, 
         with_rows<MR>(tile_rows, [&](auto R) {
           constexpr int rows = decltype(R)::value;
           typename V::reg acc[rows][NV];
+#pragma GCC unroll 16
           for (int r = 0; r < rows; ++r)
+#pragma GCC unroll 16
             for (int v = 0; v < NV; ++v)
               acc[r][v] = bias_tile ? V::load(bias_tile + v * V::L) : V::zero();
           float* y_tile = y + m * ldy + I * bn + n0;
+#pragma GCC unroll 16
           for (int r = 0; r < rows; ++r)  // the tile's output lines, for writing at the end
             for (int v = 0; v < NV * V::L; v += 16) __builtin_prefetch(y_tile + r * ldy + v, 1, 3);
           const float* x_tile = x + m * ldx;
@@ -224,7 +227,9 @@ void bsr_forward_impl(const sparsekern::cpu::BsrArgs<float>& a, const float* x, 
             rank1_update<V, rows, NV>(acc, x_tile + a.col_idx[p] * bk, ldx, 1,
                                       w_tile + p * block, bn, bk);
           }
+#pragma GCC unroll 16
           for (int r = 0; r < rows; ++r)
+#pragma GCC unroll 16
             for (int v = 0; v < NV; ++v) V::store(y_tile + r * ldy + v * V::L, acc[r][v]);
         });
       });
@@ -249,10 +254,14 @@ void bsr_grad_weight_impl(const sparsekern::cpu::BsrArgs<float>& a, const float*
           with_rows<MR>(tile_rows, [&](auto R) {
             constexpr int rows = decltype(R)::value;
             typename V::reg acc[rows][NV];
+#pragma GCC unroll 16
             for (int r = 0; r < rows; ++r)
+#pragma GCC unroll 16
               for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
             rank1_update<V, rows, NV>(acc, x_block + kk, 1, ldx, dy_tile, lddy, a.M);
+#pragma GCC unroll 16
             for (int r = 0; r < rows; ++r)
+#pragma GCC unroll 16
               for (int v = 0; v < NV; ++v)
                 V::store(dw_block + (kk + r) * bn + n0 + v * V::L, acc[r][v]);
           });
@@ -335,7 +344,9 @@ void bsr_conv_forward_impl(const sparsekern::cpu::BsrArgs<float>& a,
         with_rows<MR>(tile_rows, [&](auto R) {
           constexpr int rows = decltype(R)::value;
           typename V::reg acc[rows][NV];
+#pragma GCC unroll 16
           for (int r = 0; r < rows; ++r)
+#pragma GCC unroll 16
             for (int v = 0; v < NV; ++v)
               acc[r][v] = bias_tile ? V::load(bias_tile + v * V::L) : V::zero();
           const int64_t* pix = g.pix_off + m;
@@ -349,16 +360,20 @@ void bsr_conv_forward_impl(const sparsekern::cpu::BsrArgs<float>& a,
               const float* x_next = t + 1 < taps ? x_block + g.tap_off[t + 1]
                                     : p + 1 < p1 ? x + a.col_idx[p + 1] * bk : nullptr;
               if (x_next)
+#pragma GCC unroll 16
                 for (int r = 0; r < rows; ++r)
                   for (int64_t k = 0; k < bk; k += 16) _mm_prefetch(
                       reinterpret_cast<const char*>(x_next + pix[r] + k), _MM_HINT_T0);
               const float* a_row[rows];
+#pragma GCC unroll 16
               for (int r = 0; r < rows; ++r) a_row[r] = x_tap + pix[r];
               rank1_rows<V, rows, NV>(acc, a_row, 1, w_block + t * tap_block, bn, bk);
             }
           }
           float* y_tile = y + m * ldy + I * bn + n0;
+#pragma GCC unroll 16
           for (int r = 0; r < rows; ++r)
+#pragma GCC unroll 16
             for (int v = 0; v < NV; ++v) V::store(y_tile + r * ldy + v * V::L, acc[r][v]);
         });
       });
@@ -386,7 +401,9 @@ void bsr_conv_grad_input_impl(const sparsekern::cpu::BsrArgs<float>& a,
           constexpr int rows = decltype(R)::value;
           for (int64_t t = 0; t < taps; ++t) {
             typename V::reg acc[rows][NV];
+#pragma GCC unroll 16
             for (int r = 0; r < rows; ++r)
+#pragma GCC unroll 16
               for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
             for (int64_t q = q0; q < q1; ++q) {
               const float* dy_block = dy + m * lddy + a.col_idx[q] * bk;
@@ -394,8 +411,10 @@ void bsr_conv_grad_input_impl(const sparsekern::cpu::BsrArgs<float>& a,
                                         a.values + (q * taps + t) * tap_block + n0, bn, bk);
             }
             const int64_t offset = g.tap_off[t] + J * bn + n0;
+#pragma GCC unroll 16
             for (int r = 0; r < rows; ++r) {
               float* out = dx + g.pix_off[m + r] + offset;
+#pragma GCC unroll 16
               for (int v = 0; v < NV; ++v)
                 V::store(out + v * V::L, V::add(V::load(out + v * V::L), acc[r][v]));
             }
@@ -433,13 +452,17 @@ void bsr_conv_grad_weight_impl(const sparsekern::cpu::BsrArgs<float>& a,
             constexpr int rows = decltype(R)::value;
             float* dw_tile = dw_tap + kk * bn + n0;
             typename V::reg acc[rows][NV];
+#pragma GCC unroll 16
             for (int r = 0; r < rows; ++r)
+#pragma GCC unroll 16
               for (int v = 0; v < NV; ++v)
                 acc[r][v] = c0 == 0 ? V::zero() : V::load(dw_tile + r * bn + v * V::L);
             rank1<V, rows, NV>(
                 acc, [&](int r, int64_t m) { return x_tap + g.pix_off[m] + kk + r; },
                 [&](int64_t m) { return dy_block + m * lddy + n0; }, c0, c1);
+#pragma GCC unroll 16
             for (int r = 0; r < rows; ++r)
+#pragma GCC unroll 16
               for (int v = 0; v < NV; ++v) V::store(dw_tile + r * bn + v * V::L, acc[r][v]);
           });
         });
@@ -539,12 +562,14 @@ SK_INLINE void spmm_tile(float (&tile)[8][panel_width<V>()], const int32_t* rp,
     typename V::reg acc0[4], acc1[4];
     const typename V::reg b0 = bias ? V::bcast(bias + r) : V::zero();
     const typename V::reg b1 = bias && pair ? V::bcast(bias + r + 1) : V::zero();
+#pragma GCC unroll 16
     for (int i = 0; i < 4; ++i) {
       acc0[i] = b0;
       acc1[i] = b1;
     }
     spmm_pair<V>(acc0, acc1, vals, addr, rp[r], rp[r + 1], pair ? rp[r + 1] : 0,
                  pair ? rp[r + 2] : 0);
+#pragma GCC unroll 16
     for (int i = 0; i < 4; ++i) {
       V::store(tile[r - g] + i * V::L, acc0[i]);
       if (pair) V::store(tile[r - g + 1] + i * V::L, acc1[i]);
@@ -639,6 +664,7 @@ void csr_sddmm(const sparsekern::cpu::CsrSddmmArgs<float>& a, int64_t r0, int64_
     const bool first = c == 0;
     for (int64_t r = r0; r < r1; ++r) {
       typename V::reg d[4];
+#pragma GCC unroll 16
       for (int i = 0; i < 4; ++i) d[i] = V::load(dy_panel + r * MB + i * V::L);
       int64_t j = rp[r];
       const int64_t e = rp[r + 1];
@@ -709,6 +735,7 @@ void csr_conv_forward(const sparsekern::cpu::CsrConvArgs<float>& a,
           constexpr int PX = decltype(px)::value;
           const float* window[PX];
           float* out[PX];
+#pragma GCC unroll 16
           for (int p = 0; p < PX; ++p) {
             window[p] = panel + g.pix_off[m0 + p] * MB;
             out[p] = y + (c * g.M + m0 + p) * R * MB;
@@ -717,12 +744,16 @@ void csr_conv_forward(const sparsekern::cpu::CsrConvArgs<float>& a,
             for (int64_t r = rb; r < re; ++r) {
               const int32_t* seg = a.seg_ptr + r * ldseg + b;
               typename V::reg acc[PX][4];
+#pragma GCC unroll 16
               for (int p = 0; p < PX; ++p)
+#pragma GCC unroll 16
                 for (int i = 0; i < 4; ++i)
                   acc[p][i] = b > 0 ? V::load(out[p] + r * MB + i * V::L)
                                     : bias ? V::bcast(bias + r) : V::zero();
               conv_pixels_accumulate<V, PX>(acc, a.values, a.col_off, window, seg[0], seg[1]);
+#pragma GCC unroll 16
               for (int p = 0; p < PX; ++p)
+#pragma GCC unroll 16
                 for (int i = 0; i < 4; ++i) V::store(out[p] + r * MB + i * V::L, acc[p][i]);
             }
         });
@@ -755,6 +786,7 @@ void csr_conv_grad_input(const sparsekern::cpu::CsrConvArgs<float>& a,
           const int64_t q0 = cp[ch * taps + t], q1 = cp[ch * taps + t + 1];
           if (q0 == q1) continue;
           typename V::reg acc0[4], acc1[4];
+#pragma GCC unroll 16
           for (int i = 0; i < 4; ++i) acc0[i] = acc1[i] = V::zero();
           for (int64_t q = q0; q < q1; ++q) {
             const typename V::reg v = V::bcast(a.values + q);
@@ -768,10 +800,12 @@ void csr_conv_grad_input(const sparsekern::cpu::CsrConvArgs<float>& a,
           }
           const int64_t offset = g.tap_off[t] + ch;
           float* out0 = dx_panel + (g.pix_off[m] + offset) * MB;
+#pragma GCC unroll 16
           for (int i = 0; i < 4; ++i)
             V::store(out0 + i * V::L, V::add(V::load(out0 + i * V::L), acc0[i]));
           if (pair) {
             float* out1 = dx_panel + (g.pix_off[m + 1] + offset) * MB;
+#pragma GCC unroll 16
             for (int i = 0; i < 4; ++i)
               V::store(out1 + i * V::L, V::add(V::load(out1 + i * V::L), acc1[i]));
           }
@@ -816,6 +850,7 @@ void csr_conv_grad_weight(const sparsekern::cpu::CsrConvArgs<float>& a,
             const int32_t* seg = a.seg_ptr + r * ldseg + b;
             if (seg[0] == seg[1]) continue;
             typename V::reg d[4];
+#pragma GCC unroll 16
             for (int i = 0; i < 4; ++i) d[i] = V::load(dy_pixel + r * MB + i * V::L);
             for (int64_t j = seg[0]; j < seg[1]; ++j) {
               const float* p = window + col_off[j] * MB;
