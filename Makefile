@@ -7,7 +7,7 @@ DEPS := $(VENV)/.deps-installed
 EXT := sparsekern/.extension-built
 EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: all build test train bench clean
+.PHONY: all build test install-check train bench clean
 
 all: build
 
@@ -25,6 +25,11 @@ build: $(EXT)
 
 test: build
 	$(PY) -m pytest -q
+
+# The README's own-environment install, checked as a user does it: wheel -> fresh venv outside
+# the repository -> python -m lth.train and python -m benchmarks run from outside it.
+install-check: build
+	.ci/install-check $(PYTHON)
 
 train: build
 	$(PY) -m lth.train
