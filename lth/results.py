@@ -21,7 +21,8 @@ from lth.checkpoint import write_json, write_text
 
 CSV_COLUMNS = ["round", "branch", "method", "sparsity", "test_acc", "best_test_acc", "train_acc",
                "epochs", "steps", "rewind", "step_ms_dense", "step_ms_sparse",
-               "step_ms_unmasked", "step_ms_sparse_kernels", "speedup", "sparse_layers", "wall_s"]
+               "step_ms_unmasked", "step_ms_sparse_kernels", "speedup", "sparse_layers", "wall_s",
+               "device", "autocast"]
 
 
 def write_summary(run_dir: str, entries: list[dict]) -> None:

@@ -61,8 +61,12 @@ def test_small_experiment_runs_and_resumes_after_an_interruption(name, interrupt
     capsys.readouterr()
     resumed = run_inprocess(args, tmp_path / "cut")
     assert f"{interrupt_in}: resuming after epoch" in capsys.readouterr().out
-    assert json.load(open(os.path.join(resumed, "summary.json")))[-1]["test_acc"] == \
-        summary[-1]["test_acc"]
+    # the same results, provider summaries (KD's teacher, RST's penalised norms) included;
+    # only the measured times differ
+    timed = ("step_ms", "speedup", "wall_s", "timing_")
+    for a, b in zip(summary, json.load(open(os.path.join(resumed, "summary.json")))):
+        assert {k: v for k, v in a.items() if not k.startswith(timed)} == \
+            {k: v for k, v in b.items() if not k.startswith(timed)}
     for phase in sorted(e for e in os.listdir(whole) if e.startswith("round_")):
         a = load(os.path.join(whole, phase, "checkpoint.pt"))["model"]
         b = load(os.path.join(resumed, phase, "checkpoint.pt"))["model"]
