@@ -92,7 +92,7 @@ class DynamicSparse(Method):
     def begin_phase(self, model, optimizer, phase: Phase) -> None:
         self.updating = phase == Phase(1)  # branches and round 0 train fixed masks
         self.pending = None
-        self.stats = {"updates": 0, "swapped": 0, "grad_s": 0.0, "mask_s": 0.0,
+        self.stats = {"updates": 0, "swapped": 0, "scores_s": 0.0, "mask_s": 0.0,
                       "repack_s": 0.0}
 
     def _updates_after(self, step: int) -> bool:
@@ -133,7 +133,7 @@ class DynamicSparse(Method):
         s = self.stats
         s["updates"] += 1
         s["swapped"] += sum(int(g.sum()) for g in grown.values())
-        s["grad_s"] += scored - start
+        s["scores_s"] += scored - start
         s["mask_s"] += updated - scored
         s["repack_s"] += done - updated
         return model, optimizer
@@ -148,10 +148,10 @@ class DynamicSparse(Method):
                 "dst_update_every": c.dst.update_every, "dst_end_step": self.end_step(),
                 "dst_drop_fraction": c.dst.drop_fraction, "dst_updates": s["updates"],
                 "dst_swapped_weights": s["swapped"],
-                "dst_scores_ms": s["grad_s"] * ms, "dst_mask_ms": s["mask_s"] * ms,
+                "dst_scores_ms": s["scores_s"] * ms, "dst_mask_ms": s["mask_s"] * ms,
                 "dst_repack_ms": s["repack_s"] * ms,
                 # the updates' cost spread over the round: what it adds to step_ms_sparse
-                "dst_ms_per_step": 1e3 * (s["grad_s"] + s["mask_s"] + s["repack_s"])
+                "dst_ms_per_step": 1e3 * (s["scores_s"] + s["mask_s"] + s["repack_s"])
                 / self.ctx.total_steps}
 
     def state_dict(self) -> dict:
