@@ -16,7 +16,8 @@ the optimizer state over at kept positions and starts grown weights and their st
 (`lth.sparse.repack`); both are timed and reported in the summary (dst_*). Branches of round 1
 (--branches) train the final mask statically: random_reinit is RigL's mask from a fresh
 initialisation, random_ticket a random mask at the same layerwise densities (static sparse
-training, the baseline RigL's paper beats).
+training, the baseline RigL's paper beats). Under torchrun the dense gradients are averaged over
+the ranks (and SET's draws are seeded by the step), so every rank takes the same decision.
 """
 from __future__ import annotations
 
