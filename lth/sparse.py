@@ -212,9 +212,9 @@ def repack(model: nn.Module, optimizer, masks: dict[str, torch.Tensor],
                                    sk.MaskedConv2d)):
             raise TypeError(f"repack: {name} is a {type(module).__name__}, not a layer "
                             f"converted by sparsify_model")
-        device = module.mask().device
-        new_mask, fresh = new_mask.to(device), reset[name].to(device)
-        if torch.equal(module.mask(), new_mask) and not bool(fresh.any()):
+        old_mask = module.mask()
+        new_mask, fresh = new_mask.to(old_mask.device), reset[name].to(old_mask.device)
+        if torch.equal(old_mask, new_mask) and not bool(fresh.any()):
             continue
         changed.append(name)
         if isinstance(module, (sk.MaskedLinear, sk.MaskedConv2d)):

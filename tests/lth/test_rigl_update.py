@@ -225,3 +225,9 @@ def test_bad_granularity_is_a_clear_error():
         repack(model, _optimizer("sgd", model.parameters()),
                {"fc1.weight": torch.ones(48, 384, dtype=torch.bool)},
                {"fc1.weight": torch.zeros(48, 384, dtype=torch.bool)})
+
+
+def test_dense_layers_are_left_alone():
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    new, grown = dst.update_mask(mask, torch.randn(6, 5), torch.rand(6, 5), 0.3)
+    assert torch.equal(new, mask) and not bool(grown.any())  # no weight reset to zero
