@@ -28,27 +28,35 @@ MARGIN = 0.005
 
 def verdicts(entries: list[dict], tolerance: float = TOLERANCE, margin: float = MARGIN,
              metric: str = "test_acc") -> list[dict]:
+    """Per pruned round: the verdict and both numbers. A run whose round 0 is not plain dense
+    training (RST's penalty phase: dense_reference false) is judged on its baselines only."""
     dense = [e for e in entries if e["round"] == 0 and e["branch"] == "ticket"]
     if not dense:
-        raise ValueError("no dense round 0 in this run's summary")
-    dense_acc = dense[0][metric]
+        raise ValueError("no round 0 in this run's summary")
+    dense_acc = dense[0][metric] if dense[0].get("dense_reference", True) else None
     rows = []
     for t in sorted((e for e in entries if e["branch"] == "ticket" and e["round"] > 0),
                     key=lambda e: e["round"]):
         baselines = {e["branch"]: e[metric] for e in entries
                      if e["round"] == t["round"] and e["branch"] != "ticket"}
         best = max(baselines.items(), key=lambda kv: kv[1]) if baselines else None
-        reaches = t[metric] >= dense_acc - tolerance
-        if best is None:
+        reaches = None if dense_acc is None else t[metric] >= dense_acc - tolerance
+        beats = best is not None and t[metric] >= best[1] + margin
+        if reaches is None:
+            verdict = ("no dense reference, no baseline" if best is None else
+                       "no dense reference; beats the random baseline" if beats else
+                       "no dense reference; random baseline as good")
+        elif best is None:
             verdict = "no baseline" if reaches else "not winning (below dense)"
         elif not reaches:
             verdict = "not winning (below dense)"
-        elif t[metric] >= best[1] + margin:
+        elif beats:
             verdict = "WINNING"
         else:
             verdict = "not winning (random baseline as good)"
         rows.append({"round": t["round"], "sparsity": t["sparsity"], "ticket_acc": t[metric],
-                     "dense_acc": dense_acc, "gap_to_dense": t[metric] - dense_acc,
+                     "dense_acc": dense_acc,
+                     "gap_to_dense": None if dense_acc is None else t[metric] - dense_acc,
                      "best_baseline": best[0] if best else None,
                      "best_baseline_acc": best[1] if best else None,
                      "margin_over_baseline": t[metric] - best[1] if best else None,
@@ -61,17 +69,20 @@ def report_text(rows: list[dict]) -> str:
     if not rows:
         return "no pruned rounds: nothing to judge"
     r0 = rows[0]
-    lines = [f"winning-ticket verdict ({r0['metric']}; reach dense {100 * r0['dense_acc']:.2f}% "
-             f"within {100 * r0['tolerance']:.2f} pts AND beat the best random baseline by "
-             f">= {100 * r0['margin']:.2f} pts)",
+    reference = ("no dense round 0 in this run" if r0["dense_acc"] is None else
+                 f"reach dense {100 * r0['dense_acc']:.2f}% within {100 * r0['tolerance']:.2f} "
+                 f"pts")
+    lines = [f"winning-ticket verdict ({r0['metric']}; {reference} AND beat the best random "
+             f"baseline by >= {100 * r0['margin']:.2f} pts)",
              f"{'round':>5}  {'sparsity':>8}  {'ticket':>7}  {'vs dense':>8}  "
              f"{'best baseline':<24} {'ticket - baseline':>17}  verdict"]
     for r in rows:
         base = (f"{r['best_baseline']} {100 * r['best_baseline_acc']:.2f}%"
                 if r["best_baseline"] else "-")
         diff = (f"{100 * r['margin_over_baseline']:+.2f} pts" if r["best_baseline"] else "-")
+        gap = "-" if r["gap_to_dense"] is None else f"{100 * r['gap_to_dense']:+.2f}"
         lines.append(f"{r['round']:>5}  {100 * r['sparsity']:>7.1f}%  "
-                     f"{100 * r['ticket_acc']:>6.2f}%  {100 * r['gap_to_dense']:>+7.2f}   "
+                     f"{100 * r['ticket_acc']:>6.2f}%  {gap:>7}   "
                      f"{base:<24} {diff:>17}  {r['verdict']}")
     return "\n".join(lines)
 

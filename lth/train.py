@@ -468,6 +468,7 @@ class Experiment:
                        for n, v in decisions.items()},
             "wall_s": last["wall_s"], "world_size": d.world,
             "device": str(self.device), "autocast": c.training.autocast,
+            "dense_reference": phase == Phase(0) and self.method.dense_round0,
         }
         for hook in self.hooks:
             extra = hook.summary(phase)

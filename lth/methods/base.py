@@ -213,6 +213,8 @@ class Method(Hooks):
     takes_target_sparsity = False
     # whether --rewind / --rewind-to mean something to this method
     rewinds = False
+    # whether round 0 trains the plain dense network (the reference tickets are judged against)
+    dense_round0 = True
 
     @classmethod
     def last_round(cls, config) -> int:

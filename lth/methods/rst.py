@@ -99,6 +99,7 @@ def weight_selectors(model: nn.Module, selected: dict[str, torch.Tensor]):
 class RST(Method):
 
     takes_target_sparsity = True
+    dense_round0 = False  # round 0 is the penalty phase
 
     @classmethod
     def last_round(cls, c) -> int:

@@ -34,6 +34,7 @@ def check_rst(summary):
         (0, "ticket", "penalty"), (1, "ticket", "finetune"), (1, "random_reinit", "branch")]
     assert summary[0]["rst_lambda"] == pytest.approx(1.0)
     assert summary[1]["sparsity"] == pytest.approx(0.9, abs=2e-3)
+    assert [e["dense_reference"] for e in summary] == [False, False, False]
 
 
 @pytest.mark.parametrize("name, interrupt_in, check", [
@@ -45,6 +46,8 @@ def test_small_experiment_runs_and_resumes_after_an_interruption(name, interrupt
     whole = run_inprocess(args, tmp_path / "whole")
     summary = json.load(open(os.path.join(whole, "summary.json")))
     check(summary)
+    verdict = json.load(open(os.path.join(whole, "report.json")))[-1]["verdict"]
+    assert verdict.startswith("no dense reference") == (name == "rst")
     assert {e["sparse_layers"] for e in summary if e["sparsity"] > 0} == {"2/2"}
     assert all(e["test_acc"] > 0.3 and e["step_ms_sparse"] > 0 for e in summary)
 

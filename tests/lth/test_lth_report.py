@@ -92,3 +92,15 @@ def test_compare_groups_seeds_and_overlays_methods(tmp_path, capsys):
     assert "82.00 +- 2.83 (2)" in text and "kd_mlp_digits" in text
     assert os.path.isfile(out / "comparison.png")
     assert open(out / "comparison.txt").read().strip() == text.split("\n\nsaved")[0]
+
+
+def test_a_run_without_a_dense_round_zero_is_judged_on_its_baselines():
+    entries = [{**e, "dense_reference": e["round"] != 0} for e in ENTRIES]
+    rows = report.verdicts(entries)
+    assert all(r["dense_acc"] is None and r["reaches_dense"] is None for r in rows)
+    assert [r["verdict"] for r in rows] == [
+        "no dense reference; beats the random baseline",
+        "no dense reference; random baseline as good",
+        "no dense reference; beats the random baseline", "no dense reference, no baseline"]
+    text = report.report_text(rows)
+    assert "no dense round 0 in this run" in text
