@@ -1,6 +1,7 @@
 """The extension point of `python -m lth.train`: a method (which masks, which start weights, which
 part of the schedule each phase trains, and how) plus modifiers (flags that combine with any
-method), all "hook providers" that the one training loop in `lth.train` calls in turn.
+method), all "hook providers" that the one training loop (`lth.loop.fit`, run by `lth.train`)
+calls in turn.
 
 A new method is ONE new file in `lth/methods/` that registers itself; `lth/methods/__init__.py`
 imports every module of the package, so nothing else needs editing:
@@ -9,10 +10,11 @@ imports every module of the package, so nothing else needs editing:
     from lth.hparams import hp, register_section
     from lth.methods.base import METHODS, Method
 
-    @register_section("mine")            # its fields become flags (--mine-rate ...), config-file
-    @dataclass                           # keys ({"mine": {"rate": ...}}), checked values, and
-    class MineHparams:                   # join the run hash only when not at their default
-        rate: float = hp(0.1, "what it is", flag="--mine-rate", check=lambda v: ...)
+    @register_section("mine", methods=("mine",))  # flags (--mine-rate ...), config-file keys
+    @dataclass                           # ({"mine": {"rate": ...}}), checked values, in the run
+    class MineHparams:                   # hash only when not at their default; given to another
+        rate: float = hp(0.1, "what it is",   # --method: an error naming the flag
+                         flag="--mine-rate", check=lambda v: ...)
 
     @METHODS.register("mine", "one line for --help")
     class Mine(IMP):                     # or Method
@@ -69,7 +71,8 @@ the loop calls them at these points of every phase:
       Provider state saved in every checkpoint (tensors and plain values only: checkpoints load
       with weights_only=True) and restored on resume, right after `begin_phase`.
 
-Method only (the rest of a run's shape):
+Method only (the rest of a run's shape; class attributes takes_target_sparsity, rewinds and
+dense_round0 say which shared flags apply to it and whether round 0 is the dense reference):
   last_round(config)  (classmethod) index of the last pruned round (0: dense only)
   phases(config)      (classmethod) the ticket line and the branches
   check(config)       (classmethod) settings that cannot work with this method -> ConfigError
