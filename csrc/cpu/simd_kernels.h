@@ -201,39 +201,61 @@ void bsr_forward_impl(const sparsekern::cpu::BsrArgs<float>& a, const float* x, 
   constexpr int MR = rank1_rows<V, NV>();
   constexpr int NT = NV * V::L;
   const int64_t bn = a.bn, bk = a.bk, block = bn * bk;
-  for (int64_t I = i0; I < i1; ++I) {
+  // One block row I over the x rows [m, m + rows).
+  const auto block_row_tile = [&](int64_t I, int64_t m, auto R) {
+    constexpr int rows = decltype(R)::value;
     const int64_t p0 = a.row_ptr[I], p1 = a.row_ptr[I + 1];
+    const float* x_tile = x + m * ldx;
+    // Every column tile of the block row for these x rows before the next rows: the second
+    // tile finds the rows' kept blocks in L1, where sweeping all of M per column tile
+    // fetched them again from L3 (x is megabytes; one block row reads 1 - s of it).
     for (int64_t n0 = 0; n0 < bn; n0 += NT) {
       const float* bias_tile = bias ? bias + I * bn + n0 : nullptr;
       const float* w_tile = a.values + n0;
-      balanced_tiles<MR>(m0, m1, [&](int64_t m, int64_t tile_rows) {
-        with_rows<MR>(tile_rows, [&](auto R) {
-          constexpr int rows = decltype(R)::value;
-          typename V::reg acc[rows][NV];
+      typename V::reg acc[rows][NV];
 #pragma GCC unroll 16
-          for (int r = 0; r < rows; ++r)
+      for (int r = 0; r < rows; ++r)
 #pragma GCC unroll 16
-            for (int v = 0; v < NV; ++v)
-              acc[r][v] = bias_tile ? V::load(bias_tile + v * V::L) : V::zero();
-          float* y_tile = y + m * ldy + I * bn + n0;
+        for (int v = 0; v < NV; ++v)
+          acc[r][v] = bias_tile ? V::load(bias_tile + v * V::L) : V::zero();
+      float* y_tile = y + m * ldy + I * bn + n0;
 #pragma GCC unroll 16
-          for (int r = 0; r < rows; ++r)  // the tile's output lines, for writing at the end
-            for (int v = 0; v < NV * V::L; v += 16) __builtin_prefetch(y_tile + r * ldy + v, 1, 3);
-          const float* x_tile = x + m * ldx;
-          for (int64_t p = p0; p < p1; ++p) {
-            // x rows of the next block: they come from DRAM when the caller has just streamed
-            // something large (the usual case), in rows too scattered for the hardware prefetcher.
-            if (p + 1 < p1) prefetch_rows<rows>(x_tile + a.col_idx[p + 1] * bk, ldx, bk);
-            rank1_update<V, rows, NV>(acc, x_tile + a.col_idx[p] * bk, ldx, 1,
-                                      w_tile + p * block, bn, bk);
-          }
+      for (int r = 0; r < rows; ++r)  // the tile's output lines, for writing at the end
+        for (int v = 0; v < NV * V::L; v += 16) __builtin_prefetch(y_tile + r * ldy + v, 1, 3);
+      // The next tile's first block (the loop below covers every later one): with few kept
+      // blocks per row, an unprefetched first block is a third of all x reads.
+      if (n0 + NT >= bn && p0 < p1)
+        prefetch_rows<rows>(x_tile + rows * ldx + a.col_idx[p0] * bk, ldx, bk);
+      for (int64_t p = p0; p < p1; ++p) {
+        // x rows of the next block: they come from DRAM when the caller has just streamed
+        // something large (the usual case), in rows too scattered for the hardware prefetcher.
+        if (p + 1 < p1) prefetch_rows<rows>(x_tile + a.col_idx[p + 1] * bk, ldx, bk);
+        rank1_update<V, rows, NV>(acc, x_tile + a.col_idx[p] * bk, ldx, 1,
+                                  w_tile + p * block, bn, bk);
+      }
 #pragma GCC unroll 16
-          for (int r = 0; r < rows; ++r)
+      for (int r = 0; r < rows; ++r)
 #pragma GCC unroll 16
-            for (int v = 0; v < NV; ++v) V::store(y_tile + r * ldy + v * V::L, acc[r][v]);
-        });
-      });
+        for (int v = 0; v < NV; ++v) V::store(y_tile + r * ldy + v * V::L, acc[r][v]);
     }
+  };
+  // When the kept blocks of [i0, i1) fit in half of L2, every block row meets a tile of x rows
+  // while those rows are in L1 (x is read from L3 once, the weights stay in L2); otherwise each
+  // block row sweeps x on its own (its 1 - s share of x per pass beats re-streaming megabytes of
+  // weights once per tile).
+  constexpr int64_t kL2Half = 256 * 1024;
+  const int64_t weight_bytes = (a.row_ptr[i1] - a.row_ptr[i0]) * block * int64_t(sizeof(float));
+  if (weight_bytes <= kL2Half) {
+    balanced_tiles<MR>(m0, m1, [&](int64_t m, int64_t tile_rows) {
+      with_rows<MR>(tile_rows, [&](auto R) {
+        for (int64_t I = i0; I < i1; ++I) block_row_tile(I, m, R);
+      });
+    });
+  } else {
+    for (int64_t I = i0; I < i1; ++I)
+      balanced_tiles<MR>(m0, m1, [&](int64_t m, int64_t tile_rows) {
+        with_rows<MR>(tile_rows, [&](auto R) { block_row_tile(I, m, R); });
+      });
   }
 }
 
