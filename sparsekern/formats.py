@@ -40,7 +40,10 @@ N:M (NM)
     ``semi_structured_meta`` (int16, CUTLASS's reordered metadata, built once from col_idx) is
     the rest of it.
 
-All indices are int32. ``values`` is what a module trains; the indices never change.
+All indices are int32. ``values`` is what a module trains; the indices never change. The
+constructors validate every index they are given (range, order, no duplicates, and the
+transposed index against the forward one: an inconsistent one would give a wrong dX); an index
+they are not given they build.
 """
 from __future__ import annotations
 
@@ -140,6 +143,14 @@ class _Format:
         other.__dict__.update(tensors)
         return other
 
+    @classmethod
+    def _trusted(cls, shape, **attributes):
+        """A format over tensors that were validated when they were loaded or built (a module's
+        buffers): no checks, no copies, no host syncs. Everything else goes through __init__."""
+        made = object.__new__(cls)
+        made.__dict__.update(attributes, shape=tuple(shape))
+        return made
+
     def state_dict(self) -> dict:
         state = {name: t.detach().clone() for name, t in self.tensors().items()}
         state["shape"] = torch.tensor(self.shape, dtype=torch.int64)
@@ -181,6 +192,10 @@ class BlockSparse(_Format):
         if block_col_ptr is None:
             present = self.block_pattern()
             block_col_ptr, block_row_idx, block_perm = _transposed_index(present)
+        else:
+            _validate_transposed("BlockSparse", ("block_row_ptr", "block_col_idx"),
+                                 ("block_col_ptr", "block_row_idx", "block_perm"), block_row_ptr,
+                                 block_col_idx, block_col_ptr, block_row_idx, block_perm, kb)
         self.block_col_ptr, self.block_row_idx, self.block_perm = (
             block_col_ptr, block_row_idx, block_perm)
 
@@ -222,9 +237,7 @@ class BlockSparse(_Format):
         # [Nb, bn, Kb, bk, *taps] -> [Nb, Kb, *taps, bk, bn]
         blocks = padded.view(nb, bn, kb, bk, *taps).permute(0, 2, *tap_dims, 3, 1)
         values = blocks[rows, cols].contiguous()
-        col_ptr, row_idx, perm = _transposed_index(present)
-        return cls(values, _ptr(present.sum(1)), cols.to(torch.int32), weight.shape, col_ptr,
-                   row_idx, perm)
+        return cls(values, _ptr(present.sum(1)), cols.to(torch.int32), weight.shape)
 
     def block_pattern(self) -> torch.Tensor:
         """[Nb, Kb] bool: which blocks are stored."""
@@ -263,6 +276,8 @@ class BlockSparse(_Format):
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "BlockSparse":
+        """Validates every index tensor, the transposed index against the forward one too."""
+        _require(cls, state, (*cls._tensor_names, "shape"))
         return cls(state["values"], state["block_row_ptr"], state["block_col_idx"],
                    tuple(state["shape"].tolist()), state["block_col_ptr"],
                    state["block_row_idx"], state["block_perm"])
@@ -285,6 +300,9 @@ class CSR(_Format):
                              values.shape[0])
         if col_ptr is None:
             col_ptr, row_idx, perm = _transposed_index(self.mask().view(rows, cols))
+        else:
+            _validate_transposed("CSR", ("row_ptr", "col_idx"), ("col_ptr", "row_idx", "perm"),
+                                 row_ptr, col_idx, col_ptr, row_idx, perm, cols)
         self.col_ptr, self.row_idx, self.perm = col_ptr, row_idx, perm
 
     @property
@@ -298,9 +316,8 @@ class CSR(_Format):
         weight, mask = _check_weight_and_mask(weight, mask, "CSR.from_dense")
         matrix, kept = weight.reshape(weight.shape[0], -1), mask.reshape(mask.shape[0], -1)
         rows, cols = kept.nonzero(as_tuple=True)
-        col_ptr, row_idx, perm = _transposed_index(kept)
         return cls(matrix[rows, cols].contiguous(), _ptr(kept.sum(1)), cols.to(torch.int32),
-                   tuple(weight.shape), col_ptr, row_idx, perm)
+                   tuple(weight.shape))
 
     def to_dense(self) -> torch.Tensor:
         dense = self.values.new_zeros(self.matrix_shape)
@@ -314,6 +331,8 @@ class CSR(_Format):
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "CSR":
+        """Validates every index tensor, the transposed index against the forward one too."""
+        _require(cls, state, (*cls._tensor_names, "shape"))
         return cls(state["values"], state["row_ptr"], state["col_idx"],
                    tuple(state["shape"].tolist()), state["col_ptr"], state["row_idx"],
                    state["perm"])
@@ -376,6 +395,7 @@ class NM(_Format):
 
     _tensor_names = ("values", "col_idx", "kept", "row_ptr", "col_ptr", "row_idx", "perm")
     _stored_names = ("values", "col_idx", "kept")  # the rest is derived from col_idx
+    semi_structured_meta = None  # CUTLASS's 2:4 metadata, where semi_structured_ready()
 
     def __init__(self, values, col_idx, kept, shape, nm=(2, 4), row_ptr=None, col_ptr=None,
                  row_idx=None, perm=None, semi_structured_meta=None):
@@ -427,6 +447,9 @@ class NM(_Format):
             col_ptr, row_idx, perm = _transposed_index(present)
             if self.semi_structured_ready():
                 semi_structured_meta = build_semi_structured_meta(present)
+        else:
+            _validate_transposed("NM", ("row_ptr", "col_idx"), ("col_ptr", "row_idx", "perm"),
+                                 row_ptr, col_idx, col_ptr, row_idx, perm, k)
         self.col_ptr, self.row_idx, self.perm = col_ptr, row_idx, perm
         self.semi_structured_meta = semi_structured_meta
 
@@ -532,9 +555,7 @@ class NM(_Format):
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "NM":
-        missing = sorted({*cls._stored_names, "shape", "nm"} - set(state))
-        if missing:
-            raise ValueError(f"NM.from_state_dict: state lacks {missing}")
+        _require(cls, state, (*cls._stored_names, "shape", "nm"))
         return cls(state["values"], state["col_idx"], state["kept"],
                    tuple(state["shape"].tolist()), tuple(state["nm"].tolist()))
 
@@ -551,6 +572,70 @@ def _check_block(block) -> tuple[int, int]:
     if bn not in BLOCK_SIZES or bk not in BLOCK_SIZES:
         raise ValueError(f"block=({bn}, {bk}): each dim must be one of {BLOCK_SIZES}")
     return bn, bk
+
+
+def _require(cls, state: dict, names):
+    missing = sorted(set(names) - set(state))
+    if missing:
+        raise ValueError(f"{cls.__name__}.from_state_dict: state lacks {missing}")
+
+
+def _validate_transposed(who, forward_names, names, ptr, idx, t_ptr, t_idx, perm, cols):
+    """The transposed index that dX reads (t_ptr over columns; per entry in column order its
+    row t_idx and its stored position perm) must list exactly the entries of the validated
+    forward index (ptr, idx), column by column, rows ascending: the index `_transposed_index`
+    builds. In range but inconsistent, it would give a silently wrong dX. O(nnz), vectorised."""
+    ptr_name, idx_name = forward_names
+    t_ptr_name, t_idx_name, perm_name = names
+    nnz = idx.numel()
+    for name, t in zip(names, (t_ptr, t_idx, perm)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1:
+            raise ValueError(f"{who}: {name} must be a 1-D int32 tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} "
+                             f"{tuple(getattr(t, 'shape', ()))}")
+        if t.device != idx.device:
+            raise ValueError(f"{who}: {name} is on {t.device} but {idx_name} on {idx.device}")
+    if t_ptr.numel() != cols + 1:
+        raise ValueError(f"{who}: {t_ptr_name} must have {cols + 1} entries, got "
+                         f"{t_ptr.numel()}")
+    for name, t in ((t_idx_name, t_idx), (perm_name, perm)):
+        if t.numel() != nnz:
+            raise ValueError(f"{who}: {name} must have {nnz} entries (one per stored "
+                             f"value/block), got {t.numel()}")
+    counts = torch.bincount(idx.long(), minlength=cols)
+    wrong = (t_ptr[1:] - t_ptr[:-1]).long() != counts
+    if int(t_ptr[0]) != 0 or bool(wrong.any()):
+        c = int(wrong.nonzero()[0]) if bool(wrong.any()) else 0
+        raise ValueError(f"{who}: {t_ptr_name} does not match {idx_name}: column {c} holds "
+                         f"{int(counts[c])} entries, {t_ptr_name} gives it "
+                         f"{int(t_ptr[c + 1] - t_ptr[c])} (starting at {int(t_ptr[0])})")
+    if not nnz:
+        return
+    p = perm.long()
+    if int(p.min()) < 0 or int(p.max()) >= nnz:
+        raise ValueError(f"{who}: {perm_name} entries must lie in [0, {nnz}), got "
+                         f"[{int(p.min())}, {int(p.max())}]")
+    uses = torch.bincount(p, minlength=nnz)
+    if bool((uses != 1).any()):
+        twice = int((uses > 1).nonzero()[0])
+        raise ValueError(f"{who}: {perm_name} must be a permutation of 0..{nnz - 1} (every "
+                         f"stored entry once); {twice} appears {int(uses[twice])} times")
+    column = expand_ptr(t_ptr)
+    wrong = idx.long()[p] != column
+    if bool(wrong.any()):
+        q = int(wrong.nonzero()[0])
+        raise ValueError(f"{who}: {perm_name}[{q}] = {int(p[q])} is an entry of column "
+                         f"{int(idx[p[q]])} ({idx_name}), but {t_ptr_name} puts position {q} "
+                         f"in column {int(column[q])}")
+    wrong = expand_ptr(ptr)[p] != t_idx.long()
+    if bool(wrong.any()):
+        q = int(wrong.nonzero()[0])
+        raise ValueError(f"{who}: {t_idx_name}[{q}] = {int(t_idx[q])} does not match the row of "
+                         f"entry {perm_name}[{q}] = {int(p[q])} in {ptr_name} "
+                         f"({int(expand_ptr(ptr)[p[q]])})")
+    if bool(((column[1:] == column[:-1]) & (t_idx[1:] <= t_idx[:-1])).any()):
+        raise ValueError(f"{who}: {t_idx_name} must be strictly increasing within each column "
+                         f"(with {perm_name} in the same order)")
 
 
 def _validate_compressed(who, ptr_name, idx_name, ptr, idx, rows, cols, nnz):

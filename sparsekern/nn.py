@@ -13,6 +13,9 @@ decay), Adam and AdamW. format="auto" never needs it: BSR only for block-aligned
 An N:M weight (format="nm") marks the free slots of groups that keep fewer than N in its own
 `kept` buffer and multiplies that in the same way; format="auto" picks it for a mask that keeps
 exactly N of every M inputs (2:4, 1:4 or 4:8) and is not made of whole blocks.
+
+A sparsified model's state_dict is enough to rebuild it: `load_sparse(skeleton, state_dict)`
+turns the layers the state holds packed into the SparseLinear / SparseConv2d it describes.
 """
 from __future__ import annotations
 
@@ -170,13 +173,31 @@ def value_mask(packed: BlockSparse | CSR | NM, mask: torch.Tensor) -> torch.Tens
 # ---------------------------------------------------------------------------------- modules
 
 _FORMAT_NAMES = {BlockSparse: "bsr", CSR: "csr", NM: "nm"}
+_FORMAT_CLASSES = {name: cls for cls, name in _FORMAT_NAMES.items()}
+
+
+def _plain_value(v):
+    """Tuples as lists: how metadata compares whatever container it was saved in."""
+    return [_plain_value(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def _describe(meta) -> str:
+    if not isinstance(meta, dict):
+        return repr(meta)
+    nm = meta.get("nm")
+    pattern = f" {nm[0]}:{nm[1]}" if nm else ""
+    shape = tuple(meta.get("weight_shape") or ())
+    return f"a {meta.get('format')}{pattern} weight of shape {shape}"
 
 
 class _PackedWeight(nn.Module):
     """What SparseLinear and SparseConv2d share: the packed weight as `values` (the only
-    parameter of the weight), its index tensors as buffers, an optional `value_mask`. An NM
-    weight's derived index (everything but col_idx and kept) is not saved: it is rebuilt from
-    the loaded col_idx, so a loaded index is always consistent."""
+    parameter of the weight), its index tensors as buffers, an optional `value_mask`, and as
+    `_extra_state` the metadata (format, shape, N:M, conv geometry) that `from_state_dict` and
+    `load_sparse` rebuild a layer from. load_state_dict validates the incoming index (the
+    transposed index against the forward one) before it copies anything. An NM weight's derived
+    index (everything but col_idx and kept) is not saved: it is rebuilt from the loaded
+    col_idx."""
 
     def _setup(self, weight, bias, value_mask, who: str):
         if type(weight) not in _FORMAT_NAMES:
@@ -209,14 +230,129 @@ class _PackedWeight(nn.Module):
     def index(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self._index_names}
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.format == "nm":  # validate the loaded col_idx / kept, derive the rest from them
-            fresh = NM(self.values.detach(), self.col_idx, self.kept, self.weight_shape, self.nm)
-            for name, t in fresh.tensors().items():
-                if name != "values":
-                    setattr(self, name, t)
+    # ---- state_dict: validated on load; metadata so that a layer rebuilds from it alone
+
+    def _metadata(self) -> dict:
+        """What rebuilding this layer needs besides its tensors; plain types only, so that
+        torch.load(..., weights_only=True) reads it back."""
+        return {"version": 1, "format": self.format, "weight_shape": list(self.weight_shape),
+                "nm": None if self.nm is None else list(self.nm)}
+
+    def get_extra_state(self) -> dict:
+        return self._metadata()
+
+    def set_extra_state(self, state) -> None:
+        """Refuses a state saved from a layer of another format, shape or N:M pattern (before
+        any tensor is copied: _load_from_state_dict calls this first)."""
+        mine = self._metadata()
+        theirs = {k: _plain_value(state.get(k)) for k in ("format", "weight_shape", "nm")} \
+            if isinstance(state, dict) else state
+        if theirs != {k: mine[k] for k in ("format", "weight_shape", "nm")}:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the state holds "
+                             f"{_describe(theirs)}, this layer {_describe(mine)}; rebuild the "
+                             f"layer from the state (sk.load_sparse or "
+                             f"{type(self).__name__}.from_state_dict)")
+
+    def _checked_format(self, tensors: dict) -> BlockSparse | CSR | NM:
+        """The format over `tensors` (values and stored index), through its constructor: every
+        index tensor validated, the transposed index against the forward one; NM derives its
+        transposed index from col_idx."""
+        tensors = {name: t.detach() for name, t in tensors.items()}
+        if self.format == "nm":
+            return NM(tensors["values"], tensors["col_idx"], tensors["kept"], self.weight_shape,
+                      self.nm)
+        cls = BlockSparse if self.format == "bsr" else CSR
+        return cls(shape=self.weight_shape, **tensors)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        extra = prefix + "_extra_state"
+        if extra in state_dict:
+            self.set_extra_state(state_dict[extra])
+        names = ("values", *(n for n in self._index_names if n in self._buffers
+                             and n not in self._non_persistent_buffers_set))
+        loaded = None
+        if any(prefix + n in state_dict for n in names):
+            # what the layer will hold: the loaded tensors, its own where the state has none
+            incoming = {n: state_dict.get(prefix + n, getattr(self, n)) for n in names}
+            try:
+                loaded = self._checked_format(incoming)
+            except ValueError as exc:
+                raise ValueError(f"{type(self).__name__}.load_state_dict"
+                                 f"{f' ({prefix[:-1]!r})' if prefix else ''}: {exc}") from None
+        errors_before = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if extra not in state_dict and extra in missing_keys:
+            missing_keys.remove(extra)  # saved before the metadata existed: still loadable
+        if self.format == "nm" and loaded is not None and len(error_msgs) == errors_before:
+            derived = loaded.to(self.col_idx.device).tensors()
+            for name in self._index_names:
+                if name in self._non_persistent_buffers_set:
+                    setattr(self, name, derived[name])
             self.nm_padded = not bool(self.kept.all())
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, prefix: str = "", layer: nn.Module | None = None):
+        """The layer rebuilt from a state_dict saved from one (its keys under `prefix`), without
+        the mask it was made from: format, shape, block, N:M (and a conv's stride, padding,
+        dilation) come from the state; every index tensor is validated. `layer`: the dense
+        nn.Linear / nn.Conv2d it stands for (a model skeleton's); checked against the state,
+        and needed only for a state saved before sparsekern recorded its metadata
+        (`_extra_state`): its shape and geometry are then used (BSR and CSR only)."""
+        who = f"{cls.__name__}.from_state_dict"
+        meta = state_dict.get(prefix + "_extra_state")
+        if meta is None:
+            meta = cls._metadata_of_layer(state_dict, prefix, layer, who)
+        elif layer is not None:
+            cls._check_layer(meta, layer, who)
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        shape = meta.get("weight_shape") if isinstance(meta, dict) else None
+        if fmt not in _FORMAT_CLASSES or not isinstance(shape, (list, tuple)) \
+                or len(shape) != cls._weight_dims:
+            raise ValueError(f"{who}: {prefix}_extra_state must be the metadata of a "
+                             f"{cls._weight_dims}-D {cls.__name__} weight (format one of "
+                             f"{tuple(_FORMAT_CLASSES)}), got {meta!r}")
+        format_cls = _FORMAT_CLASSES[fmt]
+        names = getattr(format_cls, "_stored_names", format_cls._tensor_names)
+        state = {name: state_dict[prefix + name] for name in names if prefix + name in state_dict}
+        state["shape"] = torch.tensor(meta["weight_shape"], dtype=torch.int64)
+        if meta.get("nm") is not None:
+            state["nm"] = torch.tensor(meta["nm"], dtype=torch.int64)
+        try:
+            weight = format_cls.from_state_dict(state)
+            return cls._from_packed(weight, state_dict.get(prefix + "bias"),
+                                    state_dict.get(prefix + "value_mask"), meta)
+        except ValueError as exc:
+            raise ValueError(f"{who}{f' ({prefix[:-1]!r})' if prefix else ''}: {exc}") from None
+
+    @classmethod
+    def _metadata_of_layer(cls, state_dict, prefix, layer, who) -> dict:
+        """The metadata of a state saved without it: the format from its keys, the rest from
+        the dense layer it stands for."""
+        if prefix + "kept" in state_dict:
+            raise ValueError(f"{who}: the N:M state under {prefix!r} has no metadata "
+                             f"({prefix}_extra_state), so its N:M pattern is unknown; it was "
+                             f"saved before sparsekern recorded it: re-create it with sparsify")
+        fmt = "bsr" if prefix + "block_row_ptr" in state_dict else "csr"
+        if layer is None:
+            raise ValueError(f"{who}: the state under {prefix!r} has no metadata "
+                             f"({prefix}_extra_state: saved by an older sparsekern); pass "
+                             f"layer=<the dense layer it stands for> (sk.load_sparse does)")
+        return {"format": fmt, "weight_shape": list(layer.weight.shape), "nm": None,
+                **cls._geometry_of(layer)}
+
+    @classmethod
+    def _check_layer(cls, meta: dict, layer: nn.Module, who: str):
+        want = {"weight_shape": list(layer.weight.shape), **cls._geometry_of(layer)}
+        have = {k: _plain_value(meta.get(k)) for k in want}
+        if have != {k: _plain_value(v) for k, v in want.items()}:
+            raise ValueError(f"{who}: the state holds a layer with {have}, the model's layer "
+                             f"has {want}")
+
+    @classmethod
+    def _geometry_of(cls, layer) -> dict:
+        return {}
 
     def _values(self) -> torch.Tensor:
         """The values the kernels use: pruned positions inside kept blocks (or an N:M group's
@@ -226,10 +362,10 @@ class _PackedWeight(nn.Module):
         return self.values * self.kept if self.nm_padded else self.values
 
     def _format(self, values) -> BlockSparse | CSR | NM:
-        if self.format == "nm":
-            return NM(values, shape=self.weight_shape, nm=self.nm, **self.index())
-        cls = BlockSparse if self.format == "bsr" else CSR
-        return cls(values, shape=self.weight_shape, **self.index())
+        """The format over this layer's buffers, validated when they were built or loaded."""
+        extra = {"n": self.nm[0], "m": self.nm[1]} if self.format == "nm" else {}
+        return _FORMAT_CLASSES[self.format]._trusted(self.weight_shape, values=values,
+                                                     **self.index(), **extra)
 
     def weight_format(self) -> BlockSparse | CSR | NM:
         """The current weight as a format object (sharing this module's index tensors)."""
@@ -255,7 +391,9 @@ class _PackedWeight(nn.Module):
 
 
 class SparseLinear(_PackedWeight):
-    """y = x W^T + b with W stored as BlockSparse or CSR."""
+    """y = x W^T + b with W stored as BlockSparse, CSR or NM."""
+
+    _weight_dims = 2
 
     def __init__(self, weight: BlockSparse | CSR | NM, bias: torch.Tensor | None = None,
                  value_mask: torch.Tensor | None = None):
@@ -281,6 +419,10 @@ class SparseLinear(_PackedWeight):
         packed = pack(linear.weight, mask, format, block, nm)
         return cls(packed, linear.bias,
                    value_mask(packed, mask if mask is not None else linear.weight.detach() != 0))
+
+    @classmethod
+    def _from_packed(cls, weight, bias, value_mask, meta) -> "SparseLinear":
+        return cls(weight, bias, value_mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_linear(x, self._values(), self.index(),
@@ -313,6 +455,8 @@ class SparseConv2d(_PackedWeight):
     not); the output is channels_last, the layout the kernels compute in, so a chain of sparse
     convs with BatchNorm/ReLU between them converts the layout once, at the first one."""
 
+    _weight_dims = 4
+
     def __init__(self, weight: BlockSparse | CSR | NM, bias: torch.Tensor | None = None, stride=1,
                  padding=0, dilation=1, value_mask: torch.Tensor | None = None):
         super().__init__()
@@ -338,6 +482,20 @@ class SparseConv2d(_PackedWeight):
         packed = pack(conv.weight, mask, format, block, nm)
         return cls(packed, conv.bias, conv.stride, conv.padding, conv.dilation,
                    value_mask(packed, mask if mask is not None else conv.weight.detach() != 0))
+
+    def _metadata(self) -> dict:
+        return {**super()._metadata(), "stride": _plain_value(self.stride),
+                "padding": _plain_value(self.padding), "dilation": _plain_value(self.dilation)}
+
+    @classmethod
+    def _geometry_of(cls, layer) -> dict:
+        return {k: _plain_value(getattr(layer, k)) for k in ("stride", "padding", "dilation")}
+
+    @classmethod
+    def _from_packed(cls, weight, bias, value_mask, meta) -> "SparseConv2d":
+        geometry = [tuple(g) if isinstance(g, list) else g
+                    for g in (meta["stride"], meta["padding"], meta["dilation"])]
+        return cls(weight, bias, *geometry, value_mask=value_mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_conv2d(x, self._values(), self.index(), self.weight_shape, self.bias,
@@ -648,6 +806,54 @@ def densify(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if _plain(module) is not module:
             _set_submodule(model, name, _plain(module))
+    return model
+
+
+def load_sparse(model: nn.Module, state_dict: dict, strict: bool = True) -> nn.Module:
+    """Rebuilds a sparsified model from its state_dict alone (no masks), in place, and returns
+    it. `model` is the architecture: a dense skeleton (plain nn.Linear / nn.Conv2d; an already
+    sparsified model works too); `state_dict` one saved from its sparsified version
+    (torch.load(..., weights_only=True) reads it). Every Linear / Conv2d whose state is packed
+    becomes the SparseLinear / SparseConv2d that state describes (format, block, N:M and shape
+    from its metadata, index validated; see SparseLinear.from_state_dict), on the skeleton
+    layer's device and dtype; one saved as MaskedLinear / MaskedConv2d (its `weight_mask`)
+    becomes one with that mask; the others become plain layers. Everything else (biases,
+    BatchNorm statistics, ...) is then loaded as model.load_state_dict(state_dict, strict)
+    would; strict: keys missing from the state or unknown to the model are an error."""
+    rebuilt = []
+    for name, module in list(model.named_modules()):
+        kind = _kind(module)
+        if kind is None:
+            continue
+        prefix = f"{name}." if name else ""
+        plain = _plain(module)
+        if prefix + "values" in state_dict:
+            cls = SparseConv2d if kind == "conv" else SparseLinear
+            try:
+                new = cls.from_state_dict(state_dict, prefix, layer=plain)
+            except ValueError as exc:
+                raise ValueError(f"load_sparse: layer {name!r}: {exc}") from None
+            new = new.to(device=plain.weight.device, dtype=plain.weight.dtype)
+            rebuilt.append(prefix)
+        elif prefix + "weight_mask" in state_dict:
+            mask = as_mask(state_dict[prefix + "weight_mask"], f"{prefix}weight_mask")
+            if tuple(mask.shape) != tuple(plain.weight.shape):
+                raise ValueError(f"load_sparse: layer {name!r}: {prefix}weight_mask has shape "
+                                 f"{tuple(mask.shape)}, the layer's weight "
+                                 f"{tuple(plain.weight.shape)}")
+            new = _masked(plain, mask.to(plain.weight.device))
+        else:
+            new = plain
+        if new is not module:
+            _set_submodule(model, name, new)
+    # the rebuilt layers hold their state already (validated once, in from_state_dict)
+    owned = tuple(rebuilt)
+    rest = {k: v for k, v in state_dict.items() if not (owned and k.startswith(owned))}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if not (owned and k.startswith(owned))]
+    if strict and (missing or unexpected):
+        raise ValueError(f"load_sparse: the state_dict does not fit the model: missing keys "
+                         f"{missing}, unexpected keys {unexpected}")
     return model
 
 
