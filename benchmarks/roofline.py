@@ -148,7 +148,7 @@ def bsr_sddmm(gpu, facts, config, block, sparsity):
 
 
 # expected maximum of n standard normals (rows of a CSR program: the longest row sets its loop)
-_MAX_Z = {16: 1.766, 32: 2.070, 64: 2.335}
+_MAX_Z = {1: 0.0, 2: 0.564, 4: 1.029, 8: 1.424, 16: 1.766, 32: 2.070, 64: 2.335}
 
 
 def csr_spmm(gpu, facts, config, sparsity, transposed):

@@ -45,7 +45,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sparsekern.triton.grid import channel_group_and_pixel_tile
 from sparsekern.triton.tuning import CONFIGS, all_configs, cfg, pruner
 
 # CUDA-core gathers: one set for every type. Every [rows, pixels] tile costs a register per
@@ -68,6 +67,18 @@ CONFIGS.update({
 # BLOCK_E of _SAMPLED), so the split count does not depend on the config the autotuner picks.
 DW_MIN_BLOCK_E = min(c.kwargs["BLOCK_E"] for c in _SAMPLED)
 DW_MAX_BLOCK_P = max(c.kwargs["BLOCK_P"] for c in _SAMPLED)
+
+
+@triton.jit
+def channel_group_and_pixel_tile(channels, GROUP: tl.constexpr):
+    """(channel group, pixel tile) of this program in a 1-D grid of cdiv(channels, GROUP) x
+    pixel tiles, channel group fastest: consecutive programs gather the same pixel tile (shared
+    in L2), and the pixel tiles are not bound by the 65535 limit of a CUDA grid's second axis
+    (a ResNet stem at batch 256 has 3.2M output pixels)."""
+    groups = tl.cdiv(channels, GROUP)
+    pid = tl.program_id(0)
+    tile = pid // groups
+    return pid - tile * groups, tile
 
 
 @triton.autotune(configs=all_configs("csr_conv_fwd"),

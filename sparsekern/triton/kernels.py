@@ -31,7 +31,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sparsekern.triton.grid import channel_group_and_pixel_tile
 from sparsekern.triton.tuning import CONFIGS, configs_for  # noqa: F401  (re-exported)
 from sparsekern.triton.tuning import all_configs as _all, cfg as _cfg, pruner as _pruner
 
@@ -269,7 +268,8 @@ def bsr_conv_fwd_kernel(x_ptr, v_ptr, ptr_ptr, idx_ptr, bias_ptr, out_ptr,
                         PRECISION: tl.constexpr, BLOCK_P: tl.constexpr):
     """out[p, i*BN + c] = sum over kept blocks t of block row i and taps (dh, dw):
     x[pixel(p) shifted by the tap, j(t)*BK + k] * values[t, dh, dw, k, c]  (+ bias)."""
-    pid_o, pid_p = channel_group_and_pixel_tile(C_OUT, BN)
+    pid_o = tl.program_id(0)
+    pid_p = tl.program_id(1)
     start = tl.load(ptr_ptr + pid_o)
     end = tl.load(ptr_ptr + pid_o + 1)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -319,7 +319,8 @@ def bsr_conv_dx_kernel(dy_ptr, v_ptr, ptr_ptr, row_idx_ptr, perm_ptr, out_ptr,
                        BLOCK_P: tl.constexpr):
     """dX[q, j*BK + k] = sum over kept blocks of block column j (transposed index) and taps:
     dY[output pixel that reads q through the tap, i*BN + c] * values[perm, dh, dw, k, c]."""
-    pid_o, pid_p = channel_group_and_pixel_tile(C_IN, BK)
+    pid_o = tl.program_id(0)
+    pid_p = tl.program_id(1)
     start = tl.load(ptr_ptr + pid_o)
     end = tl.load(ptr_ptr + pid_o + 1)
     offs_q = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)

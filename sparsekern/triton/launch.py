@@ -358,7 +358,7 @@ def bsr_conv2d(x, values, block_row_ptr, block_col_idx, block_col_ptr, block_row
     x = x.contiguous(memory_format=CL)
 
     def grid(meta):
-        return (nb * triton.cdiv(p, meta["BLOCK_P"]),)
+        return (nb, triton.cdiv(p, meta["BLOCK_P"]))
 
     K.bsr_conv_fwd_kernel[grid](
         x, values.contiguous(), block_row_ptr, block_col_idx,
@@ -397,7 +397,7 @@ def bsr_conv2d_grad_input(grad_out, values, block_col_ptr, block_row_idx, block_
     dy = grad_out.contiguous(memory_format=CL)
 
     def grid(meta):
-        return (kb * triton.cdiv(q, meta["BLOCK_P"]),)
+        return (kb, triton.cdiv(q, meta["BLOCK_P"]))
 
     K.bsr_conv_dx_kernel[grid](
         dy, values.contiguous(), block_col_ptr, block_row_idx, block_perm, out,

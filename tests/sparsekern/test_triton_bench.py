@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sparsekern.triton as skt
-from benchmarks import gpu_bench, roofline
+from benchmarks import gpu_bench, gpu_report, roofline
 
 skt.use_interpreter()
 
@@ -90,8 +90,8 @@ def test_roofline_csr_conv_counts():
     c, hw = 64, 56
     p, e = roofline.CONV_BATCH * hw * hw, roofline.ELEM
     dense = roofline.cudnn_conv_us(gpu, (c, hw))
-    cfg = {"BLOCK_R": 16, "BLOCK_P": 128, "num_warps": 4}
-    dw_cfg = {"BLOCK_E": 16, "BLOCK_P": 128, "num_warps": 4}
+    configs = gpu_report.config_dicts()  # the kernels' own tiles (the model has to know them)
+    cfg, dw_cfg = configs["csr_conv_fwd"][0], configs["csr_conv_dw"][0]
     facts = dict(FACTS, loop_instr_per_fma=20.0)
     for s in (0.8, 0.9):
         nnz = round((1 - s) * c * c * 9)
@@ -104,6 +104,9 @@ def test_roofline_csr_conv_counts():
             assert r["time_us"] >= max(r["hbm_us"], r["l2_us"], r["sm_us"])
         assert fwd["hbm_bytes"] >= 4 * p * c * e  # transpose (read + write), read, write
         assert dense / fwd["time_us"] < 1 / (1 - s)
+    for product, kernel in roofline.CONV_KERNELS.items():  # every config the model may pick
+        for config in configs[kernel]:
+            assert roofline.csr_conv(gpu, facts, config, (c, hw), 0.9, product)["time_us"] > 0
     denser = roofline.csr_conv(gpu, facts, cfg, (c, hw), 0.8, "forward")
     # the SM time follows the compiled loop's instruction count
     leaner = roofline.csr_conv(gpu, dict(facts, loop_instr_per_fma=5.0), cfg, (c, hw), 0.9,
