@@ -46,6 +46,7 @@ from lth.methods.base import lr_factor
 from lth.loop import EpochEnd, Progress, SaveRewindPoint, Trainee, fit
 from lth.models import build_model
 from lth.precision import Autocast, autocast_context, sparse_kernels_autocast
+from lth.requirements import lth_extra_problem
 from lth.results import format_table, write_summary
 from lth.sparse import (check_pruned_zero, cross_entropy, current_masks, dense_state_dict,
                         masked_dense_copy, sparse_kernels_run_on, sparsify_model,
@@ -517,6 +518,9 @@ class Experiment:
 # ----------------------------------------------------------------------------- the loop
 
 def main(argv: list[str] | None = None) -> int:
+    if (problem := lth_extra_problem()) is not None:
+        print(problem, file=sys.stderr)
+        return 2
     argv = sys.argv[1:] if argv is None else list(argv)
     config = parse_config(argv)
     try:
