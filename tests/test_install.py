@@ -1,6 +1,7 @@
 """What an install of sparsekern carries: every package of the repository, and the `lth` extra
 that `python -m lth.train` checks for before it touches the disk. (The wheel itself is built,
 installed into a fresh venv outside the repository and run by `make install-check` in CI.)"""
+import os
 import re
 import subprocess
 import sys
@@ -54,3 +55,22 @@ def test_missing_packages_are_one_line_naming_them_and_the_extra():
     assert len(lines) == 1
     assert lines[0].startswith("python -m lth.train: error: missing scikit-learn, pyyaml ")
     assert "pip install scikit-learn pyyaml" in lines[0] and "'.[lth]'" in lines[0]
+
+
+# `python -m lth.train` with scikit-learn and tqdm unimportable, run where a run folder would go
+NO_EXTRA_SCRIPT = textwrap.dedent("""
+    import runpy, sys
+    sys.modules["sklearn"] = sys.modules["tqdm"] = None
+    sys.argv = ["lth.train"]
+    runpy.run_module("lth.train", run_name="__main__")
+""")
+
+
+def test_lth_train_without_the_extra_says_so_before_touching_the_disk(tmp_path):
+    done = subprocess.run([sys.executable, "-c", NO_EXTRA_SCRIPT], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing scikit-learn, tqdm" in lines[0], done.stderr
+    assert list(tmp_path.iterdir()) == []  # no runs/ folder, nothing half-made
