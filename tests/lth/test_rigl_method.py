@@ -95,22 +95,22 @@ def test_interrupted_round_resumes_to_the_uninterrupted_masks_and_weights(tmp_pa
             "--branches", "none", "--optimizer", "adam", "--lr", "0.003", *FAST]
     ref = run_inprocess(args, tmp_path / "ref")
 
-    import lth.train
+    from lth.loop import EpochEnd
 
     class Killed(Exception):
         pass
 
-    original = lth.train.EpochEnd.on_epoch_end
+    original = EpochEnd.on_epoch_end
 
     def kill_after_first_epoch_of_round_1(self, step, stats):
         original(self, step, stats)  # the epoch's checkpoint is written, then the "kill"
         if self.phase.round == 1 and len(self.history) == 1:
             raise Killed
 
-    monkeypatch.setattr(lth.train.EpochEnd, "on_epoch_end", kill_after_first_epoch_of_round_1)
+    monkeypatch.setattr(EpochEnd, "on_epoch_end", kill_after_first_epoch_of_round_1)
     with pytest.raises(Killed):
         run_inprocess(args, tmp_path / "kill")
-    monkeypatch.setattr(lth.train.EpochEnd, "on_epoch_end", original)
+    monkeypatch.setattr(EpochEnd, "on_epoch_end", original)
     run = run_dir_of(args + ["--runs-dir", str(tmp_path / "kill")], tmp_path / "kill")
     killed = load(os.path.join(run, "round_01", "checkpoint.pt"))
     start = load(os.path.join(run, "round_01", "masks.pt"))

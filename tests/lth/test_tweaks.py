@@ -179,22 +179,22 @@ def test_bad_tweak_settings_name_the_flag(args, flag, capsys):
 
 
 def test_interrupted_tweaked_round_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
-    import lth.train
+    from lth.loop import EpochEnd
     args = ["--widths", "48,48", "--rounds", "1", "--epochs", "3", "--batch-size", "64",
             "--rewind-to", "5it", "--branches", "none", "--activation", "mish", "--mixup",
             "0.5", "--rescale-init", *FAST]
     whole = run_inprocess(args, tmp_path / "whole")
-    real = lth.train.EpochEnd.on_epoch_end
+    real = EpochEnd.on_epoch_end
 
     def interrupted(self, step, stats):  # stops right after round 1's first checkpoint
         real(self, step, stats)
         if self.phase.round == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(lth.train.EpochEnd, "on_epoch_end", interrupted)
+    monkeypatch.setattr(EpochEnd, "on_epoch_end", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_inprocess(args, tmp_path / "cut")
-    monkeypatch.setattr(lth.train.EpochEnd, "on_epoch_end", real)
+    monkeypatch.setattr(EpochEnd, "on_epoch_end", real)
     resumed = run_inprocess(args, tmp_path / "cut")
     a = torch.load(os.path.join(whole, "round_01", "checkpoint.pt"), weights_only=True)
     b = torch.load(os.path.join(resumed, "round_01", "checkpoint.pt"), weights_only=True)
