@@ -464,8 +464,8 @@ class Experiment:
             "speedup": timing["step_ms_dense"] / timing["step_ms_sparse"],
             "timing_batch": timing["timing_batch"], "timing_threads": timing["timing_threads"],
             "sparse_layers": f"{kernels}/{len(decisions)}",
-            "layers": {n: {k: v[k] for k in ("kind", "chosen", "format", "sparsity", "reason")
-                           if k in v}
+            "layers": {n: {k: v[k] for k in ("kind", "chosen", "format", "nm", "block",
+                                             "sparsity", "reason") if k in v}
                        for n, v in decisions.items()},
             "wall_s": last["wall_s"], "world_size": d.world,
             "device": str(self.device), "autocast": c.training.autocast,

@@ -223,6 +223,9 @@ def test_block_and_nm_tickets_train(tmp_path):
     assert {d["format"] for d in ck["decisions"].values()} == {"bsr"}
     for m in ck["masks"].values():
         assert pruning.is_block_aligned(m, (16, 16))
+    summary = json.load(open(os.path.join(run, "summary.json")))
+    assert {tuple(v["block"]) for e in summary if e["round"] == 2
+            for v in e["layers"].values()} == {(16, 16)}
     run = run_inprocess(["--widths", "64,64", "--epochs", "2", "--rounds", "3",
                          "--granularity", "nm", "--nm", "2:4", "--no-progress",
                          "--timing-repeats", "1", "--branches", "none", "--threads", "1"],
@@ -230,6 +233,9 @@ def test_block_and_nm_tickets_train(tmp_path):
     masks = load(os.path.join(run, "round_03", "masks.pt"))
     for m in masks.values():
         assert bool((pruning.nm_counts(m, 4) == 2).all())
+    summary = json.load(open(os.path.join(run, "summary.json")))
+    layers = [e["layers"] for e in summary if e["round"] == 3][0]
+    assert layers and all(v["format"] == "nm" and v["nm"] == [2, 4] for v in layers.values())
 
 
 def test_conv_tickets_train_on_sparse_conv_kernels(tmp_path):
