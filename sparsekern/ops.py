@@ -7,6 +7,13 @@ N:M weights (formats.NM) run on the CSR ops (their values viewed flat: no copy),
 linear on CUDA in float16/bfloat16 whose shape fits CUTLASS's tile: that one runs
 `semi_structured_linear` below, torch's semi-structured sparse matmul (sparse tensor cores).
 Where a CUDA N:M weight cannot take that path, a warning says why, once per reason.
+
+float16 on the CPU: the CPU kernels have no float16 path (the C++ ops refuse it), so
+`sparse_linear` / `sparse_conv2d` (hence sk.linear, sk.conv2d and the modules) run it as the C++
+kernels run bfloat16: operands widened to float32 once per call, float32 kernels and
+accumulation, each output (y, and through autograd dX, dW, dbias) rounded to float16 once. The
+same with and without the extension. The Triton backend (SPARSEKERN_BACKEND=triton) takes
+float16 as it is.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import torch.nn.functional as F
 
 from sparsekern import _extension, reference
 from sparsekern.formats import CSR, NM, SEMI_STRUCTURED_MULTIPLE, BlockSparse, scatter_slots
+from sparsekern.triton import get_backend
 
 _HAVE_OPS = _extension.available()
 
@@ -209,6 +217,24 @@ def _nm_linear(x2, values, index, out_features, bias, nm):
 
 # ---- dispatch ------------------------------------------------------------------------------------
 
+def _widened_half(x, values, bias, who: str) -> bool:
+    """Whether this call is float16 on the CPU kernels, which run it widened to float32 (see
+    the module docstring); float16 mixed with another dtype is an error naming them."""
+    operands = {"x": x, "values": values, "bias": bias}
+    dtypes = {name: t.dtype for name, t in operands.items() if t is not None}
+    if torch.float16 not in dtypes.values() or x.device.type != "cpu" \
+            or get_backend() == "triton":
+        return False
+    if len(set(dtypes.values())) > 1:
+        raise ValueError(f"{who}: x, values and bias must share a dtype, got "
+                         + ", ".join(f"{name} {dtype}" for name, dtype in dtypes.items()))
+    return True
+
+
+def _float(t):
+    return None if t is None else t.float()
+
+
 def linear(x: torch.Tensor, weight: BlockSparse | CSR | NM,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T + bias with a sparse W; x may have any leading batch dims. Autograd-aware."""
@@ -227,6 +253,9 @@ def sparse_linear(x: torch.Tensor, values: torch.Tensor, index: dict, shape, bia
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"linear: x must end in in_features={in_features}, got shape "
                          f"{tuple(x.shape)}")
+    if _widened_half(x, values, bias, "linear"):
+        return sparse_linear(x.float(), values.float(), index, shape, _float(bias),
+                             nm).to(torch.float16)
     x2 = x.reshape(math.prod(x.shape[:-1]), in_features)  # not -1: in_features may be 0
     if nm is not None:
         y = _nm_linear(x2, values, index, out_features, bias, nm)
@@ -335,6 +364,9 @@ def sparse_conv2d(x: torch.Tensor, values: torch.Tensor, index: dict, shape, bia
     if x.dim() == 3:
         return sparse_conv2d(x.unsqueeze(0), values, index, shape, bias, stride, padding,
                              dilation, nm).squeeze(0)
+    if _widened_half(x, values, bias, "conv2d"):
+        return sparse_conv2d(x.float(), values.float(), index, shape, _float(bias), stride,
+                             padding, dilation, nm).to(torch.float16)
     if nm is not None:
         if x.device.type == "cuda":
             _warn_once(f"sparsekern: a {nm[0]}:{nm[1]} conv2d on CUDA runs the CSR conv "

@@ -315,8 +315,9 @@ def test_linear_rejects_wrong_in_features(fmt):
 @pytest.mark.parametrize("fmt", ["bsr", "csr"])
 def test_linear_rejects_dtype_mismatch(fmt):
     W, x, _, _ = random_problem(fmt, 3, 24, 20, block=(8, 8))
-    with pytest.raises(RuntimeError, match="x must be float32, float64 or bfloat16"):
-        sk.linear(x.half(), W.to(torch.float16))
+    with pytest.raises(ValueError, match="linear: x, values and bias must share a dtype, got "
+                                         "x torch.float16, values torch.float32"):
+        sk.linear(x.half(), W)
     with pytest.raises(RuntimeError, match="values has dtype Float but expected Double"):
         sk.linear(x.double(), W)
 
