@@ -22,7 +22,6 @@ import torch
 
 from benchmarks import report
 
-OUT = Path(__file__).resolve().parent / "gpu"
 SECTIONS = ("roofline", "compile", "cuda")
 
 
@@ -68,7 +67,7 @@ def _meta(command):
 
 
 def save_section(name, command, data, out=None):
-    out = Path(out) if out else OUT
+    out = Path(out) if out else report.default_output_dir("gpu")
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     path.write_text(json.dumps({"meta": _meta(command), **data}, indent=1))

@@ -335,7 +335,7 @@ def test_bad_input_names_the_argument():
 
 
 def test_auto_policy_keeps_a_layer_dense_when_its_kernel_is_missing(monkeypatch):
-    """A format without a kernel on the device (CSR conv on CUDA raises NotImplementedError):
+    """A format without a kernel on the device (its op raises NotImplementedError):
     policy="auto" keeps that layer masked-dense and records why, instead of failing."""
     import sparsekern.nn as sknn
 
