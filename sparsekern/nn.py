@@ -201,8 +201,8 @@ class _PackedWeight(nn.Module):
 
     def _setup(self, weight, bias, value_mask, who: str):
         if type(weight) not in _FORMAT_NAMES:
-            raise TypeError(f"{who}: weight must be BlockSparse or CSR, got "
-                            f"{type(weight).__name__} (an N:M weight, NM, is accepted too)")
+            raise TypeError(f"{who}: weight must be a sparsekern.BlockSparse, CSR or NM, got "
+                            f"{type(weight).__name__}")
         self.format = _FORMAT_NAMES[type(weight)]
         self.nm = weight.nm if isinstance(weight, NM) else None
         self.weight_shape = tuple(weight.shape)

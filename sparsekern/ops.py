@@ -239,7 +239,7 @@ def linear(x: torch.Tensor, weight: BlockSparse | CSR | NM,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T + bias with a sparse W; x may have any leading batch dims. Autograd-aware."""
     if not isinstance(weight, (BlockSparse, CSR, NM)):
-        raise TypeError(f"linear: weight must be a sparsekern.BlockSparse or CSR (or NM), got "
+        raise TypeError(f"linear: weight must be a sparsekern.BlockSparse, CSR or NM, got "
                         f"{type(weight).__name__}")
     return sparse_linear(x, weight.values, weight.tensors(), weight.shape, bias,
                          getattr(weight, "nm", None))
@@ -347,8 +347,8 @@ def conv2d(x: torch.Tensor, weight: BlockSparse | CSR | NM, bias: torch.Tensor |
     """Like F.conv2d (groups=1) with a sparse 4-D weight; autograd-aware. x is [N, C_in, H, W]
     or unbatched [C_in, H, W]. The output is channels_last (the layout the kernels compute in)."""
     if not isinstance(weight, (BlockSparse, CSR, NM)) or len(weight.shape) != 4:
-        raise TypeError(f"conv2d: weight must be a sparsekern.BlockSparse or CSR made from a "
-                        f"4-D conv weight (or an NM one), got {weight!r}")
+        raise TypeError(f"conv2d: weight must be a sparsekern.BlockSparse, CSR or NM made from "
+                        f"a 4-D conv weight, got {weight!r}")
     return sparse_conv2d(x, weight.values, weight.tensors(), weight.shape, bias, stride,
                          padding, dilation, getattr(weight, "nm", None))
 

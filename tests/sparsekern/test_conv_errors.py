@@ -58,8 +58,8 @@ PUBLIC_CASES = {
                                  r"smaller than the dilated kernel \(7x7\)"),
     "x_dtype": (dict(x=lambda x: x.double()), RuntimeError,
                 "values has dtype Float but expected Double"),
-    "x_half": (dict(x=lambda x: x.half()), RuntimeError,
-               "x must be float32, float64 or bfloat16 on the CPU, got Half"),
+    "x_half": (dict(x=lambda x: x.half()), ValueError,
+               "x, values and bias must share a dtype, got x torch.float16, values torch.float32"),
     "x_int": (dict(x=lambda x: x.long()), RuntimeError, "x must be float32, float64 or bfloat16"),
     "bias_dtype": (dict(bias=lambda b: b.double()), RuntimeError,
                    "bias has dtype Double but expected Float"),
@@ -93,10 +93,10 @@ def test_conv2d_rejects_non_conv_weight(fmt):
     """A linear (2-D) format or a dense tensor is not a conv weight."""
     W, _, _, _ = random_problem(fmt, 1, 24, 20, block=(8, 8))
     x = torch.randn(2, 20, 6, 5)
-    with pytest.raises(TypeError, match="weight must be a sparsekern.BlockSparse or CSR made "
+    with pytest.raises(TypeError, match="weight must be a sparsekern.BlockSparse, CSR or NM made "
                                         "from a 4-D conv weight"):
         sk.conv2d(x, W)
-    with pytest.raises(TypeError, match="weight must be a sparsekern.BlockSparse or CSR"):
+    with pytest.raises(TypeError, match="weight must be a sparsekern.BlockSparse, CSR or NM"):
         sk.conv2d(x, torch.randn(24, 20, 3, 3))
 
 

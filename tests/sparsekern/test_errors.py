@@ -326,7 +326,8 @@ def test_sparse_linear_rejects():
     W, _, _, _ = random_problem("csr", 1, 24, 20)
     with pytest.raises(ValueError, match=r"bias must have shape \(24,\), got \(3,\)"):
         sk.SparseLinear(W, torch.randn(3))
-    with pytest.raises(TypeError, match="weight must be BlockSparse or CSR, got Tensor"):
+    with pytest.raises(TypeError, match="SparseLinear: weight must be a sparsekern.BlockSparse, "
+                                        "CSR or NM, got Tensor"):
         sk.SparseLinear(torch.randn(24, 20))
     with pytest.raises(TypeError, match="linear must be nn.Linear, got Conv1d"):
         sk.SparseLinear.from_dense(nn.Conv1d(2, 2, 1))

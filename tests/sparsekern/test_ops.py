@@ -208,7 +208,7 @@ def test_linear_needs_input_grad_subsets():
 
 
 def test_linear_rejects_non_format_weight():
-    with pytest.raises(TypeError, match="weight must be a sparsekern.BlockSparse or CSR"):
+    with pytest.raises(TypeError, match="weight must be a sparsekern.BlockSparse, CSR or NM"):
         sk.linear(torch.randn(2, 3), torch.randn(4, 3))
 
 
