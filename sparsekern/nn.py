@@ -820,7 +820,7 @@ def load_sparse(model: nn.Module, state_dict: dict, strict: bool = True) -> nn.M
     becomes one with that mask; the others become plain layers. Everything else (biases,
     BatchNorm statistics, ...) is then loaded as model.load_state_dict(state_dict, strict)
     would; strict: keys missing from the state or unknown to the model are an error."""
-    rebuilt = []
+    rebuilt, ignored = [], []  # ignored: keys under a rebuilt layer that it does not hold
     for name, module in list(model.named_modules()):
         kind = _kind(module)
         if kind is None:
@@ -835,6 +835,8 @@ def load_sparse(model: nn.Module, state_dict: dict, strict: bool = True) -> nn.M
                 raise ValueError(f"load_sparse: layer {name!r}: {exc}") from None
             new = new.to(device=plain.weight.device, dtype=plain.weight.dtype)
             rebuilt.append(prefix)
+            known = {prefix + k for k in new.state_dict()}
+            ignored += [k for k in state_dict if k.startswith(prefix) and k not in known]
         elif prefix + "weight_mask" in state_dict:
             mask = as_mask(state_dict[prefix + "weight_mask"], f"{prefix}weight_mask")
             if tuple(mask.shape) != tuple(plain.weight.shape):
@@ -851,6 +853,7 @@ def load_sparse(model: nn.Module, state_dict: dict, strict: bool = True) -> nn.M
     rest = {k: v for k, v in state_dict.items() if not (owned and k.startswith(owned))}
     missing, unexpected = model.load_state_dict(rest, strict=False)
     missing = [k for k in missing if not (owned and k.startswith(owned))]
+    unexpected = ignored + unexpected
     if strict and (missing or unexpected):
         raise ValueError(f"load_sparse: the state_dict does not fit the model: missing keys "
                          f"{missing}, unexpected keys {unexpected}")

@@ -212,6 +212,8 @@ def test_load_sparse_strictness_and_bad_state():
     with pytest.raises(ValueError, match=r"unexpected keys \['extra'\]"):
         sk.load_sparse(_Net(), state | {"extra": torch.zeros(1)})
     sk.load_sparse(_Net(), state | {"extra": torch.zeros(1)}, strict=False)
+    with pytest.raises(ValueError, match=r"unexpected keys \['fc1.weight'\]"):
+        sk.load_sparse(_Net(), state | {"fc1.weight": torch.zeros(64, 256)})
     partial = {k: v for k, v in state.items() if k != "head.bias"}
     with pytest.raises(ValueError, match=r"missing keys \['head.bias'\]"):
         sk.load_sparse(_Net(), partial)
