@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -54,7 +55,8 @@ def fit(run: Trainee, hooks, loss_fn, batches, first_step: int, last_step: int,
     providers (lth.methods.base) are called in order around each step; callbacks get
     on_step(step, stats) after every optimizer step and on_epoch_end(step, stats) after every
     epoch, where stats = [summed loss, correct, examples] of the epoch so far. autocast() is the
-    context the forward and loss run in.
+    context the forward and loss run in. A loss that is not a finite number raises Diverged
+    (the step is not undone: the run stops there).
     """
     step = first_step
     while step < last_step:
@@ -81,8 +83,11 @@ def fit(run: Trainee, hooks, loss_fn, batches, first_step: int, last_step: int,
                         run.scheduler = rebind_scheduler(run.scheduler, optimizer)
                     run.model, run.optimizer = model, optimizer
                     run.net = wrap(model)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise Diverged(step, f"the training loss is {value}")
             labels = y if y.dim() == 1 else y.argmax(1)  # soft targets: their top class
-            stats[0] += loss.item() * len(y)
+            stats[0] += value * len(y)
             stats[1] += float((out.argmax(1) == labels).sum())
             stats[2] += len(y)
             for cb in callbacks:
@@ -92,6 +97,14 @@ def fit(run: Trainee, hooks, loss_fn, batches, first_step: int, last_step: int,
         for cb in callbacks:
             cb.on_epoch_end(step, stats)
     return step
+
+
+class Diverged(Exception):
+    """Training stopped being finite (a loss or a weight of NaN / inf) after `step` steps."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"{what} after step {step}")
+        self.step, self.what = step, what
 
 
 class Callback:

@@ -4,7 +4,9 @@ The rigorous definition (Frankle & Carbin; Ma et al. 2021): a ticket at a sparsi
 when it reaches the dense network's accuracy within its epoch budget (up to --tolerance) AND
 beats the best random baseline trained with the same budget (random_reinit, random_ticket,
 shuffled) by at least --margin. Both numbers are shown; a sparsity without a baseline gets no
-verdict. Prints the table and saves report.txt / report.json in the run dir.
+verdict, and neither does a ticket with a layer pruned entirely (`empty_layers` in its summary
+entry: the network is cut in two, its accuracy is no result; such a baseline is left out too).
+Prints the table and saves report.txt / report.json in the run dir.
 
 `python -m lth.report RUN_DIR RUN_DIR ...` compares runs instead: runs whose settings differ
 only in --seed are one configuration (mean and standard deviation over the seeds), and every
@@ -29,7 +31,8 @@ MARGIN = 0.005
 def verdicts(entries: list[dict], tolerance: float = TOLERANCE, margin: float = MARGIN,
              metric: str = "test_acc") -> list[dict]:
     """Per pruned round: the verdict and both numbers. A run whose round 0 is not plain dense
-    training (RST's penalty phase: dense_reference false) is judged on its baselines only."""
+    training (RST's penalty phase: dense_reference false) is judged on its baselines only.
+    A phase with an empty layer carries no signal: no verdict for it, and no baseline."""
     dense = [e for e in entries if e["round"] == 0 and e["branch"] == "ticket"]
     if not dense:
         raise ValueError("no round 0 in this run's summary")
@@ -38,11 +41,16 @@ def verdicts(entries: list[dict], tolerance: float = TOLERANCE, margin: float = 
     for t in sorted((e for e in entries if e["branch"] == "ticket" and e["round"] > 0),
                     key=lambda e: e["round"]):
         baselines = {e["branch"]: e[metric] for e in entries
-                     if e["round"] == t["round"] and e["branch"] != "ticket"}
+                     if e["round"] == t["round"] and e["branch"] != "ticket"
+                     and not e.get("empty_layers")}
         best = max(baselines.items(), key=lambda kv: kv[1]) if baselines else None
         reaches = None if dense_acc is None else t[metric] >= dense_acc - tolerance
         beats = best is not None and t[metric] >= best[1] + margin
-        if reaches is None:
+        if t.get("empty_layers"):
+            reaches = beats = None
+            verdict = (f"no result: {', '.join(t['empty_layers'])} pruned entirely (no signal "
+                       f"reaches the output)")
+        elif reaches is None:
             verdict = ("no dense reference, no baseline" if best is None else
                        "no dense reference; beats the random baseline" if beats else
                        "no dense reference; random baseline as good")

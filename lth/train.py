@@ -43,7 +43,7 @@ from lth.datasets.loader import epoch_order, iterate, num_batches
 from lth.hparams import Config, ConfigError
 from lth.methods import Phase, Plan, RunContext, derive_seed, providers
 from lth.methods.base import lr_factor
-from lth.loop import EpochEnd, Progress, SaveRewindPoint, Trainee, fit
+from lth.loop import Diverged, EpochEnd, Progress, SaveRewindPoint, Trainee, fit
 from lth.models import build_model
 from lth.precision import Autocast, autocast_context, sparse_kernels_autocast
 from lth.requirements import lth_extra_problem
@@ -58,6 +58,24 @@ EVAL_BATCH = 512
 
 class UsageError(Exception):
     """A setting that cannot work with this data/model; reported like a bad flag."""
+
+
+class UnreadableFile(UsageError):
+    """A file of the run folder that a kill, a full disk or an edit left unreadable."""
+
+    def __init__(self, path: str, error: Exception):
+        why = (str(error).strip().splitlines() or [""])[0]
+        self.path = path
+        super().__init__(f"{path} is unreadable ({type(error).__name__}"
+                         f"{': ' + why[:120] if why else ''})")
+
+
+def _read(load, path: str):
+    """load(path) of a run file that exists; any failure to read it is UnreadableFile."""
+    try:
+        return load(path)
+    except Exception as e:  # a truncated zip, bad pickle or JSON: whatever the reader raises
+        raise UnreadableFile(path, e) from None
 
 
 def make_optimizer(t, params):
@@ -115,13 +133,15 @@ class Experiment:
             config=c, device=self.device, steps_per_epoch=self.steps_per_epoch,
             prunable=self.prunable, template=self.template, fresh_model=self.fresh_model,
             phase_masks=self.final_masks, final_state=self.final_state,
-            rewind_state=lambda: checkpoint.load(self.path(Phase(0).key, "rewind.pt")),
+            rewind_state=lambda: self.finished_file(Phase(0), "rewind.pt"),
             trained_model=self.trained_model,
             cross_entropy=cross_entropy(c.training.label_smoothing), log=self.log)
         self.hooks = providers(self.ctx)
         self.method = self.hooks[0]
         if not self.prunable and self.method.last_round(c) >= 1:
             raise UsageError("--prune-exclude leaves no layer to prune")
+        if c.pruning.granularity == "block" and self.method.last_round(c) >= 1:
+            self.check_blocks()
         try:
             self.method.check_run(self.ctx)
         except ConfigError as e:
@@ -141,6 +161,24 @@ class Experiment:
                              f"layer would get {c.training.autocast} inputs and float32 "
                              f"weights); use --sparse-policy dense or --autocast none")
 
+    def check_blocks(self):
+        """A layer that is one block can never be pruned (pruning keeps a unit per layer): an
+        error when that is every prunable layer (rounds at 0% sparsity), else a warning."""
+        params = dict(self.template.named_parameters())
+        bn, bk = self.c.pruning.block
+        single = [n for n in self.prunable if pruning.block_pattern(
+            torch.ones(params[n].shape, dtype=torch.bool), (bn, bk)).numel() == 1]
+        if not single:
+            return
+        shapes = ", ".join(f"{n} {'x'.join(map(str, params[n].shape))}" for n in single)
+        if len(single) == len(self.prunable):
+            raise UsageError(f"--block {bn}x{bk}: every prunable layer is a single block "
+                             f"({shapes}) and pruning keeps at least one block per layer, so it "
+                             f"would remove nothing; use a smaller --block")
+        warnings.warn(f"--block {bn}x{bk}: {shapes} is a single block and is never pruned "
+                      f"(pruning keeps at least one block per layer)", RuntimeWarning,
+                      stacklevel=2)
+
     # ------------------------------------------------------------------ small helpers
     def log(self, msg: str):
         if self.dist.main:
@@ -155,7 +193,23 @@ class Experiment:
         return build_model(self.c.model, self.data.input_shape, self.data.num_classes, seed)
 
     def done(self, phase: Phase) -> bool:
-        return os.path.isfile(self.path(phase.key, "result.json"))
+        return self.result(phase) is not None
+
+    def result(self, phase: Phase) -> dict | None:
+        """A finished phase's result.json; None while unfinished. An unreadable one is removed
+        (rank 0) so the phase is redone: from its checkpoint, which holds everything the result
+        is made of, or from the start without one."""
+        path = self.path(phase.key, "result.json")
+        if not os.path.isfile(path):
+            return None
+        try:
+            return _read(checkpoint.read_json, path)
+        except UnreadableFile as e:
+            if self.dist.main:
+                self.log(f"{e}: removed; {phase.key} is redone (from its checkpoint where that "
+                         f"is readable)")
+                os.remove(path)
+            return None
 
     # ------------------------------------------------------------------ run
     def run(self) -> list[dict]:
@@ -168,7 +222,7 @@ class Experiment:
                 if not self.done(phase):
                     self.train_phase(phase)
                 self.dist.barrier()
-        entries = [checkpoint.read_json(self.path(p.key, "result.json")) for p in self.phases]
+        entries = [self.result(p) for p in self.phases]
         if self.dist.main:
             write_summary(self.run_dir, entries)
             from lth.plots import plot_run
@@ -197,8 +251,18 @@ class Experiment:
                 "world_size": self.dist.world, "sparsekern_extension":
                     __import__("sparsekern")._extension.available()}
         existing = self.path("config.json")
+        old = None
         if os.path.isfile(existing):
-            old = checkpoint.read_json(existing)
+            try:
+                old = _read(checkpoint.read_json, existing)
+            except UnreadableFile as e:
+                # the folder's name holds the hash of these settings: writing it again is safe
+                if self.dist.main:
+                    self.log(f"{e}: written again from these settings (the folder name's hash "
+                             f"pins them)")
+                    checkpoint.write_json(info, existing)
+                old = info
+        if old is not None:
             if old.get("non_default") != info["non_default"]:
                 raise UsageError(f"{self.run_dir} holds a run with other settings "
                                  f"({old.get('non_default')}); pass another --name or delete it")
@@ -216,7 +280,16 @@ class Experiment:
 
     # ------------------------------------------------------------------ finished phases
     def final_checkpoint(self, phase: Phase) -> dict:
-        return checkpoint.load(self.path(phase.key, "checkpoint.pt"))
+        return self.finished_file(phase, "checkpoint.pt")
+
+    def finished_file(self, phase: Phase, name: str):
+        """A file of a finished phase that a later phase starts from; unreadable: one line
+        saying how to train that phase again."""
+        try:
+            return _read(checkpoint.load, self.path(phase.key, name))
+        except UnreadableFile as e:
+            raise UsageError(f"{e}: delete {self.path(phase.key)} and rerun the same command "
+                             f"to train {phase.key} again") from None
 
     def final_state(self, phase: Phase) -> dict[str, torch.Tensor]:
         return self.final_checkpoint(phase)["model"]
@@ -248,10 +321,16 @@ class Experiment:
         if phase.round == 0:
             return {}
         path = self.path(phase.key, "masks.pt")
+        if self.dist.main and os.path.isfile(path):
+            try:
+                _read(checkpoint.load, path)
+            except UnreadableFile as e:  # made from finished phases: computed again, the same
+                self.log(f"{e}: computed again")
+                os.remove(path)
         if self.dist.main and not os.path.isfile(path):
             checkpoint.save(self.method.masks(phase), path)
         self.dist.barrier()
-        masks = checkpoint.load(path)
+        masks = _read(checkpoint.load, path)
         digest = sum(float((m.flatten().double() * torch.arange(1, m.numel() + 1,
                                                                  dtype=torch.float64)).sum())
                      for m in masks.values())
@@ -312,7 +391,16 @@ class Experiment:
                 if ".tmp." in name:
                     os.remove(os.path.join(pdir, name))
         d.barrier()
-        ckpt = checkpoint.load_if_exists(os.path.join(pdir, "checkpoint.pt"))
+        ckpt = None
+        if os.path.isfile(os.path.join(pdir, "checkpoint.pt")):
+            try:
+                ckpt = _read(checkpoint.load, os.path.join(pdir, "checkpoint.pt"))
+            except UnreadableFile as e:  # only a resume point: the phase starts over
+                self.log(f"{e}: {phase.key} starts over")
+                d.barrier()
+                if d.main:
+                    os.remove(e.path)
+                    self._rewrite_metrics(phase, [])
         if ckpt is not None and ckpt.get("format") != CHECKPOINT_FORMAT:
             raise RuntimeError(f"{pdir}/checkpoint.pt has an unknown format")
         # a resumed phase trains the masks it was checkpointed with (a dynamic method moves them)
@@ -346,6 +434,10 @@ class Experiment:
 
         def save_checkpoint(step: int, wall: float):
             state = dense_state_dict(run.model)
+            nonfinite = sorted(n for n, v in state.items()
+                               if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+            if nonfinite:  # a finite loss can still leave inf weights behind
+                raise Diverged(step, f"weights of {', '.join(nonfinite[:3])} are not finite")
             masks_now = current_masks(run.model) if masks else {}
             check_pruned_zero(state, masks_now)
             checkpoint.save({
@@ -376,8 +468,16 @@ class Experiment:
                                 c.dataset.num_workers, skip=skip):
                 yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-        fit(run, self.hooks, self.loss_fn, batches, step, plan.last_step, spe, callbacks,
-            wrap=self._wrap, autocast=self.autocast)
+        try:
+            fit(run, self.hooks, self.loss_fn, batches, step, plan.last_step, spe, callbacks,
+                wrap=self._wrap, autocast=self.autocast)
+        except Diverged as e:
+            progress.close()
+            flag, lr = (("--lr", c.training.lr) if plan.constant_lr is None else
+                        ("--finetune-lr", plan.constant_lr))
+            raise UsageError(f"{phase.key} (round {phase.round}) diverged in epoch "
+                             f"{-(-e.step // spe)} (step {e.step}): {e.what}; lower {flag} "
+                             f"(now {lr:g}) and run again") from None
         progress.close()
         if d.enabled:  # DDP kept every rank's weights identical, or something is badly wrong
             digest = sum(float(p.detach().double().sum()) for p in run.model.parameters())
@@ -448,6 +548,8 @@ class Experiment:
         last = history[-1]
         kernels = sum(1 for v in decisions.values() if v["chosen"] == "sparse")
         sparsity = pruning.sparsity(masks) if masks else 0.0
+        # a layer without a kept weight cuts the network in two: its accuracy is no result
+        empty = sorted(n for n, m in masks.items() if not bool(m.any()))
         result = {
             "round": phase.round, "branch": phase.branch,
             "method": c.method.name if phase.branch == "ticket" else phase.branch,
@@ -470,6 +572,7 @@ class Experiment:
             "wall_s": last["wall_s"], "world_size": d.world,
             "device": str(self.device), "autocast": c.training.autocast,
             "dense_reference": phase == Phase(0) and self.method.dense_round0,
+            "empty_layers": empty,
         }
         for hook in self.hooks:
             extra = hook.summary(phase)
@@ -480,13 +583,13 @@ class Experiment:
             result.update(extra)
         if d.main:
             checkpoint.write_json(result, self.path(phase.key, "result.json"))
-            entries = [checkpoint.read_json(self.path(p.key, "result.json"))
-                       for p in self.phases if self.done(p)]
+            entries = [e for e in map(self.result, self.phases) if e is not None]
             write_summary(self.run_dir, entries)
         self.log(f"{phase.key:<26} sparsity {100 * sparsity:5.1f}%  test acc "
                  f"{100 * last['test_acc']:6.2f}%  step dense {timing['step_ms_dense']:7.2f} ms"
                  f"  sparse {timing['step_ms_sparse']:7.2f} ms  ({result['speedup']:.2f}x, "
-                 f"{kernels}/{len(decisions)} layers sparse)  {last['wall_s']:6.1f} s")
+                 f"{kernels}/{len(decisions)} layers sparse)  {last['wall_s']:6.1f} s"
+                 + (f"  NO SIGNAL: {', '.join(empty)} fully pruned" if empty else ""))
         d.barrier()
 
     def _block(self):

@@ -1,0 +1,143 @@
+"""Bad runs fail clearly: a diverged run stops at the first non-finite loss naming the round, epoch
+and flag; pruning that can remove nothing is refused before training; a phase with a layer
+pruned entirely gets no verdict; an unreadable file of a run folder is one line naming it (or the
+phase is redone where that is safe), never a traceback."""
+import json
+import os
+import shutil
+
+import torch
+
+from _lth_helpers import load, run_dir_of, run_inprocess
+from lth import report, train
+
+# one pruned round, one epoch: what a rerun needs to redo is a second or two
+SMALL = ["--widths", "32,32", "--epochs", "1", "--rounds", "1", "--batch-size", "128",
+         "--branches", "none", "--rewind", "init", "--timing-repeats", "1",
+         "--timing-warmup", "0", "--no-progress", "--threads", "1"]
+
+
+def _main(args, runs_dir, capsys):
+    code = train.main(list(args) + ["--runs-dir", str(runs_dir)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _error_line(err):
+    lines = [line for line in err.strip().splitlines() if line.startswith("python -m lth.train")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_diverged_run_stops_at_the_first_non_finite_loss(tmp_path, capsys):
+    code, out, err = _main(SMALL + ["--lr", "1e30"], tmp_path, capsys)
+    assert code == 2
+    line = _error_line(err)
+    assert "round_00" in line and "(round 0) diverged in epoch 1" in line, line
+    assert "lower --lr (now 1e+30)" in line, line
+    run = run_dir_of(SMALL + ["--lr", "1e30"], tmp_path)
+    assert not os.path.exists(os.path.join(run, "round_00", "result.json"))
+
+
+def test_blocks_larger_than_every_layer_are_refused_before_training(tmp_path, capsys):
+    args = SMALL + ["--granularity", "block", "--block", "64x64", "--widths", "30"]
+    code, out, err = _main(args, tmp_path, capsys)
+    assert code == 2
+    line = _error_line(err)
+    assert "--block 64x64: every prunable layer is a single block" in line, line
+    assert list(tmp_path.iterdir()) == []  # refused before the run folder is made
+
+
+def test_a_phase_with_an_empty_layer_gets_no_verdict():
+    entries = [{"round": 0, "branch": "ticket", "test_acc": 0.95, "sparsity": 0.0},
+               {"round": 1, "branch": "ticket", "test_acc": 0.10, "sparsity": 0.96,
+                "empty_layers": ["fc2.weight"]},
+               {"round": 1, "branch": "random_reinit", "test_acc": 0.10, "sparsity": 0.96,
+                "empty_layers": ["fc2.weight"]},
+               {"round": 2, "branch": "ticket", "test_acc": 0.95, "sparsity": 0.97,
+                "empty_layers": []},
+               {"round": 2, "branch": "random_ticket", "test_acc": 0.5, "sparsity": 0.97,
+                "empty_layers": ["fc1.weight"]}]
+    rows = {r["round"]: r for r in report.verdicts(entries)}
+    assert rows[1]["verdict"].startswith("no result: fc2.weight pruned entirely")
+    assert rows[1]["reaches_dense"] is None and rows[1]["best_baseline"] is None
+    assert rows[2]["best_baseline"] is None  # a baseline without signal is no baseline
+    assert rows[2]["verdict"] == "no baseline"
+
+
+def _finished(tmp_path):
+    run = run_inprocess(SMALL, tmp_path)
+    result = json.load(open(os.path.join(run, "round_01", "result.json")))
+    assert result["empty_layers"] == []
+    return run, result
+
+
+def _corrupt(path, how="truncate"):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2] if how == "truncate" else b"")
+
+
+def test_unreadable_result_json_redoes_the_phase_from_its_checkpoint(tmp_path, capsys):
+    run, result = _finished(tmp_path)
+    capsys.readouterr()
+    _corrupt(os.path.join(run, "round_01", "result.json"))
+    code, out, err = _main(SMALL, tmp_path, capsys)
+    assert code == 0, err
+    assert "round_01/result.json is unreadable (JSONDecodeError" in out
+    again = json.load(open(os.path.join(run, "round_01", "result.json")))
+    assert {k: again[k] for k in ("test_acc", "sparsity", "steps", "step_ms_sparse")} == \
+        {k: result[k] for k in ("test_acc", "sparsity", "steps", "step_ms_sparse")}
+
+
+def test_unreadable_checkpoint_of_an_unfinished_phase_starts_it_over(tmp_path, capsys):
+    run, result = _finished(tmp_path)
+    capsys.readouterr()
+    os.remove(os.path.join(run, "round_01", "result.json"))
+    _corrupt(os.path.join(run, "round_01", "checkpoint.pt"))
+    code, out, err = _main(SMALL, tmp_path, capsys)
+    assert code == 0, err
+    assert "round_01/checkpoint.pt is unreadable (" in out and "starts over" in out
+    again = json.load(open(os.path.join(run, "round_01", "result.json")))
+    assert again["sparsity"] == result["sparsity"] and again["steps"] == result["steps"]
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert sum(r["phase"] == "round_01" for r in rows) == 1  # the old epoch's line is gone
+
+
+def test_unreadable_checkpoint_that_a_later_phase_needs_is_one_line(tmp_path, capsys):
+    run, _ = _finished(tmp_path)
+    capsys.readouterr()
+    shutil.rmtree(os.path.join(run, "round_01"))
+    _corrupt(os.path.join(run, "round_00", "checkpoint.pt"), how="empty")
+    code, out, err = _main(SMALL, tmp_path, capsys)
+    assert code == 2
+    line = _error_line(err)
+    assert "round_00/checkpoint.pt is unreadable (EOFError)" in line, line
+    assert f"delete {os.path.join(run, 'round_00')} and rerun the same command" in line
+
+
+def test_unreadable_masks_are_computed_again(tmp_path, capsys):
+    run, _ = _finished(tmp_path)
+    masks = load(os.path.join(run, "round_01", "masks.pt"))
+    capsys.readouterr()
+    for name in ("result.json", "checkpoint.pt"):
+        os.remove(os.path.join(run, "round_01", name))
+    _corrupt(os.path.join(run, "round_01", "masks.pt"))
+    code, out, err = _main(SMALL, tmp_path, capsys)
+    assert code == 0, err
+    assert "round_01/masks.pt is unreadable" in out and "computed again" in out
+    again = load(os.path.join(run, "round_01", "masks.pt"))
+    assert all(torch.equal(again[n], masks[n]) for n in masks)
+
+
+def test_unreadable_config_json_is_written_again(tmp_path, capsys):
+    run, _ = _finished(tmp_path)
+    info = json.load(open(os.path.join(run, "config.json")))
+    capsys.readouterr()
+    os.remove(os.path.join(run, "round_01", "result.json"))  # unfinished: the folder is opened
+    _corrupt(os.path.join(run, "config.json"))
+    code, out, err = _main(SMALL, tmp_path, capsys)
+    assert code == 0, err
+    assert "config.json is unreadable (JSONDecodeError" in out and "written again" in out
+    assert json.load(open(os.path.join(run, "config.json")))["non_default"] == \
+        info["non_default"]
