@@ -145,7 +145,7 @@ def test_state_dict_saves_only_col_idx_and_kept_and_rebuilds_the_rest(tmp_path):
     layer = _linear(k=64, n=32)
     mask = random_nm_mask(32, 64, 2, 4, exact=False)
     source = sk.SparseLinear.from_dense(layer, mask, format="nm")
-    assert set(source.state_dict()) == {"values", "bias", "col_idx", "kept"}
+    assert set(source.state_dict()) == {"values", "bias", "col_idx", "kept", "_extra_state"}
     path = tmp_path / "nm.pt"
     torch.save(source.state_dict(), path)
     # a module made from another mask takes the saved one: its derived index is rebuilt
