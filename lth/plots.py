@@ -49,20 +49,33 @@ def plot_run(run_dir: str, entries: list[dict]) -> list[str]:
     ax.set_title(f"accuracy vs sparsity: {os.path.basename(os.path.normpath(run_dir))}")
     paths.append(_save(fig, ax, os.path.join(out_dir, "accuracy_vs_sparsity.png")))
 
-    ticket = sorted((e for e in entries if e["branch"] == "ticket"), key=lambda e: e["sparsity"])
+    paths.append(plot_step_times(
+        [e for e in entries if e["branch"] == "ticket"],
+        os.path.join(out_dir, "step_time_vs_sparsity.png"),
+        "training step time vs sparsity (each round timed by the process that trained it)"))
+    return paths
+
+
+def plot_step_times(entries: list[dict], path: str, title: str) -> str | None:
+    """Training-step time vs sparsity (summary entries or rows of lth.report --time: their
+    step_ms_dense / step_ms_sparse, and step_ms_unmasked where every entry has it); None
+    without matplotlib."""
+    plt = _pyplot()
+    if plt is None or not entries:
+        return None
+    entries = sorted(entries, key=lambda e: e["sparsity"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    xs = [100 * e["sparsity"] for e in ticket]
-    ax.plot(xs, [e["step_ms_dense"] for e in ticket], marker="o", label="dense (masked)")
-    ax.plot(xs, [e["step_ms_sparse"] for e in ticket], marker="o", label="sparse (sparsekern)")
-    if all(e.get("step_ms_unmasked") is not None for e in ticket):
-        ax.plot(xs, [e["step_ms_unmasked"] for e in ticket], marker=".", linestyle=":",
+    xs = [100 * e["sparsity"] for e in entries]
+    ax.plot(xs, [e["step_ms_dense"] for e in entries], marker="o", label="dense (masked)")
+    ax.plot(xs, [e["step_ms_sparse"] for e in entries], marker="o", label="sparse (sparsekern)")
+    if all(e.get("step_ms_unmasked") is not None for e in entries):
+        ax.plot(xs, [e["step_ms_unmasked"] for e in entries], marker=".", linestyle=":",
                 label="dense (unmasked parent)")
     ax.set_xlabel("sparsity (% of prunable weights removed)")
     ax.set_yscale("log")
     ax.set_ylabel("training step (ms, median, log scale)")
-    ax.set_title("training step time vs sparsity (measured in one process)")
-    paths.append(_save(fig, ax, os.path.join(out_dir, "step_time_vs_sparsity.png")))
-    return paths
+    ax.set_title(title)
+    return _save(fig, ax, path)
 
 
 def plot_comparison(rows: list[dict], path: str) -> str | None:

@@ -13,6 +13,13 @@ only in --seed are one configuration (mean and standard deviation over the seeds
 ticket round and branch of every configuration is a row with its accuracy, sparsity and the
 measured sparse / dense-masked step time, overlaid in one accuracy-vs-sparsity plot
 (comparison.txt / .json / .png in --out).
+
+`python -m lth.report --time RUN_DIR` gives the run's speed table from one process: every
+finished round's final model (dense-masked and as it trained, plus the unmasked parent) is
+rebuilt from its checkpoint and timed again, all interleaved in this process, so a resume or a
+busy moment during one round cannot skew the speedup column; the figures each round measured
+while it trained are shown beside them (timing.txt / timing.json and
+plots/step_time_one_process.png in the run dir).
 """
 from __future__ import annotations
 
@@ -146,6 +153,53 @@ def compare_text(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def time_run(run_dir: str) -> dict:
+    """The one-process timing pass of a run folder (see the module docstring)."""
+    from lth.hparams import Config
+    from lth.train import Experiment
+    info = read_json(os.path.join(run_dir, "config.json"))
+    return Experiment(Config.from_dict(info["config"]), argv=info["command"][3:],
+                      run_dir=run_dir).retime()
+
+
+def timing_text(timing: dict) -> str:
+    load = timing["load_average"]
+    lines = [f"training step re-timed in one process, interleaved: median of "
+             f"{timing['timing_repeats']} rounds after {timing['timing_warmup']} warm-up, batch "
+             f"{timing['timing_batch']}, {timing['timing_threads']} threads, "
+             f"{timing['device']}, autocast {timing['autocast']}, load average "
+             f"{'-' if load is None else f'{load:.2f}'}; unmasked parent "
+             f"{timing['step_ms_unmasked']:.2f} ms",
+             f"{'phase':<26} {'sparsity':>8}  {'dense ms':>8}  {'sparse ms':>9}  "
+             f"{'speedup':>7}  {'in run: dense ms':>16}  {'sparse ms':>9}  {'speedup':>7}"]
+    for r in timing["rows"]:
+        lines.append(f"{r['phase']:<26} {100 * r['sparsity']:>7.1f}%  "
+                     f"{r['step_ms_dense']:>8.2f}  {r['step_ms_sparse']:>9.2f}  "
+                     f"{r['speedup']:>6.2f}x  {r['in_run_step_ms_dense']:>16.2f}  "
+                     f"{r['in_run_step_ms_sparse']:>9.2f}  {r['in_run_speedup']:>6.2f}x")
+    return "\n".join(lines)
+
+
+def _time_main(run_dir: str) -> int:
+    from lth.plots import plot_step_times
+    from lth.train import UsageError
+    try:
+        timing = time_run(run_dir)
+    except UsageError as e:
+        print(f"python -m lth.report: error: {e}", file=sys.stderr)
+        return 2
+    text = timing_text(timing)
+    print(text)
+    write_text(text + "\n", os.path.join(run_dir, "timing.txt"))
+    write_json(timing, os.path.join(run_dir, "timing.json"))
+    plot = plot_step_times([r for r in timing["rows"] if r["branch"] == "ticket"],
+                           os.path.join(run_dir, "plots", "step_time_one_process.png"),
+                           "training step time vs sparsity (all rounds re-timed in one process)")
+    print(f"\nsaved {os.path.join(run_dir, 'timing.txt')} and timing.json"
+          + (f", {plot}" if plot else ""))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lth.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,12 +217,19 @@ def main(argv=None) -> int:
     parser.add_argument("--metric", choices=("test_acc", "best_test_acc"), default="test_acc",
                         help="final test accuracy of each phase, or its best over the epochs "
                         "(default: test_acc)")
+    parser.add_argument("--time", action="store_true",
+                        help="one RUN_DIR: re-time every finished round's model interleaved in "
+                        "this one process and write timing.txt / timing.json there")
     args = parser.parse_args(argv)
     for run in args.run_dirs:
         for name in ("summary.json", "config.json"):
             path = os.path.join(run, name)
             if not os.path.isfile(path):
                 parser.error(f"{path} not found: is {run} a run folder of python -m lth.train?")
+    if args.time:
+        if len(args.run_dirs) > 1:
+            parser.error("--time takes one RUN_DIR")
+        return _time_main(args.run_dirs[0])
     if len(args.run_dirs) > 1:
         return _compare_main(args.run_dirs, args.out)
     args.run_dir = args.run_dirs[0]

@@ -51,6 +51,7 @@ from lth.results import format_table, write_summary
 from lth.sparse import (check_pruned_zero, cross_entropy, current_masks, dense_state_dict,
                         masked_dense_copy, sparse_kernels_run_on, sparsify_model,
                         time_train_steps, zero_pruned)
+from sparsekern.timing import load_average
 
 CHECKPOINT_FORMAT = 1
 EVAL_BATCH = 512
@@ -98,7 +99,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 class Experiment:
-    def __init__(self, config: Config, dist: distributed.Dist | None = None, argv=None):
+    def __init__(self, config: Config, dist: distributed.Dist | None = None, argv=None,
+                 run_dir: str | None = None):
         self.c = c = config
         self.dist = dist or distributed.Dist()
         self.argv = list(sys.argv[1:] if argv is None else argv)
@@ -128,7 +130,7 @@ class Experiment:
         self.steps_per_epoch = num_batches(
             len(epoch_order(len(self.data.train), 0, True, self.dist.rank, self.dist.world)),
             self.batch_size)
-        self.run_dir = os.path.join(c.run.runs_dir, c.run_name())
+        self.run_dir = run_dir or os.path.join(c.run.runs_dir, c.run_name())
         self.ctx = RunContext(
             config=c, device=self.device, steps_per_epoch=self.steps_per_epoch,
             prunable=self.prunable, template=self.template, fresh_model=self.fresh_model,
@@ -303,13 +305,17 @@ class Experiment:
             model = hook.model_transform(model, phase)
         return model
 
-    def trained_model(self, phase: Phase) -> nn.Module:
-        """A finished phase's final model as it trained: transformed, packed, on the device."""
-        ckpt = self.final_checkpoint(phase)
+    def final_dense(self, phase: Phase, ckpt: dict) -> nn.Module:
+        """A finished phase's final weights in the plain dense model (zeros where pruned)."""
         model = self.transformed(self.fresh_model(derive_seed(self.c.training.seed, "init")),
                                  phase)
         model.load_state_dict(ckpt["model"])
-        model.to(self.device)
+        return model.to(self.device)
+
+    def trained_model(self, phase: Phase) -> nn.Module:
+        """A finished phase's final model as it trained: transformed, packed, on the device."""
+        ckpt = self.final_checkpoint(phase)
+        model = self.final_dense(phase, ckpt)
         masks = {n: m.to(self.device) for n, m in ckpt["masks"].items()}
         sparsify_model(model, masks, self.c.sparse.format, self.policy, self._block(),
                        decisions=ckpt["decisions"])
@@ -361,6 +367,47 @@ class Experiment:
         return {"step_ms_dense": times["dense"], "step_ms_sparse": times["sparse"],
                 "step_ms_unmasked": times["unmasked"], "timing_batch": len(batch[1]),
                 "timing_threads": torch.get_num_threads()}
+
+    def retime(self) -> dict:
+        """Every finished phase's final model timed again, all interleaved in this one process
+        (`python -m lth.report --time`): dense-masked and as it trained, and the unmasked parent
+        once, so a resume or a busy moment during one round cannot skew the speedup column."""
+        finished = [p for p in self.phases if self.done(p)]
+        if not finished:
+            raise UsageError(f"{self.run_dir}: no finished phase to time")
+        models, keys = {}, {}
+        for phase in finished:
+            ckpt = self.final_checkpoint(phase)
+            dense = self.final_dense(phase, ckpt)
+            models.setdefault("unmasked", copy.deepcopy(dense))
+            if ckpt["masks"]:
+                masks = {n: m.to(self.device) for n, m in ckpt["masks"].items()}
+                keys[phase.key] = (f"{phase.key}:dense", f"{phase.key}:sparse")
+                models[keys[phase.key][0]] = masked_dense_copy(dense, masks)
+                models[keys[phase.key][1]] = self.trained_model(phase)
+            else:
+                keys[phase.key] = ("unmasked", "unmasked")
+        s = self.c.sparse
+        times = time_train_steps({k: Autocast(m, self.autocast) for k, m in models.items()},
+                                 lambda p: make_optimizer(self.c.training, p),
+                                 self.timing_batch(), self.loss_fn, s.timing_warmup,
+                                 s.timing_repeats)
+        rows = []
+        for phase in finished:
+            result = self.result(phase)
+            dense, sparse = (times[k] for k in keys[phase.key])
+            rows.append({"phase": phase.key, "round": phase.round, "branch": phase.branch,
+                         "sparsity": result["sparsity"], "step_ms_dense": dense,
+                         "step_ms_sparse": sparse, "speedup": dense / sparse,
+                         "step_ms_unmasked": times["unmasked"],
+                         "in_run_step_ms_dense": result["step_ms_dense"],
+                         "in_run_step_ms_sparse": result["step_ms_sparse"],
+                         "in_run_speedup": result["speedup"]})
+        return {"rows": rows, "step_ms_unmasked": times["unmasked"],
+                "timing_batch": self.batch_size, "timing_threads": torch.get_num_threads(),
+                "timing_repeats": s.timing_repeats, "timing_warmup": s.timing_warmup,
+                "load_average": load_average(), "device": str(self.device),
+                "autocast": self.c.training.autocast}
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

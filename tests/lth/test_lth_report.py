@@ -104,3 +104,31 @@ def test_a_run_without_a_dense_round_zero_is_judged_on_its_baselines():
         "no dense reference; beats the random baseline", "no dense reference, no baseline"]
     text = report.report_text(rows)
     assert "no dense round 0 in this run" in text
+
+
+def test_time_retimes_every_round_in_one_process(tmp_path, capsys):
+    args = ["--widths", "32,32", "--epochs", "1", "--rounds", "2", "--batch-size", "128",
+            "--branches", "random_reinit", "--rewind", "init", "--timing-repeats", "2",
+            "--timing-warmup", "1",
+            "--no-progress", "--threads", "1"]
+    run = run_inprocess(args, tmp_path)
+    capsys.readouterr()
+    assert report.main(["--time", run]) == 0
+    out = capsys.readouterr().out
+    assert "re-timed in one process, interleaved: median of 2 rounds after 1 warm-up" in out
+    timing = json.load(open(os.path.join(run, "timing.json")))
+    summary = {(e["round"], e["branch"]): e for e in
+               json.load(open(os.path.join(run, "summary.json")))}
+    rows = {(r["round"], r["branch"]): r for r in timing["rows"]}
+    assert set(rows) == set(summary)  # every finished phase, the branch too
+    for key, r in rows.items():
+        assert r["speedup"] == pytest.approx(r["step_ms_dense"] / r["step_ms_sparse"])
+        assert r["sparsity"] == summary[key]["sparsity"]
+        assert r["in_run_step_ms_sparse"] == summary[key]["step_ms_sparse"]
+    r0 = rows[(0, "ticket")]  # no masks: dense, sparse and unmasked are the one model
+    assert r0["step_ms_dense"] == r0["step_ms_sparse"] == timing["step_ms_unmasked"]
+    assert timing["timing_threads"] == 1 and timing["load_average"] is not None
+    assert os.path.isfile(os.path.join(run, "timing.txt"))
+    assert os.path.isfile(os.path.join(run, "plots", "step_time_one_process.png"))
+    with pytest.raises(SystemExit):
+        report.main(["--time", run, run])
