@@ -27,7 +27,7 @@ from torch import nn
 
 from sparsekern.formats import BLOCK_SIZES, CSR, NM, BlockSparse, check_nm, nm_group_counts
 from sparsekern.ops import sparse_conv2d, sparse_linear
-from sparsekern.timing import interleaved_medians
+from sparsekern.timing import measure
 
 FORMATS = ("auto", "bsr", "csr", "nm")
 NM_PATTERNS = ((2, 4), (1, 4), (4, 8))  # what format="auto" recognises, in order of preference
@@ -629,12 +629,14 @@ def _masked(module: nn.Module, mask: torch.Tensor) -> nn.Module:
 
 
 def _choose(module, sparse, mask, x: torch.Tensor, repeats: int):
+    """Times a training step both ways, interleaved until the dense/sparse ratio settles
+    (sparsekern.timing.measure: 5 to `repeats` rounds), and picks the faster."""
     dense = _masked(module, mask)
-    times = interleaved_medians({"dense": _train_step_fn(dense, x),
-                                 "sparse": _train_step_fn(sparse, x)}, warmup=2,
-                                repeats=repeats)
+    measured = measure({"dense": _train_step_fn(dense, x), "sparse": _train_step_fn(sparse, x)},
+                       warmup=2, max_rounds=repeats)
+    times = measured.seconds
     chosen = "sparse" if times["sparse"] < times["dense"] else "dense"
-    return chosen, dense, times
+    return chosen, dense, measured
 
 
 def _timing_inputs(model: nn.Module, names, example_input, batch_size: int) -> dict:
@@ -723,7 +725,7 @@ def _after_sparse_conv(model: nn.Module, order: list[str], name: str) -> bool:
 
 def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None,
              format: str = "auto", policy: str = "auto", block=None, batch_size: int = 256,
-             repeats: int = 7, example_input=None, nm=None) -> nn.Module:
+             repeats: int = 12, example_input=None, nm=None) -> nn.Module:
     """Replaces the pruned nn.Linear and nn.Conv2d layers of `model` (in place) and returns it.
 
     masks: {"<layer>.weight": bool tensor like the weight}; layers not named stay as they are
@@ -731,8 +733,9 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None,
     converted again with the new mask. None: every Linear / Conv2d with zeros in its weight is
     pruned where it is zero. format and block (and nm, for N:M) as in `pack`: format="auto"
     packs each layer as BSR, NM or CSR by its mask. policy="auto" times a training step of each
-    layer both ways (interleaved, median of `repeats`) and keeps the faster; "sparse" / "dense" force the
-    choice. Grouped / depthwise convs (and padding modes other than zeros) stay dense
+    layer both ways, interleaved until the dense/sparse ratio settles (5 to `repeats` rounds;
+    the decision's `timing` says how many, and whether the machine was busy), and keeps the
+    faster; "sparse" / "dense" force the choice. Grouped / depthwise convs (and padding modes other than zeros) stay dense
     (MaskedConv2d) under every policy, with the reason in their decision. The timing input is
     what each layer receives in model(example_input) when one is given (a real batch: its size,
     and no dX for a layer whose input needs no gradient), else batch_size random rows (linear
@@ -781,9 +784,10 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None,
                     x = x.detach().contiguous(memory_format=torch.channels_last)
                     x.requires_grad_(inputs[name].requires_grad)
                 try:
-                    chosen, dense, times = _choose(module, sparse, mask, x, repeats)
-                    decision.update(dense_ms=times["dense"] * 1e3,
-                                    sparse_ms=times["sparse"] * 1e3,
+                    chosen, dense, measured = _choose(module, sparse, mask, x, repeats)
+                    decision.update(dense_ms=measured.seconds["dense"] * 1e3,
+                                    sparse_ms=measured.seconds["sparse"] * 1e3,
+                                    timing=measured.record(),
                                     timed_input=list(x.shape),
                                     timed_layout="channels_last" if x.dim() == 4 and
                                     not x.is_contiguous() else "contiguous",
@@ -876,9 +880,11 @@ def report(model: nn.Module) -> str:
         fmt += f" {d['nm'][0]}:{d['nm'][1]}" if "nm" in d else ""
         ms = [f"{d[k]:.3f}" if k in d else "-" for k in ("dense_ms", "sparse_ms")]
         speedup = f"{d['dense_ms'] / d['sparse_ms']:.2f}x" if "dense_ms" in d else "-"
+        note = d.get("reason", "")
+        if d.get("timing", {}).get("busy"):
+            note = "; ".join(filter(None, [note, "timed on a busy machine"]))
         rows.append([name, d["kind"], "x".join(map(str, d["shape"])),
-                     f"{100 * d['sparsity']:.1f}%", fmt, *ms, speedup, d["chosen"],
-                     d.get("reason", "")])
+                     f"{100 * d['sparsity']:.1f}%", fmt, *ms, speedup, d["chosen"], note])
     header = ["layer", "kind", "shape", "sparsity", "format", "dense ms", "sparse ms",
               "speedup", "chosen", "note"]
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]

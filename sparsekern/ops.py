@@ -29,6 +29,11 @@ from sparsekern.triton import get_backend
 
 _HAVE_OPS = _extension.available()
 
+if _HAVE_OPS:  # torch.autocast runs the sparse products in bf16, as it does F.linear / F.conv2d
+    for _name in ("bsr_linear", "csr_linear", "bsr_conv2d", "csr_conv2d"):
+        for _device in ("cpu", "cuda"):
+            torch.library.register_autocast(f"sparsekern::{_name}", _device, torch.bfloat16)
+
 
 def _op(name):
     return getattr(torch.ops.sparsekern, name) if _HAVE_OPS else getattr(reference, name)
