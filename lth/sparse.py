@@ -16,7 +16,7 @@ from torch import nn
 
 import sparsekern as sk
 from sparsekern import MaskedConv2d  # noqa: F401  (moved to sparsekern.nn; imported from here)
-from sparsekern.timing import interleaved_medians
+from sparsekern.timing import measure
 
 
 def _module_name(param_name: str) -> str:
@@ -58,7 +58,7 @@ def zero_pruned(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 def sparsify_model(model: nn.Module, masks: dict[str, torch.Tensor], format: str = "auto",
                    policy: str = "auto", block=None, batch_size: int = 256,
                    decisions: dict | None = None, repeats: int = 7,
-                   example_input: torch.Tensor | None = None) -> dict[str, dict]:
+                   example_input: torch.Tensor | None = None, nm=None) -> dict[str, dict]:
     """Converts the pruned layers of a plain dense model in place; returns, per pruned weight,
     what runs it: {"kind": linear | conv, "chosen": sparse | dense, "format", "sparsity", ...}.
 
@@ -66,6 +66,7 @@ def sparsify_model(model: nn.Module, masks: dict[str, torch.Tensor], format: str
     the same way without timing (resume, and every DDP rank following rank 0).
     example_input: a training batch, so the auto policy times each layer on what it really
     receives (the first layer's dX is then not timed: its input needs no gradient).
+    nm: the (N, M) of format="nm" layers (sparsekern's pack picks one from each mask if None).
     """
     modules = dict(model.named_modules())
     other = sorted(n for n in masks if not isinstance(modules.get(_module_name(n)),
@@ -76,7 +77,7 @@ def sparsify_model(model: nn.Module, masks: dict[str, torch.Tensor], format: str
         return {}
     if decisions is None:
         sk.sparsify(model, masks, format=format, policy=policy, block=block,
-                    batch_size=batch_size, repeats=repeats, example_input=example_input)
+                    batch_size=batch_size, repeats=repeats, example_input=example_input, nm=nm)
     else:
         # "masked-dense": what checkpoints written before sparse conv kernels say for a conv
         was = {n: "dense" if d["chosen"] == "masked-dense" else d["chosen"]
@@ -84,7 +85,8 @@ def sparsify_model(model: nn.Module, masks: dict[str, torch.Tensor], format: str
         for chosen in ("sparse", "dense"):
             chosen_masks = {n: m for n, m in masks.items() if was[n] == chosen}
             if chosen_masks:
-                sk.sparsify(model, chosen_masks, format=format, policy=chosen, block=block)
+                sk.sparsify(model, chosen_masks, format=format, policy=chosen, block=block,
+                            nm=nm)
     found = sk.decisions(model)
     out = {}
     for n in masks:
@@ -132,10 +134,12 @@ def masked_dense_copy(dense_model: nn.Module, masks: dict[str, torch.Tensor]) ->
 
 
 def time_train_steps(models: dict[str, nn.Module], make_optimizer, batch, loss_fn,
-                     warmup: int = 3, repeats: int = 15) -> dict[str, float]:
+                     warmup: int = 3, repeats: int = 15) -> tuple[dict[str, float], dict]:
     """Median milliseconds of one training step (zero_grad, forward, loss, backward, optimizer
-    step) of each model on the same batch, interleaved in this process. The models are trained
-    by the timing, so pass copies."""
+    step) of each model on the same batch, interleaved in this process until every model's
+    ratio to the first one settles (sparsekern.timing.measure, at most `repeats` rounds), and
+    how they were taken (Measurement.record(): rounds, stable, load_average, cpu_wait, busy).
+    The models are trained by the timing, so pass copies."""
     x, y = batch
 
     def stepper(model):
@@ -148,9 +152,9 @@ def time_train_steps(models: dict[str, nn.Module], make_optimizer, batch, loss_f
             opt.step()
         return step
 
-    times = interleaved_medians({k: stepper(m) for k, m in models.items()}, warmup=warmup,
-                                repeats=repeats)
-    return {k: v * 1e3 for k, v in times.items()}
+    measured = measure({k: stepper(m) for k, m in models.items()}, warmup=warmup,
+                       max_rounds=repeats)
+    return {k: v * 1e3 for k, v in measured.seconds.items()}, measured.record()
 
 
 def cross_entropy(label_smoothing: float = 0.0):
