@@ -360,12 +360,14 @@ class MethodHparams:
 @dataclass
 class SparseHparams:
     format: str = hp("auto", "sparse format of pruned linear/conv layers: auto (BSR when the mask "
-                     "is made of whole blocks, else CSR), bsr (needs --granularity block), csr",
-                     flag="--sparse-format", choices=("auto", "bsr", "csr"))
+                     "is made of whole blocks, N:M when it keeps exactly 2:4, 1:4 or 4:8, else "
+                     "CSR), bsr (needs --granularity block), csr, nm (needs --granularity nm)",
+                     flag="--sparse-format", choices=("auto", "bsr", "csr", "nm"))
     policy: str = hp("auto", "per pruned linear/conv layer: auto (time both, keep the faster), "
                      "sparse (always sparsekern kernels), dense (masked dense, the usual LTH "
                      "simulation)", flag="--sparse-policy", choices=("auto", "sparse", "dense"))
-    timing_repeats: int = hp(15, "repeats of the interleaved dense/sparse step timing per round",
+    timing_repeats: int = hp(15, "most rounds of the interleaved dense/sparse step timing per "
+                             "round (it stops earlier once the dense/sparse ratio settles)",
                              check=_at_least(1), hashed=False)
     timing_warmup: int = hp(3, "warm-up steps before timing", check=_nonneg, hashed=False)
 
@@ -595,6 +597,8 @@ def validate(c: Config) -> None:
         _fail("--sparse-format", "bsr packs whole blocks: it needs --granularity block (an "
               "unstructured mask would train the pruned weights inside kept blocks); use auto "
               "or csr")
+    if c.sparse.format == "nm" and p.granularity != "nm":
+        _fail("--sparse-format", "nm needs --granularity nm")
     method = METHODS.get(m.name)
     if p.target_sparsity is not None and not method.takes_target_sparsity:
         takers = [n for n in METHODS.names() if METHODS.get(n).takes_target_sparsity]

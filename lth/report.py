@@ -165,10 +165,12 @@ def time_run(run_dir: str) -> dict:
 def timing_text(timing: dict) -> str:
     load = timing["load_average"]
     lines = [f"training step re-timed in one process, interleaved: median of "
-             f"{timing['timing_repeats']} rounds after {timing['timing_warmup']} warm-up, batch "
-             f"{timing['timing_batch']}, {timing['timing_threads']} threads, "
-             f"{timing['device']}, autocast {timing['autocast']}, load average "
-             f"{'-' if load is None else f'{load:.2f}'}; unmasked parent "
+             f"{timing['timing_rounds']} rounds (at most {timing['timing_repeats']}"
+             f"{'' if timing['timing_stable'] else '; the ratios did not settle'}) after "
+             f"{timing['timing_warmup']} warm-up, batch {timing['timing_batch']}, "
+             f"{timing['timing_threads']} threads, {timing['device']}, autocast "
+             f"{timing['autocast']}, load average {'-' if load is None else f'{load:.2f}'}"
+             f"{' (BUSY: other work had the cores)' if timing['busy'] else ''}; unmasked parent "
              f"{timing['step_ms_unmasked']:.2f} ms",
              f"{'phase':<26} {'sparsity':>8}  {'dense ms':>8}  {'sparse ms':>9}  "
              f"{'speedup':>7}  {'in run: dense ms':>16}  {'sparse ms':>9}  {'speedup':>7}"]

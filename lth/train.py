@@ -51,7 +51,6 @@ from lth.results import format_table, write_summary
 from lth.sparse import (check_pruned_zero, cross_entropy, current_masks, dense_state_dict,
                         masked_dense_copy, sparse_kernels_run_on, sparsify_model,
                         time_train_steps, zero_pruned)
-from sparsekern.timing import load_average
 
 CHECKPOINT_FORMAT = 1
 EVAL_BATCH = 512
@@ -318,7 +317,7 @@ class Experiment:
         model = self.final_dense(phase, ckpt)
         masks = {n: m.to(self.device) for n, m in ckpt["masks"].items()}
         sparsify_model(model, masks, self.c.sparse.format, self.policy, self._block(),
-                       decisions=ckpt["decisions"])
+                       decisions=ckpt["decisions"], nm=self._nm(masks))
         return model
 
     def phase_masks(self, phase: Phase) -> dict[str, torch.Tensor]:
@@ -352,21 +351,25 @@ class Experiment:
         return x.to(self.device), y.to(self.device)
 
     def measure(self, dense: nn.Module, trained: nn.Module, masks) -> dict:
-        """Median ms of one training step: dense-masked, as trained (sparse), unmasked parent."""
+        """Median ms of one training step: dense-masked, as trained (sparse), unmasked parent;
+        timed until the ratios to dense-masked settle, and how busy the machine was."""
         batch = self.timing_batch()
         s = self.c.sparse
-        models = {"unmasked": copy.deepcopy(dense)}
-        if masks:
+        models = {}
+        if masks:  # dense-masked first: the baseline of the ratios that must settle
             models["dense"] = masked_dense_copy(dense, masks)
             models["sparse"] = copy.deepcopy(trained)
+        models["unmasked"] = copy.deepcopy(dense)
         models = {k: Autocast(m, self.autocast) for k, m in models.items()}
-        times = time_train_steps(models, lambda p: make_optimizer(self.c.training, p), batch,
-                                 self.loss_fn, s.timing_warmup, s.timing_repeats)
+        times, how = time_train_steps(models, lambda p: make_optimizer(self.c.training, p),
+                                      batch, self.loss_fn, s.timing_warmup, s.timing_repeats)
         times.setdefault("dense", times["unmasked"])
         times.setdefault("sparse", times["unmasked"])
         return {"step_ms_dense": times["dense"], "step_ms_sparse": times["sparse"],
                 "step_ms_unmasked": times["unmasked"], "timing_batch": len(batch[1]),
-                "timing_threads": torch.get_num_threads()}
+                "timing_threads": torch.get_num_threads(), "timing_rounds": how["rounds"],
+                "timing_stable": how["stable"], "load_average": how["load_average"],
+                "busy": how["busy"]}
 
     def retime(self) -> dict:
         """Every finished phase's final model timed again, all interleaved in this one process
@@ -388,10 +391,10 @@ class Experiment:
             else:
                 keys[phase.key] = ("unmasked", "unmasked")
         s = self.c.sparse
-        times = time_train_steps({k: Autocast(m, self.autocast) for k, m in models.items()},
-                                 lambda p: make_optimizer(self.c.training, p),
-                                 self.timing_batch(), self.loss_fn, s.timing_warmup,
-                                 s.timing_repeats)
+        times, how = time_train_steps(
+            {k: Autocast(m, self.autocast) for k, m in models.items()},
+            lambda p: make_optimizer(self.c.training, p), self.timing_batch(), self.loss_fn,
+            s.timing_warmup, s.timing_repeats)
         rows = []
         for phase in finished:
             result = self.result(phase)
@@ -406,7 +409,9 @@ class Experiment:
         return {"rows": rows, "step_ms_unmasked": times["unmasked"],
                 "timing_batch": self.batch_size, "timing_threads": torch.get_num_threads(),
                 "timing_repeats": s.timing_repeats, "timing_warmup": s.timing_warmup,
-                "load_average": load_average(), "device": str(self.device),
+                "timing_rounds": how["rounds"], "timing_stable": how["stable"],
+                "load_average": how["load_average"], "cpu_wait": how["cpu_wait"],
+                "busy": how["busy"], "device": str(self.device),
                 "autocast": self.c.training.autocast}
 
     # ------------------------------------------------------------------ evaluation
@@ -566,11 +571,12 @@ class Experiment:
                 if d.main:
                     decisions = sparsify_model(model, masks, c.sparse.format, self.policy,
                                                self._block(), self.batch_size,
-                                               example_input=self.timing_batch()[0])
+                                               example_input=self.timing_batch()[0],
+                                               nm=self._nm(masks))
                 decisions = d.broadcast(decisions)
             if not (d.main and ckpt is None):
                 sparsify_model(model, masks, c.sparse.format, self.policy, self._block(),
-                               decisions=decisions)
+                               decisions=decisions, nm=self._nm(masks))
         decisions = decisions or {}
         timing = ckpt["timing"] if ckpt else d.broadcast(
             self.measure(dense, model, masks) if d.main else None)
@@ -585,7 +591,7 @@ class Experiment:
                          else v for n, v in decisions.items()}
             model = dense
             sparsify_model(model, masks, c.sparse.format, self.policy, self._block(),
-                           decisions=decisions)
+                           decisions=decisions, nm=self._nm(masks))
             timing = {**timing, "step_ms_sparse_kernels": timing["step_ms_sparse"],
                       "step_ms_sparse": timing["step_ms_dense"]}
         return model, decisions, timing
@@ -612,6 +618,9 @@ class Experiment:
                                                  timing["step_ms_sparse"]),
             "speedup": timing["step_ms_dense"] / timing["step_ms_sparse"],
             "timing_batch": timing["timing_batch"], "timing_threads": timing["timing_threads"],
+            # checkpoints written before the timing recorded how it was taken have None here
+            **{k: timing.get(k) for k in ("timing_rounds", "timing_stable", "load_average",
+                                          "busy")},
             "sparse_layers": f"{kernels}/{len(decisions)}",
             "layers": {n: {k: v[k] for k in ("kind", "chosen", "format", "nm", "block",
                                              "sparsity", "reason") if k in v}
@@ -636,12 +645,24 @@ class Experiment:
                  f"{100 * last['test_acc']:6.2f}%  step dense {timing['step_ms_dense']:7.2f} ms"
                  f"  sparse {timing['step_ms_sparse']:7.2f} ms  ({result['speedup']:.2f}x, "
                  f"{kernels}/{len(decisions)} layers sparse)  {last['wall_s']:6.1f} s"
+                 + (f"  [timed over {result['timing_rounds']} rounds"
+                    f"{'' if result['timing_stable'] else ', ratio not settled'}"
+                    f"{', busy machine' if result['busy'] else ''}]"
+                    if result["timing_rounds"] is not None else "")
                  + (f"  NO SIGNAL: {', '.join(empty)} fully pruned" if empty else ""))
         d.barrier()
 
     def _block(self):
         p = self.c.pruning
         return p.block if self.c.sparse.format == "bsr" else None
+
+    def _nm(self, masks):
+        """--sparse-format nm: the N:M the masks follow, N:M pruning reaching --nm over the
+        rounds (2:4 at --prune-fraction 0.2 keeps 3 of 4 after its first round)."""
+        if self.c.sparse.format != "nm":
+            return None
+        n, m = self.c.pruning.nm
+        return max([n] + [int(pruning.nm_counts(mask, m).max()) for mask in masks.values()]), m
 
     def _rewrite_metrics(self, phase: Phase, history: list[dict]):
         """metrics.jsonl after a resume: this phase's lines are exactly the checkpoint's."""

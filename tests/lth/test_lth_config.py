@@ -74,6 +74,7 @@ BAD = [
     (["--block", "24x32"], "--block", "BNxBK"),
     (["--nm", "4:2"], "--nm", "0 < N < M"),
     (["--sparse-format", "bsr"], "--sparse-format", "needs --granularity block"),
+    (["--sparse-format", "nm"], "--sparse-format", "nm needs --granularity nm"),
     (["--target-sparsity", "0.9"], "--target-sparsity", "applies to --method oneshot or"),
     (["--rewind-to", "12ep"], "--rewind-to", "not before the end of training"),
     (["--rewind-to", "soon"], "--rewind-to", "training point"),

@@ -115,7 +115,7 @@ def test_time_retimes_every_round_in_one_process(tmp_path, capsys):
     capsys.readouterr()
     assert report.main(["--time", run]) == 0
     out = capsys.readouterr().out
-    assert "re-timed in one process, interleaved: median of 2 rounds after 1 warm-up" in out
+    assert "re-timed in one process, interleaved: median of 2 rounds (at most 2" in out
     timing = json.load(open(os.path.join(run, "timing.json")))
     summary = {(e["round"], e["branch"]): e for e in
                json.load(open(os.path.join(run, "summary.json")))}
@@ -128,6 +128,10 @@ def test_time_retimes_every_round_in_one_process(tmp_path, capsys):
     r0 = rows[(0, "ticket")]  # no masks: dense, sparse and unmasked are the one model
     assert r0["step_ms_dense"] == r0["step_ms_sparse"] == timing["step_ms_unmasked"]
     assert timing["timing_threads"] == 1 and timing["load_average"] is not None
+    assert timing["timing_rounds"] == 2 and timing["busy"] in (True, False)
+    for e in summary.values():  # how each in-run figure was taken
+        assert e["timing_rounds"] >= 1 and e["timing_stable"] in (True, False)
+        assert e["load_average"] is not None and e["busy"] in (True, False)
     assert os.path.isfile(os.path.join(run, "timing.txt"))
     assert os.path.isfile(os.path.join(run, "plots", "step_time_one_process.png"))
     with pytest.raises(SystemExit):

@@ -227,15 +227,20 @@ def test_block_and_nm_tickets_train(tmp_path):
     assert {tuple(v["block"]) for e in summary if e["round"] == 2
             for v in e["layers"].values()} == {(16, 16)}
     run = run_inprocess(["--widths", "64,64", "--epochs", "2", "--rounds", "3",
-                         "--granularity", "nm", "--nm", "2:4", "--no-progress",
+                         "--granularity", "nm", "--nm", "2:4", "--sparse-format", "nm",
+                         "--no-progress",
                          "--timing-repeats", "1", "--branches", "none", "--threads", "1"],
                         tmp_path / "n")
     masks = load(os.path.join(run, "round_03", "masks.pt"))
     for m in masks.values():
         assert bool((pruning.nm_counts(m, 4) == 2).all())
     summary = json.load(open(os.path.join(run, "summary.json")))
-    layers = [e["layers"] for e in summary if e["round"] == 3][0]
-    assert layers and all(v["format"] == "nm" and v["nm"] == [2, 4] for v in layers.values())
+    layers = {e["round"]: e["layers"] for e in summary}
+    # the first prune keeps 3 of every 4: NM layers at 3:4 on the way to 2:4
+    assert layers[1] and all(v["format"] == "nm" and v["nm"] == [3, 4]
+                             for v in layers[1].values())
+    assert layers[3] and all(v["format"] == "nm" and v["nm"] == [2, 4]
+                             for v in layers[3].values())
 
 
 def test_conv_tickets_train_on_sparse_conv_kernels(tmp_path):
@@ -285,11 +290,12 @@ def test_auto_policy_trains_masked_dense_when_the_whole_step_is_slower(tmp_path,
     real = train.sparsify_model
 
     def layer_policy_says_sparse(model, masks, format="auto", policy="auto", block=None,
-                                 batch_size=256, decisions=None, repeats=7, example_input=None):
+                                 batch_size=256, decisions=None, repeats=7, example_input=None,
+                                 nm=None):
         if policy == "auto" and decisions is None:
             policy = "sparse"
         return real(model, masks, format, policy, block, batch_size, decisions, repeats,
-                    example_input)
+                    example_input, nm)
 
     def sparse_is_slower(self, dense, trained, masks):
         return {"step_ms_dense": 1.0, "step_ms_sparse": 2.0 if masks else 1.0,
