@@ -153,11 +153,3 @@ def measure(fns: dict[str, Callable[[], object]], warmup: int = 2, max_rounds: i
     return Measurement({name: statistics.median(s) for name, s in samples.items()},
                        len(history), stable, load, wait, is_busy(wait, load))
 
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int = 3,
-                        repeats: int = 15) -> dict[str, float]:
-    """Median seconds per call of each fn over exactly `repeats` interleaved rounds (measure()
-    with a fixed count; for callers that have not moved to measure() and its record)."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    return measure(fns, warmup=warmup, max_rounds=repeats, min_rounds=repeats).seconds

@@ -99,13 +99,6 @@ def test_fixed_rounds_when_min_equals_max():
     assert m.rounds == 3 and not m.stable  # fewer than window + 1 rounds never settle
 
 
-def test_interleaved_medians_times_exactly_repeats_rounds():
-    calls = []
-    seconds = timing.interleaved_medians({"a": lambda: calls.append("a"),
-                                          "b": lambda: calls.append("b")}, warmup=1, repeats=3)
-    assert calls == ["a", "b"] * 4 and set(seconds) == {"a", "b"}
-
-
 @pytest.mark.parametrize("before, after, share", [
     ({"1": (100, 0), "2": (50, 10)}, {"1": (200, 0), "2": (150, 10)}, 0.0),
     ({"1": (100, 0)}, {"1": (160, 40), "3": (40, 60)}, 100 / 200),  # thread 3 is new
