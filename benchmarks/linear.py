@@ -1,12 +1,18 @@
 """`python -m benchmarks linear`: y = x W^T with a pruned W -- dense torch vs sparsekern vs peers.
 
-For every format x sparsity x batch size and for two modes,
+For every weight shape x format x sparsity x batch size and for two modes,
   forward  y = f(x)                                  (nothing requires grad)
   train    y = f(x); y.backward(grad)                (x and the weight/values require grad, so
                                                       forward + dX + dW; sparse dW at kept only)
 one interleaved group is timed with `sparsekern.timing.measure`: dense F.linear (MKL)
 on the masked weight, `sparsekern.linear` on the packed weight, and the peers that apply
-(torch CSR/BSR, SparseProp for unstructured rows). speedup = dense median / candidate median.
+(torch CSR/BSR, SparseProp for unstructured rows). speedup = dense median / candidate median;
+fraction of ideal = speedup / ideal, the share of the dense FLOP rate the candidate sustains.
+
+One weight shape (--in-features K, --out-features N) by default; --shapes KxN,KxN,... sweeps
+several in one process (issue 8: every table per (K, N) with the fraction of the dense FLOP rate
+next to each speedup, and the issue's fraction targets at every M >= 128; the speedup and memory
+targets are judged at 2048x2048 when it is in the sweep, else at the first shape).
 
 Masks have an exact kept count: BSR rows keep round((1-s) * n_blocks) whole blocks at random
 positions, CSR rows round((1-s) * N * K) random scalars. Then memory (benchmarks.memory) and the
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import tempfile
 import time
@@ -170,35 +177,48 @@ def measure_case(weight: PrunedWeight, batch: int, mode: str, active_peers, timi
     out_features, in_features = weight.dense.shape
     products = 3 if mode == "train" else 1  # train: forward, dX and dW are one GEMM each
     dense_flop = 2 * batch * out_features * in_features * products
+    ideal = 1.0 / (1.0 - weight.sparsity)
+    speedup = {name: dense_s / s for name, s in medians.items() if name != "dense"}
     return {"mode": mode, "format": weight.fmt, "sparsity": weight.sparsity, "batch": batch,
-            "kept_fraction": weight.kept_fraction, "ideal": 1.0 / (1.0 - weight.sparsity),
+            "in_features": in_features, "out_features": out_features,
+            "kept_fraction": weight.kept_fraction, "ideal": ideal,
             "warmup": timing.warmup, "repeats": measured.rounds, "timing": measured.record(),
             # the baseline's health: DESIGN.md expects ~120-150 GFLOP/s for fp32 here
             "dense_gflops": dense_flop / dense_s / 1e9,
             "ms": {name: s * 1e3 for name, s in medians.items()},
-            "speedup": {name: dense_s / s for name, s in medians.items() if name != "dense"},
+            "speedup": speedup,
+            "fraction_of_ideal": {name: v / ideal for name, v in speedup.items()},
             "peer_notes": notes, "relative_error": errors}
 
 
 # --- the sweep --------------------------------------------------------------------------------
 
-def pruned_weight(fmt: str, sparsity: float, args, gen: torch.Generator) -> PrunedWeight:
+def pruned_weight(fmt: str, sparsity: float, in_features: int, out_features: int,
+                  gen: torch.Generator) -> PrunedWeight:
     block = FORMATS[fmt]
-    mask = make_mask(block, args.out_features, args.in_features, sparsity, gen)
-    dense = torch.randn(args.out_features, args.in_features, generator=gen) * mask
+    mask = make_mask(block, out_features, in_features, sparsity, gen)
+    dense = torch.randn(out_features, in_features, generator=gen) * mask
     return PrunedWeight(fmt, block, sparsity, mask, dense)
 
 
+def weight_key(row: dict) -> tuple:
+    """The pruned weight a row was measured on: (K, N, format, sparsity)."""
+    return row["in_features"], row["out_features"], row["format"], row["sparsity"]
+
+
+def _baseline_key(row: dict) -> tuple:
+    return row["mode"], row["batch"], row["in_features"], row["out_features"]
+
+
 def disturbed_rows(rows: list[dict]) -> list[int]:
-    """Rows whose dense median is DISTURBED x above the sweep's best for the same mode and M.
-    Dense work does not depend on the mask, so such a row ran while the machine was busy
-    (another process on the shared cores), which inflates that row's speedups."""
+    """Rows whose dense median is DISTURBED x above the sweep's best for the same mode, M and
+    weight shape. Dense work does not depend on the mask, so such a row ran while the machine
+    was busy (another process on the shared cores), which inflates that row's speedups."""
     best: dict[tuple, float] = {}
     for r in rows:
-        key = (r["mode"], r["batch"])
-        best[key] = min(best.get(key, math.inf), r["ms"]["dense"])
+        best[_baseline_key(r)] = min(best.get(_baseline_key(r), math.inf), r["ms"]["dense"])
     return [i for i, r in enumerate(rows)
-            if r["ms"]["dense"] > DISTURBED * best[(r["mode"], r["batch"])]]
+            if r["ms"]["dense"] > DISTURBED * best[_baseline_key(r)]]
 
 
 def remeasure_disturbed(rows, weights, active_peers, timing, gen, retries, on_row):
@@ -209,10 +229,10 @@ def remeasure_disturbed(rows, weights, active_peers, timing, gen, retries, on_ro
         if not suspects:
             return
         print(f"re-measuring {len(suspects)} group(s) whose dense baseline ran > {DISTURBED}x "
-              f"slower than the best for its mode and M (machine busy)", flush=True)
+              f"slower than the best for its mode, M and shape (machine busy)", flush=True)
         for i in suspects:
             old = rows[i]
-            new = measure_case(weights[(old["format"], old["sparsity"])], old["batch"],
+            new = measure_case(weights[weight_key(old)], old["batch"],
                                old["mode"], active_peers, timing, gen)
             keep = new if new["ms"]["dense"] < old["ms"]["dense"] else old
             rows[i] = {**keep, "attempts": old["attempts"] + 1}
@@ -223,15 +243,17 @@ def sweep(args, active_peers: list[peers.Peer], on_row: Callable[[dict], None]) 
     gen = torch.Generator().manual_seed(args.seed)
     timing = Timing(args.warmup, args.repeats, args.group_budget)
     weights, rows = {}, []
-    for fmt in args.formats:
-        for sparsity in args.sparsities:
-            weight = weights[(fmt, sparsity)] = pruned_weight(fmt, sparsity, args, gen)
-            for batch in args.batch_sizes:
-                for mode in MODES:
-                    row = {**measure_case(weight, batch, mode, active_peers, timing, gen),
-                           "attempts": 1}
-                    on_row(row)
-                    rows.append(row)
+    for in_features, out_features in args.shapes:
+        for fmt in args.formats:
+            for sparsity in args.sparsities:
+                weight = weights[(in_features, out_features, fmt, sparsity)] = pruned_weight(
+                    fmt, sparsity, in_features, out_features, gen)
+                for batch in args.batch_sizes:
+                    for mode in MODES:
+                        row = {**measure_case(weight, batch, mode, active_peers, timing, gen),
+                               "attempts": 1}
+                        on_row(row)
+                        rows.append(row)
     remeasure_disturbed(rows, weights, active_peers, timing, gen, args.retries, on_row)
     still_disturbed = set(disturbed_rows(rows))
     for i, row in enumerate(rows):
@@ -248,6 +270,15 @@ def _csv(cast):
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     return parse
+
+
+def _shape(text: str) -> tuple[int, int]:
+    """'768x3072' -> (K, N) = (768, 3072)."""
+    match = re.fullmatch(r"(\d+)x(\d+)", text.strip().lower())
+    if match is None:
+        raise ValueError(f"shape {text.strip()!r} is not KxN (in_features x out_features, "
+                         f"e.g. 768x3072)")
+    return int(match[1]), int(match[2])
 
 
 def _format_name(name: str) -> str:
@@ -271,8 +302,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"comma list (default: {','.join(map(str, SPARSITIES))})")
     p.add_argument("--batch-sizes", type=_csv(int), default=(256,),
                    help="comma list of M, rows of x (default: 256)")
-    p.add_argument("--in-features", type=int, default=2048, help="K (default 2048)")
-    p.add_argument("--out-features", type=int, default=2048, help="N (default 2048)")
+    p.add_argument("--in-features", type=int, default=None, help="K (default 2048)")
+    p.add_argument("--out-features", type=int, default=None, help="N (default 2048)")
+    p.add_argument("--shapes", type=_csv(_shape), default=None,
+                   help="comma list of KxN weight shapes (in_features x out_features, e.g. "
+                        "768x3072,4096x4096) swept in one process, instead of --in-features/"
+                        "--out-features; reports the fraction of the dense FLOP rate and "
+                        f"issue 8's targets at every M >= {report.FRACTION_MIN_BATCH}")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--isa", default=None,
                    help="sparsekern kernel instruction set (set_isa), e.g. avx2 or scalar")
@@ -291,6 +327,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="sparsity of the memory table's sparse layers (default 0.9)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    args.sweep_shapes = args.shapes is not None
+    if args.sweep_shapes and (args.in_features, args.out_features) != (None, None):
+        p.error("--shapes and --in-features/--out-features are mutually exclusive: give every "
+                "KxN in --shapes")
+    if not args.sweep_shapes:
+        args.in_features = 2048 if args.in_features is None else args.in_features
+        args.out_features = 2048 if args.out_features is None else args.out_features
+        args.shapes = ((args.in_features, args.out_features),)
+    elif not args.shapes or len(set(args.shapes)) < len(args.shapes):
+        p.error("--shapes: give each KxN once, at least one")
+    else:  # the shape the issue's speedup targets and the memory table are taken at
+        args.in_features, args.out_features = report.target_shape(args.shapes)
     quick = args.quick
     args.formats = args.formats or (QUICK_FORMATS if quick else tuple(FORMATS))
     args.sparsities = args.sparsities or (QUICK_SPARSITIES if quick else SPARSITIES)
@@ -305,8 +353,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"--sparsities: each must lie in [0, 1), got {s}")
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or args.retries < 0:
         p.error("--repeats and --threads must be >= 1, --warmup and --retries >= 0")
-    if min(args.batch_sizes + (args.in_features, args.out_features)) < 1:
-        p.error("--batch-sizes, --in-features and --out-features must be >= 1")
+    if min(args.batch_sizes + sum(args.shapes, ())) < 1:
+        p.error("--batch-sizes, --in-features, --out-features and --shapes must be >= 1")
     return args
 
 
@@ -339,18 +387,22 @@ def main(argv: list[str]) -> int:
     active_peers = [peer for peer in all_peers if peer.prepare is not None]
     meta = report.run_metadata(["python", "-m", "benchmarks", "linear", *argv], args, all_peers)
     print(report.header_text(meta), flush=True)
-    print(report.progress_header(active_peers), flush=True)
-    rows = sweep(args, active_peers,
-                 lambda row: print(report.progress_line(row, active_peers), flush=True))
+    print(report.progress_header(active_peers, args.sweep_shapes), flush=True)
+    rows = sweep(args, active_peers, lambda row: print(
+        report.progress_line(row, active_peers, args.sweep_shapes), flush=True))
     mem = memory.measure(args.in_features, args.out_features, args.memory_sparsity, args.seed)
     results = {**meta, "linear": rows, "memory": mem}
     results["targets"] = report.evaluate_targets(results)
+    if args.sweep_shapes:
+        results["fraction_targets"] = report.fraction_targets(results)
     results["runtime_s"] = time.perf_counter() - started
     results["load_average_end"] = report.load_average()
     out = output_dir(args)
     paths = report.write(results, out)
     print(report.memory_text(mem))
     print(report.targets_text(results["targets"]))
+    if args.sweep_shapes:
+        print(report.fraction_targets_text(results["fraction_targets"]))
     print(f"runtime {results['runtime_s']:.0f} s; wrote {', '.join(map(str, paths))}")
     return 0
 

@@ -36,9 +36,20 @@ PEER_TARGETS = (("csr", "forward", 0.90, "sparseprop"),)
 # Parameter + optimizer-state bytes of a sparse layer vs nn.Linear, at this sparsity.
 MEMORY_TARGET_SPARSITY, MEMORY_TARGET_RATIO = 0.90, 0.15
 TARGET_BATCH = 256  # targets are stated for the default M
+TARGET_SHAPE = (2048, 2048)  # ... and the default (K, N)
+# Issue 8: the share of the dense FLOP rate (speedup / ideal) sparsekern sustains, at every
+# (K, N) of a --shapes sweep with M >= FRACTION_MIN_BATCH: (format, mode, sparsity, minimum).
+FRACTION_TARGETS = (
+    ("bsr32", "forward", 0.90, 0.80),
+    ("bsr32", "train", 0.90, 0.70),
+    ("csr", "forward", 0.90, 0.45),
+    ("csr", "train", 0.90, 0.35),
+)
+FRACTION_MIN_BATCH = 128
 
 MODE_TITLES = {"forward": "Forward (y = x W^T)",
                "train": "Training step (forward + dX + dW; sparse dW at kept weights only)"}
+MODE_LABELS = {"forward": "forward", "train": "step"}  # column headings of the issue 8 table
 
 
 # --- what this run is --------------------------------------------------------------------------
@@ -113,6 +124,7 @@ def run_metadata(command: list[str], args, all_peers) -> dict:
         "load_average_start": load_average(),
         "dtype": "float32",
         "in_features": args.in_features, "out_features": args.out_features,
+        **({"shapes": [list(shape) for shape in args.shapes]} if args.sweep_shapes else {}),
         "batch_sizes": list(args.batch_sizes), "formats": list(args.formats),
         "sparsities": list(args.sparsities),
         "timing": {"warmup": args.warmup, "max_repeats": args.repeats,
@@ -151,6 +163,10 @@ FLAGS_NOTE = ("(busy) = the machine was loaded while the group ran: its threads 
 
 # --- targets -----------------------------------------------------------------------------------
 
+def shape_of(row: dict) -> tuple[int, int]:
+    return row["in_features"], row["out_features"]
+
+
 def _find_row(rows, fmt, mode, sparsity, batch):
     for row in rows:
         if (row["format"], row["mode"], row["batch"]) == (fmt, mode, batch) and math.isclose(
@@ -161,6 +177,12 @@ def _find_row(rows, fmt, mode, sparsity, batch):
 
 def target_batch(batch_sizes: list[int]) -> int:
     return TARGET_BATCH if TARGET_BATCH in batch_sizes else batch_sizes[0]
+
+
+def target_shape(shapes) -> tuple[int, int]:
+    """The (K, N) of a --shapes sweep that the issue's speedup and memory targets are judged on."""
+    shapes = [tuple(shape) for shape in shapes]
+    return TARGET_SHAPE if TARGET_SHAPE in shapes else shapes[0]
 
 
 def _status(measured, ok) -> str:
@@ -218,9 +240,35 @@ def memory_targets(memory_rows) -> list[dict]:
 
 def evaluate_targets(results: dict) -> list[dict]:
     batch = target_batch(results["batch_sizes"])
-    rows = results["linear"]
+    shape = (results["in_features"], results["out_features"])  # a --shapes run: target_shape
+    rows = [row for row in results["linear"] if shape_of(row) == shape]
     return (speed_targets(rows, batch) + peer_targets(rows, batch, results["peers"])
             + memory_targets(results["memory"]))
+
+
+def fraction_targets(results: dict) -> list[dict]:
+    """Issue 8's FRACTION_TARGETS at every (M >= FRACTION_MIN_BATCH, K, N) of a --shapes run."""
+    out = []
+    for in_features, out_features in results["shapes"]:
+        rows = [row for row in results["linear"] if shape_of(row) == (in_features, out_features)]
+        for batch in results["batch_sizes"]:
+            if batch < FRACTION_MIN_BATCH:
+                continue
+            for fmt, mode, sparsity, minimum in FRACTION_TARGETS:
+                row = _find_row(rows, fmt, mode, sparsity, batch)
+                measured = row["fraction_of_ideal"]["sparsekern"] if row else None
+                out.append({"target": f"{fmt.upper()} {mode} >= {minimum:g} of the dense FLOP "
+                                      f"rate at {sparsity:.0%}",
+                            "kind": "fraction_of_ideal", "format": fmt, "mode": mode,
+                            "sparsity": sparsity, "batch": batch, "in_features": in_features,
+                            "out_features": out_features, "threshold": minimum,
+                            "measured": measured,
+                            "speedup": row["speedup"]["sparsekern"] if row else None,
+                            "ideal": row["ideal"] if row else None,
+                            "flags": row_flags(row).strip() if row else "",
+                            "status": _status(measured, measured is not None
+                                              and measured >= minimum)})
+    return out
 
 
 # --- text ---------------------------------------------------------------------------------------
@@ -229,25 +277,40 @@ def fmt_ms(ms: float) -> str:
     return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}"
 
 
-def peer_cell(row: dict, name: str) -> str:
-    """'12.3 (2.9x)' when measured, 'n/a' when it rejected the case, '-' when not its row."""
+def peer_cell(row: dict, name: str, fraction: bool = False) -> str:
+    """'12.3 (2.9x)' when measured ('12.3 (2.9x, 0.29)' with the fraction of the dense FLOP
+    rate), 'n/a' when it rejected the case, '-' when not its row."""
     if name in row["ms"]:
-        return f"{fmt_ms(row['ms'][name])} ({row['speedup'][name]:.2f}x)"
+        share = f", {row['fraction_of_ideal'][name]:.2f}" if fraction else ""
+        return f"{fmt_ms(row['ms'][name])} ({row['speedup'][name]:.2f}x{share})"
     return "n/a" if name in row["peer_notes"] else "-"
 
 
-def progress_header(active_peers) -> str:
+def progress_header(active_peers, shapes: bool = False) -> str:
+    """shapes: a --shapes run, whose lines also give K x N and the fraction of the dense rate."""
     peer_cols = "".join(f"  {p.label + ' ms (x)':>22s}" for p in active_peers)
-    return (f"{'mode':7s} {'format':6s} {'sparsity':>8s} {'M':>5s} {'dense ms':>9s} "
-            f"{'sparsekern ms':>13s} {'speedup':>8s} {'ideal':>6s}{peer_cols}")
+    return ((f"{'K x N':>10s} " if shapes else "")
+            + f"{'mode':7s} {'format':6s} {'sparsity':>8s} {'M':>5s} {'dense ms':>9s} "
+              f"{'sparsekern ms':>13s} {'speedup':>8s} {'ideal':>6s}"
+            + (f" {'fraction':>8s}" if shapes else "") + peer_cols)
 
 
-def progress_line(row: dict, active_peers) -> str:
+def progress_line(row: dict, active_peers, shapes: bool = False) -> str:
     peer_cols = "".join(f"  {peer_cell(row, p.name):>22s}" for p in active_peers)
     retry = f"  (attempt {row['attempts']})" if row.get("attempts", 1) > 1 else ""
-    return (f"{row['mode']:7s} {row['format']:6s} {row['sparsity']:8.0%} {row['batch']:5d} "
-            f"{fmt_ms(row['ms']['dense']):>9s} {fmt_ms(row['ms']['sparsekern']):>13s} "
-            f"{row['speedup']['sparsekern']:7.2f}x {row['ideal']:5.1f}x{peer_cols}{retry}")
+    return ((f"{row['in_features']:>5d}x{row['out_features']:<4d} " if shapes else "")
+            + f"{row['mode']:7s} {row['format']:6s} {row['sparsity']:8.0%} {row['batch']:5d} "
+              f"{fmt_ms(row['ms']['dense']):>9s} {fmt_ms(row['ms']['sparsekern']):>13s} "
+              f"{row['speedup']['sparsekern']:7.2f}x {row['ideal']:5.1f}x"
+            + (f" {row['fraction_of_ideal']['sparsekern']:8.2f}" if shapes else "")
+            + peer_cols + retry)
+
+
+def shapes_text(meta: dict) -> str:
+    """The weights of the run: 'W [N, K]' (one shape) or the K x N list of a --shapes run."""
+    if "shapes" not in meta:
+        return f"W [{meta['out_features']}, {meta['in_features']}]"
+    return "W [N, K] (K x N: " + ", ".join(f"{k}x{n}" for k, n in meta["shapes"]) + ")"
 
 
 def header_text(meta: dict) -> str:
@@ -256,8 +319,7 @@ def header_text(meta: dict) -> str:
             f"  {m['model_name']} (family {m['cpu_family']} model {m['model']}), "
             f"{m['logical_cpus']} logical CPUs, flags {' '.join(m['simd_flags'])}\n"
             f"  sparsekern ISA {isa['active']}; torch {meta['torch']}; threads "
-            f"{meta['threads']}; W [{meta['out_features']}, {meta['in_features']}] "
-            f"{meta['dtype']}")
+            f"{meta['threads']}; {shapes_text(meta)} {meta['dtype']}")
 
 
 def memory_text(rows: list[dict]) -> str:
@@ -280,6 +342,32 @@ def targets_text(targets: list[dict]) -> str:
                                           f"{t['target']}" for t in targets])
 
 
+def _fraction_where(t: dict) -> str:
+    return f"M={t['batch']}, K={t['in_features']}, N={t['out_features']}"
+
+
+def _fraction_measured(t: dict) -> str:
+    return "-" if t["measured"] is None else f"{t['measured']:.2f}"
+
+
+def fraction_misses(targets: list[dict]) -> list[str]:
+    """One line per missed fraction target: where, measured vs minimum, speedup vs ideal."""
+    return [f"{_fraction_where(t)}: {t['format'].upper()} {MODE_LABELS[t['mode']]} "
+            f"{t['measured']:.2f} < {t['threshold']:g} (speedup {t['speedup']:.2f}x of ideal "
+            f"{t['ideal']:.1f}x)" + (f" {t['flags']}" if t["flags"] else "")
+            for t in targets if t["status"] == "MISS"]
+
+
+def fraction_targets_text(targets: list[dict]) -> str:
+    misses = fraction_misses(targets)
+    return "\n".join(
+        [f"issue 8 targets (fraction of the dense FLOP rate = speedup / ideal, "
+         f"M >= {FRACTION_MIN_BATCH})"]
+        + [f"  {t['status']:12s} {_fraction_measured(t):>6s}  {_fraction_where(t)}: "
+           f"{t['target']}" for t in targets]
+        + [f"misses: {len(misses)} of {len(targets)}"] + [f"  {m}" for m in misses])
+
+
 # --- RESULTS.md / results.json --------------------------------------------------------------------
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -289,6 +377,15 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _num(value) -> str:
     return "unknown" if value is None else f"{value:.2f}"
+
+
+def shape_fact(results: dict) -> str:
+    batches = ", ".join(map(str, results["batch_sizes"]))
+    if "shapes" not in results:
+        return (f"x [M, {results['in_features']}], W [{results['out_features']}, "
+                f"{results['in_features']}], {results['dtype']}; M in {batches}")
+    return (f"x [M, K], {shapes_text(results)}; {results['dtype']}; M in {batches}; the speedup "
+            f"and memory targets at K x N = {results['in_features']}x{results['out_features']}")
 
 
 def md_header(results: dict) -> list[str]:
@@ -308,9 +405,7 @@ def md_header(results: dict) -> list[str]:
         ("sparsekern ISA used", isa_text),
         ("torch", f"{results['torch']} (dense = F.linear, MKL)"),
         ("threads", str(results["threads"])),
-        ("shape", f"x [M, {results['in_features']}], W [{results['out_features']}, "
-                  f"{results['in_features']}], {results['dtype']}; M in "
-                  f"{', '.join(map(str, results['batch_sizes']))}"),
+        ("shape", shape_fact(results)),
         ("timing", timing_text(t)),
         ("peers", peers_line),
         ("source", results["git"]),
@@ -325,6 +420,10 @@ def md_header(results: dict) -> list[str]:
         "would reach, so a speedup above ideal means sparsekern sustains more FLOP/s than "
         "torch's dense GEMM on this machine (see the dense GFLOP/s column). Peer cells: "
         "ms (speedup vs the same dense run); n/a = the peer rejects the case; - = not its row.")
+    if "shapes" in results:
+        how_to_read += (" fraction of dense FLOP rate = speedup / ideal: the share of the dense "
+                        "baseline's FLOP rate that the sparse kernel sustains (peer cells: ms "
+                        "(speedup, fraction)).")
     return (["# sparsekern benchmark results: linear", "",
              "Generated by `python -m benchmarks linear`; do not edit by hand, rerun it.", ""]
             + _table(["", ""], [[k, v] for k, v in facts]) + ["", how_to_read])
@@ -334,8 +433,10 @@ def md_targets(results: dict) -> list[str]:
     targets = results["targets"]
     batch = target_batch(results["batch_sizes"])
     rows = [[t["target"], _measured_text(t), t["status"]] for t in targets]
-    lines = ["", f"## Issue targets (M={batch})", ""] + _table(["target", "measured", "result"],
-                                                                 rows)
+    where = f"M={batch}" + (f", K={results['in_features']}, N={results['out_features']}"
+                            if "shapes" in results else "")
+    lines = ["", f"## Issue targets ({where})", ""] + _table(["target", "measured", "result"],
+                                                               rows)
     notes = [f"- {t['target']}: {t['note']}" for t in targets if t.get("note")]
     with_index = [f"{t['format'].upper()} {t['optimizer']} {t['with_index']:.3f}x"
                   for t in targets if t["kind"] == "memory"]
@@ -345,22 +446,51 @@ def md_targets(results: dict) -> list[str]:
     return lines + ([""] + notes if notes else [])
 
 
-def md_speed_table(results: dict, mode: str, batch: int) -> list[str]:
-    rows = [r for r in results["linear"] if r["mode"] == mode and r["batch"] == batch]
+def md_fraction_targets(results: dict) -> list[str]:
+    """Issue 8's table: one line per (M, K, N), a cell per FRACTION_TARGETS entry, then the
+    misses."""
+    targets = results["fraction_targets"]
+    cells: dict[tuple, list[str]] = {}
+    for t in targets:
+        flags = f" {t['flags']}" if t["flags"] else ""
+        cells.setdefault((t["batch"], t["in_features"], t["out_features"]), []).append(
+            f"{_fraction_measured(t)} {t['status']}{flags}")
+    header = ["M", "K", "N"] + [f"{fmt.upper()} {MODE_LABELS[mode]} (>= {minimum:g})"
+                                for fmt, mode, _, minimum in FRACTION_TARGETS]
+    sparsities = sorted({f"{s:.0%}" for _, _, s, _ in FRACTION_TARGETS})
+    misses = fraction_misses(targets)
+    return (["", f"## Issue 8 targets: fraction of the dense FLOP rate at "
+                 f"{', '.join(sparsities)}, every shape with M >= {FRACTION_MIN_BATCH}", "",
+             "fraction = speedup / ideal, measured in the groups of the tables below.", ""]
+            + _table(header, [[str(m), str(k), str(n)] + c for (m, k, n), c in cells.items()])
+            + ["", f"Misses ({len(misses)} of {len(targets)}):", ""]
+            + ([f"- {m}" for m in misses] or ["- none"]))
+
+
+def md_speed_table(results: dict, mode: str, batch: int, shape=None) -> list[str]:
+    """One mode and M; with shape (K, N) (a --shapes run) the rows of that weight, with the
+    fraction of the dense FLOP rate next to every speedup."""
+    rows = [r for r in results["linear"] if r["mode"] == mode and r["batch"] == batch
+            and (shape is None or shape_of(r) == tuple(shape))]
     if not rows:
         return []
+    fraction = shape is not None
     peer_meta = [(name, p["label"]) for name, p in results["peers"].items() if p["available"]]
     header = (["format", "sparsity", "dense ms", "dense GFLOP/s", "sparsekern ms", "speedup",
-               "ideal"]
-              + [f"{label} ms (speedup)" for _, label in peer_meta])
+               "ideal"] + (["fraction of dense FLOP rate"] if fraction else [])
+              + [f"{label} ms (speedup{', fraction' if fraction else ''})"
+                 for _, label in peer_meta])
     body = [[r["format"] + row_flags(r),
              f"{r['sparsity']:.0%}", fmt_ms(r["ms"]["dense"]),
-             f"{r['dense_gflops']:.0f}", fmt_ms(r["ms"]["sparsekern"]), f"**{r['speedup']['sparsekern']:.2f}x**",
-             f"{r['ideal']:.1f}x"] + [peer_cell(r, name) for name, _ in peer_meta]
+             f"{r['dense_gflops']:.0f}", fmt_ms(r["ms"]["sparsekern"]),
+             f"**{r['speedup']['sparsekern']:.2f}x**", f"{r['ideal']:.1f}x"]
+            + ([f"{r['fraction_of_ideal']['sparsekern']:.2f}"] if fraction else [])
+            + [peer_cell(r, name, fraction) for name, _ in peer_meta]
             for r in rows]
     reasons = sorted({f"{results['peers'][name]['label']}: {note}"
                       for r in rows for name, note in r["peer_notes"].items()})
-    lines = ["", f"## {MODE_TITLES[mode]}, M={batch}", ""] + _table(header, body)
+    where = f"M={batch}" + (f", K={shape[0]}, N={shape[1]}" if fraction else "")
+    lines = ["", f"## {MODE_TITLES[mode]}, {where}", ""] + _table(header, body)
     if reasons:
         lines += ["", "n/a = the peer rejected this case:"] + [f"- {why}" for why in reasons]
     if any(row_flags(r) for r in rows):
@@ -384,10 +514,13 @@ def md_memory(results: dict) -> list[str]:
 
 
 def markdown(results: dict) -> str:
-    lines = md_header(results) + md_targets(results)
-    for batch in results["batch_sizes"]:
-        for mode in ("forward", "train"):
-            lines += md_speed_table(results, mode, batch)
+    sweep = "shapes" in results  # a --shapes run: issue 8's table first, tables per (K, N)
+    lines = (md_header(results) + (md_fraction_targets(results) if sweep else [])
+             + md_targets(results))
+    for shape in results["shapes"] if sweep else [None]:
+        for batch in results["batch_sizes"]:
+            for mode in MODE_TITLES:
+                lines += md_speed_table(results, mode, batch, shape)
     lines += md_memory(results)
     return "\n".join(lines) + "\n"
 

@@ -69,13 +69,15 @@ def test_time_group_reports_every_candidate():
     assert measured.stable is False  # 2 rounds cannot show a settled ratio
 
 
-def _row(mode, dense_ms, batch=256):
-    return {"mode": mode, "batch": batch, "ms": {"dense": dense_ms}}
+def _row(mode, dense_ms, batch=256, shape=(2048, 2048)):
+    return {"mode": mode, "batch": batch, "in_features": shape[0], "out_features": shape[1],
+            "ms": {"dense": dense_ms}}
 
 
 def test_disturbed_rows_are_slow_dense_baselines_of_their_own_mode():
     rows = [_row("forward", 10.0), _row("forward", 12.0), _row("forward", 40.0),
-            _row("train", 30.0), _row("train", 33.0), _row("forward", 40.0, batch=1024)]
+            _row("train", 30.0), _row("train", 33.0), _row("forward", 40.0, batch=1024),
+            _row("forward", 40.0, shape=(4096, 2048))]
     assert linear.disturbed_rows(rows) == [2]
 
 
@@ -83,11 +85,12 @@ def test_remeasure_keeps_the_quieter_measurement():
     weight = pruned_weight("csr", 0.9)
     timing = linear.Timing(warmup=0, max_repeats=1, group_budget_s=0.0)
     slow = {"mode": "forward", "format": "csr", "sparsity": 0.9, "batch": BATCH,
-            "ms": {"dense": 1e9}, "attempts": 1}
+            "in_features": IN_FEATURES, "out_features": OUT_FEATURES, "ms": {"dense": 1e9},
+            "attempts": 1}
     rows = [{**slow, "ms": {"dense": 1e-9}}, slow]  # the second looks disturbed
     seen = []
-    linear.remeasure_disturbed(rows, {("csr", 0.9): weight}, [], timing, torch.Generator(),
-                               retries=1, on_row=seen.append)
+    linear.remeasure_disturbed(rows, {linear.weight_key(slow): weight}, [], timing,
+                               torch.Generator(), retries=1, on_row=seen.append)
     assert rows[1]["attempts"] == 2 and rows[1]["ms"]["dense"] < 1e9 and len(seen) == 1
 
 
@@ -126,15 +129,81 @@ def test_quick_run_writes_results(tmp_path):
         assert heading in text
 
 
-def test_bad_arguments_are_rejected():
+def test_shapes_run_reports_the_fraction_of_the_dense_flop_rate(tmp_path):
+    """--shapes: every (K, N) x M in one process, the fraction of the dense FLOP rate next to
+    every speedup, issue 8's fraction targets at M >= 128 with the misses listed."""
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "benchmarks", "linear", "--quick", "--out", str(out),
+           "--shapes", "64x128,128x64", "--batch-sizes", "16,128", "--threads", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "issue 8 targets" in done.stdout and "misses:" in done.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["shapes"] == [[64, 128], [128, 64]]
+    assert (results["in_features"], results["out_features"]) == (64, 128)  # no 2048x2048: first
+    rows = results["linear"]  # shapes x formats (bsr32, csr) x sparsity 0.9 x M x modes
+    assert len(rows) == 2 * 2 * 2 * len(linear.MODES)
+    assert {(r["in_features"], r["out_features"], r["batch"]) for r in rows} == {
+        (k, n, m) for k, n in results["shapes"] for m in (16, 128)}
+    for r in rows:
+        assert r["fraction_of_ideal"].keys() == r["speedup"].keys()
+        assert r["fraction_of_ideal"]["sparsekern"] == pytest.approx(
+            r["speedup"]["sparsekern"] / r["ideal"])
+    fractions = results["fraction_targets"]  # M=16 < 128 is not judged
+    assert {(t["batch"], t["in_features"], t["out_features"]) for t in fractions} == {
+        (128, 64, 128), (128, 128, 64)}
+    assert len(fractions) == 2 * len(report.FRACTION_TARGETS)
+    assert {t["status"] for t in fractions} <= {"pass", "MISS"}
+    text = (out / "RESULTS.md").read_text()
+    for heading in ("Issue 8 targets", "Misses (", "Issue targets (M=16, K=64, N=128)",
+                    "Forward (y = x W^T), M=128, K=128, N=64", "fraction of dense FLOP rate",
+                    "Training step", "Training memory"):
+        assert heading in text
+
+
+def test_fraction_targets_judge_every_shape_from_m_128():
+    def row(fmt, mode, batch, shape, speedup):
+        return {"format": fmt, "mode": mode, "sparsity": 0.9, "batch": batch, "ideal": 10.0,
+                "in_features": shape[0], "out_features": shape[1], "timing": {},
+                "speedup": {"sparsekern": speedup},
+                "fraction_of_ideal": {"sparsekern": speedup / 10.0}}
+    rows = [row("bsr32", "forward", 256, (768, 3072), 8.5),   # 0.85 >= 0.8
+            row("bsr32", "train", 256, (768, 3072), 6.0),     # 0.60 < 0.7
+            row("csr", "forward", 64, (768, 3072), 1.0)]      # M=64: not judged
+    targets = report.fraction_targets({"shapes": [[768, 3072], [1024, 1024]],
+                                       "batch_sizes": [64, 256], "linear": rows})
+    assert len(targets) == 2 * len(report.FRACTION_TARGETS)
+    status = {(t["in_features"], t["format"], t["mode"]): t["status"] for t in targets}
+    assert status[(768, "bsr32", "forward")] == "pass"
+    assert status[(768, "bsr32", "train")] == "MISS"
+    assert status[(768, "csr", "forward")] == "not measured"
+    assert status[(1024, "bsr32", "forward")] == "not measured"
+    assert report.fraction_misses(targets) == [
+        "M=256, K=768, N=3072: BSR32 step 0.60 < 0.7 (speedup 6.00x of ideal 10.0x)"]
+
+
+def test_bad_arguments_are_rejected(capsys):
     with pytest.raises(SystemExit):
         linear.parse_args(["--formats", "bsr7"])
     with pytest.raises(SystemExit):
         linear.parse_args(["--sparsities", "1.5"])
+    with pytest.raises(SystemExit):
+        linear.parse_args(["--shapes", "768"])
+    assert "--shapes" in capsys.readouterr().err
+    for flag in ("--in-features", "--out-features"):
+        with pytest.raises(SystemExit):
+            linear.parse_args(["--shapes", "768x3072", flag, "64"])
+        err = capsys.readouterr().err
+        assert "--shapes and --in-features/--out-features are mutually exclusive" in err
+    args = linear.parse_args(["--shapes", "768x3072,2048x2048"])
+    assert args.shapes == ((768, 3072), (2048, 2048))
+    assert (args.in_features, args.out_features) == report.TARGET_SHAPE  # targets, memory
+    assert linear.parse_args([]).shapes == ((2048, 2048),)
 
 
 def test_targets_cover_the_issue():
     results = {"batch_sizes": [256], "linear": [], "memory": [],
+               "in_features": 2048, "out_features": 2048,
                "peers": {"sparseprop": {"label": "SparseProp", "reason_absent": "x"}}}
     targets = report.evaluate_targets(results)
     assert len(targets) == len(report.SPEED_TARGETS) + len(report.PEER_TARGETS)
