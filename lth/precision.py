@@ -16,24 +16,6 @@ def autocast_context(device: torch.device, name: str):
     return lambda: torch.autocast(device.type, dtype=DTYPES[name])
 
 
-def sparse_kernels_autocast(device: torch.device, name: str) -> bool:
-    """Whether a sparse layer runs under --autocast on `device` when its input arrives in the
-    autocast dtype (the output of a dense layer): sparsekern's ops must be registered for
-    torch.autocast, as F.linear / F.conv2d are."""
-    import sparsekern as sk
-    layer = sk.SparseLinear.from_dense(nn.Linear(8, 8).to(device),
-                                       torch.eye(8, dtype=torch.bool, device=device),
-                                       format="csr")
-    x = torch.ones(2, 8, device=device, requires_grad=True)
-    try:
-        with autocast_context(device, name)():
-            out = layer(x.to(DTYPES[name]))
-        out.float().sum().backward()
-    except RuntimeError:
-        return False
-    return True
-
-
 class Autocast(nn.Module):
     """A model whose forward runs under --autocast: what the step timing measures."""
 

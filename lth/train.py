@@ -45,7 +45,7 @@ from lth.methods import Phase, Plan, RunContext, derive_seed, providers
 from lth.methods.base import lr_factor
 from lth.loop import Diverged, EpochEnd, Progress, SaveRewindPoint, Trainee, fit
 from lth.models import build_model
-from lth.precision import Autocast, autocast_context, sparse_kernels_autocast
+from lth.precision import Autocast, autocast_context
 from lth.requirements import lth_extra_problem
 from lth.results import format_table, write_summary
 from lth.sparse import (check_pruned_zero, cross_entropy, current_masks, dense_state_dict,
@@ -155,12 +155,6 @@ class Experiment:
                           f"masked-dense (--sparse-policy dense)", RuntimeWarning, stacklevel=2)
             self.policy = "dense"
         self.autocast = autocast_context(self.device, c.training.autocast)
-        if (c.training.autocast != "none" and self.policy != "dense"
-                and not sparse_kernels_autocast(self.device, c.training.autocast)):
-            raise UsageError(f"--autocast {c.training.autocast}: sparsekern's kernels are not "
-                             f"registered for torch.autocast on {self.device.type} (a sparse "
-                             f"layer would get {c.training.autocast} inputs and float32 "
-                             f"weights); use --sparse-policy dense or --autocast none")
 
     def check_blocks(self):
         """A layer that is one block can never be pruned (pruning keeps a unit per layer): an

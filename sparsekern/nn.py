@@ -306,6 +306,10 @@ class _PackedWeight(nn.Module):
             meta = cls._metadata_of_layer(state_dict, prefix, layer, who)
         elif layer is not None:
             cls._check_layer(meta, layer, who)
+        if layer is not None and (layer.bias is not None) != (prefix + "bias" in state_dict):
+            raise ValueError(f"{who}: the model's layer {'has' if layer.bias is not None else 'has no'}"
+                             f" bias, the state {'lacks' if layer.bias is not None else 'holds'} "
+                             f"{prefix}bias")
         fmt = meta.get("format") if isinstance(meta, dict) else None
         shape = meta.get("weight_shape") if isinstance(meta, dict) else None
         if fmt not in _FORMAT_CLASSES or not isinstance(shape, (list, tuple)) \

@@ -29,10 +29,36 @@ from sparsekern.triton import get_backend
 
 _HAVE_OPS = _extension.available()
 
-if _HAVE_OPS:  # torch.autocast runs the sparse products in bf16, as it does F.linear / F.conv2d
+_AUTOCAST = torch.library.Library("sparsekern", "IMPL")
+
+
+def _register_autocast(name: str) -> None:
+    """Under torch.autocast a sparse product runs in the context's dtype, as F.linear and
+    F.conv2d do: its floating inputs are cast to torch.get_autocast_dtype(device) (index tensors
+    are left alone). torch.library.register_autocast would fix one dtype for every context. The
+    CPU kernels have no float16 path, so a CPU float16 context runs them as sk.linear runs
+    float16: widened to float32, the output rounded to float16 once."""
+    op = getattr(torch.ops.sparsekern, name).default
+    for device in ("cpu", "cuda"):
+        key = "Autocast" + torch._C._dispatch_key_for_device(device)
+        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(_keyset, *args, device=device, excluded=excluded):
+            dtype = torch.get_autocast_dtype(device)
+            widen = device == "cpu" and dtype == torch.float16
+            run_dtype = torch.float32 if widen else dtype
+            cast = [a.to(run_dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                    and a.device.type == device else a for a in args]
+            with torch._C._ExcludeDispatchKeyGuard(excluded):
+                out = op(*cast)
+            return out.to(torch.float16) if widen else out
+
+        _AUTOCAST.impl(name, kernel, key, with_keyset=True)
+
+
+if _HAVE_OPS:
     for _name in ("bsr_linear", "csr_linear", "bsr_conv2d", "csr_conv2d"):
-        for _device in ("cpu", "cuda"):
-            torch.library.register_autocast(f"sparsekern::{_name}", _device, torch.bfloat16)
+        _register_autocast(_name)
 
 
 def _op(name):

@@ -82,7 +82,8 @@ def weight_selectors(model: nn.Module, selected: dict[str, torch.Tensor]):
         if isinstance(module, (sk.SparseLinear, sk.SparseConv2d)):
             fmt = module.weight_format()
             block = fmt.block if module.format == "bsr" else None
-            packed = sk.nn.pack(sel.to(module.values.dtype), module.mask(), module.format, block)
+            packed = sk.nn.pack(sel.to(module.values.dtype), module.mask(), module.format, block,
+                                nm=module.nm)
             for key, index in module.index().items():
                 if not torch.equal(getattr(packed, key), index):
                     raise RuntimeError(f"rst: {name}: the selector packed differently from the "

@@ -1,7 +1,6 @@
 """--device and --autocast: bf16 autocast trains for real (on the CPU too, where torch.autocast
-also has bf16), sparse layers run under it once sparsekern's ops are registered for autocast (a
-clear usage error before any work otherwise), and on a GPU block / N:M tickets train on the
-sparse kernels with their step times in the summary."""
+also has bf16), sparse layers run under it (sparsekern registers its ops for autocast), and on a
+GPU block / N:M tickets train on the sparse kernels with their step times in the summary."""
 import json
 import os
 
@@ -9,7 +8,6 @@ import pytest
 import torch
 
 from _lth_helpers import TINY, load, run_inprocess
-from lth import precision, train
 
 ARGS = TINY + ["--branches", "none", "--rounds", "1", "--epochs", "2"]
 
@@ -32,26 +30,11 @@ def test_bf16_autocast_trains_masked_dense_on_cpu(tmp_path):
     assert not torch.equal(a["fcs.0.weight"], b["fcs.0.weight"])  # bf16 arithmetic trained it
 
 
-def test_bf16_autocast_on_sparse_kernels(tmp_path, capsys):
-    cpu = torch.device("cpu")
-    lib = None
-    if not precision.sparse_kernels_autocast(cpu, "bf16"):
-        # until sparsekern registers its ops for autocast: refused before any work
-        code = train.main(ARGS + ["--autocast", "bf16", "--runs-dir", str(tmp_path / "no")])
-        assert code == 2
-        assert "--autocast bf16: sparsekern's kernels are not registered" in \
-            capsys.readouterr().err
-        assert not os.path.exists(tmp_path / "no")
-        lib = torch.library.Library("sparsekern", "IMPL")  # the registration it needs
-        for op in ("bsr_linear", "csr_linear", "bsr_conv2d", "csr_conv2d"):
-            torch.library.register_autocast(f"sparsekern::{op}", "cpu", torch.bfloat16, lib=lib)
-        assert precision.sparse_kernels_autocast(cpu, "bf16")
-    try:
-        run = run_inprocess(ARGS + ["--autocast", "bf16", "--sparse-policy", "sparse",
-                                    "--model", "lenet5", "--rewind", "init"], tmp_path)
-    finally:
-        if lib is not None:
-            lib._destroy()
+def test_bf16_autocast_on_sparse_kernels(tmp_path):
+    """Sparse layers follow torch.autocast (sparsekern registers its ops for it): a bf16 run
+    trains its pruned rounds on the sparse kernels."""
+    run = run_inprocess(ARGS + ["--autocast", "bf16", "--sparse-policy", "sparse",
+                                "--model", "lenet5", "--rewind", "init"], tmp_path)
     ticket = summary(run)[1]
     assert ticket["autocast"] == "bf16" and ticket["sparse_layers"] == "3/3"
     assert ticket["test_acc"] > 0.3

@@ -222,6 +222,9 @@ def test_load_sparse_strictness_and_bad_state():
     with pytest.raises(ValueError, match="load_sparse: layer 'fc2': SparseLinear.from_state_dict "
                                          "\\('fc2'\\): CSR: row_idx"):
         sk.load_sparse(_Net(), broken)
+    no_bias = {k: v for k, v in state.items() if k != "fc2.bias"}  # a sparse layer's bias
+    with pytest.raises(ValueError, match="layer 'fc2': .*has bias, the state lacks fc2.bias"):
+        sk.load_sparse(_Net(), no_bias)
     wrong = _Net()
     wrong.conv2 = nn.Conv2d(16, 16, 3, stride=1, padding=1, bias=False)
     with pytest.raises(ValueError, match="load_sparse: layer 'conv2': .*'stride': \\[2, 2\\]"):
