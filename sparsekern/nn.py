@@ -242,14 +242,19 @@ class _PackedWeight(nn.Module):
         return self._metadata()
 
     def set_extra_state(self, state) -> None:
-        """Refuses a state saved from a layer of another format, shape or N:M pattern (before
-        any tensor is copied: _load_from_state_dict calls this first)."""
+        """Refuses a state whose metadata differs from the one this layer saves (another
+        format, shape, N:M pattern or conv geometry), naming the differing keys, before any
+        tensor is copied (_load_from_state_dict calls this first)."""
         mine = self._metadata()
-        theirs = {k: _plain_value(state.get(k)) for k in ("format", "weight_shape", "nm")} \
-            if isinstance(state, dict) else state
-        if theirs != {k: mine[k] for k in ("format", "weight_shape", "nm")}:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: the state holds "
-                             f"{_describe(theirs)}, this layer {_describe(mine)}; rebuild the "
+        theirs = {k: _plain_value(v) for k, v in state.items()} if isinstance(state, dict) else {}
+        differing = sorted((k for k in mine.keys() | theirs.keys()
+                            if theirs.get(k) != mine.get(k)), key=str)
+        if differing:
+            keys = ", ".join(f"{k!r} (state {theirs.get(k)!r}, layer {mine.get(k)!r})"
+                             for k in differing)
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the state's metadata "
+                             f"differs from this layer's in {keys}: the state holds "
+                             f"{_describe(state)}, this layer {_describe(mine)}; rebuild the "
                              f"layer from the state (sk.load_sparse or "
                              f"{type(self).__name__}.from_state_dict)")
 

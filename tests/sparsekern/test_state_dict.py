@@ -124,6 +124,24 @@ def test_load_into_a_layer_of_another_format_or_shape_is_refused():
         csr.load_state_dict(bsr.state_dict())
 
 
+def test_load_into_a_conv_layer_of_another_stride_is_refused():
+    mask = torch.rand(16, 8, 3, 3) < 0.4
+    saved = sk.SparseConv2d.from_dense(nn.Conv2d(8, 16, 3, stride=2, padding=1), mask,
+                                       format="csr")
+    other = sk.SparseConv2d.from_dense(nn.Conv2d(8, 16, 3, stride=1, padding=1), mask,
+                                       format="csr")
+    before = other.values.detach().clone()
+    with pytest.raises(ValueError, match=r"differs from this layer's in 'stride' "
+                                         r"\(state \[2, 2\], layer \[1, 1\]\)"):
+        other.load_state_dict(saved.state_dict())
+    assert torch.equal(other.values, before)
+    same = sk.SparseConv2d.from_dense(nn.Conv2d(8, 16, 3, stride=2, padding=1), mask,
+                                      format="csr")
+    same.load_state_dict(saved.state_dict())
+    x = torch.randn(2, 8, 9, 9)
+    assert torch.equal(same(x), saved(x))
+
+
 # ---- rebuilding a sparsified model from its state_dict alone -----------------------------------
 
 class _Net(nn.Module):
