@@ -57,7 +57,7 @@ def zero_pruned(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 
 def sparsify_model(model: nn.Module, masks: dict[str, torch.Tensor], format: str = "auto",
                    policy: str = "auto", block=None, batch_size: int = 256,
-                   decisions: dict | None = None, repeats: int = 7,
+                   decisions: dict | None = None, repeats: int | None = None,
                    example_input: torch.Tensor | None = None, nm=None) -> dict[str, dict]:
     """Converts the pruned layers of a plain dense model in place; returns, per pruned weight,
     what runs it: {"kind": linear | conv, "chosen": sparse | dense, "format", "sparsity", ...}.
@@ -67,6 +67,7 @@ def sparsify_model(model: nn.Module, masks: dict[str, torch.Tensor], format: str
     example_input: a training batch, so the auto policy times each layer on what it really
     receives (the first layer's dX is then not timed: its input needs no gradient).
     nm: the (N, M) of format="nm" layers (sparsekern's pack picks one from each mask if None).
+    repeats: the most timing rounds of the auto policy per layer (None: sparsekern's default).
     """
     modules = dict(model.named_modules())
     other = sorted(n for n in masks if not isinstance(modules.get(_module_name(n)),
@@ -77,7 +78,8 @@ def sparsify_model(model: nn.Module, masks: dict[str, torch.Tensor], format: str
         return {}
     if decisions is None:
         sk.sparsify(model, masks, format=format, policy=policy, block=block,
-                    batch_size=batch_size, repeats=repeats, example_input=example_input, nm=nm)
+                    batch_size=batch_size, example_input=example_input, nm=nm,
+                    **({} if repeats is None else {"repeats": repeats}))
     else:
         # "masked-dense": what checkpoints written before sparse conv kernels say for a conv
         was = {n: "dense" if d["chosen"] == "masked-dense" else d["chosen"]

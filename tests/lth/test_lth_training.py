@@ -62,6 +62,20 @@ def test_pruned_weights_stay_exactly_zero_under_momentum_and_weight_decay(policy
         {n: True for n in masks}
 
 
+def test_sparsify_model_leaves_the_timing_repeats_to_sparsekern_unless_given(monkeypatch):
+    seen = []
+    real = sk.sparsify
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("repeats"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(sk, "sparsify", spy)
+    masks = {"0.weight": torch.rand(8, 8) < 0.5}
+    sparsify_model(nn.Sequential(nn.Linear(8, 8)), masks, policy="sparse")
+    sparsify_model(nn.Sequential(nn.Linear(8, 8)), masks, policy="sparse", repeats=3)
+    assert seen == [None, 3]
+
+
 def test_dense_state_round_trips_through_sparsify():
     model = build_model(ModelHparams(widths=(64, 64)), (1, 8, 8), 10, seed=0)
     masks = _pruned(model)
@@ -290,7 +304,7 @@ def test_auto_policy_trains_masked_dense_when_the_whole_step_is_slower(tmp_path,
     real = train.sparsify_model
 
     def layer_policy_says_sparse(model, masks, format="auto", policy="auto", block=None,
-                                 batch_size=256, decisions=None, repeats=7, example_input=None,
+                                 batch_size=256, decisions=None, repeats=None, example_input=None,
                                  nm=None):
         if policy == "auto" and decisions is None:
             policy = "sparse"
