@@ -99,6 +99,12 @@ def sparsify_model(model: nn.Module, masks: dict[str, torch.Tensor], format: str
     return out
 
 
+def sparse_block(config):
+    """The block the layers are packed with under `config` (sparsify_model / repack): the
+    pruning block for --sparse-format bsr, else None."""
+    return config.pruning.block if config.sparse.format == "bsr" else None
+
+
 def densify_model(model: nn.Module) -> nn.Module:
     """Sparse / masked layers back to nn.Linear / nn.Conv2d (in place)."""
     return sk.densify(model)

@@ -49,8 +49,8 @@ from lth.precision import Autocast, autocast_context
 from lth.requirements import lth_extra_problem
 from lth.results import format_table, write_summary
 from lth.sparse import (check_pruned_zero, cross_entropy, current_masks, dense_state_dict,
-                        masked_dense_copy, sparse_kernels_run_on, sparsify_model,
-                        time_train_steps, zero_pruned)
+                        masked_dense_copy, sparse_block, sparse_kernels_run_on,
+                        sparsify_model, time_train_steps, zero_pruned)
 
 CHECKPOINT_FORMAT = 1
 EVAL_BATCH = 512
@@ -310,7 +310,7 @@ class Experiment:
         ckpt = self.final_checkpoint(phase)
         model = self.final_dense(phase, ckpt)
         masks = {n: m.to(self.device) for n, m in ckpt["masks"].items()}
-        sparsify_model(model, masks, self.c.sparse.format, self.policy, self._block(),
+        sparsify_model(model, masks, self.c.sparse.format, self.policy, sparse_block(self.c),
                        decisions=ckpt["decisions"], nm=self._nm(masks))
         return model
 
@@ -564,12 +564,12 @@ class Experiment:
             if decisions is None:
                 if d.main:
                     decisions = sparsify_model(model, masks, c.sparse.format, self.policy,
-                                               self._block(), self.batch_size,
+                                               sparse_block(self.c), self.batch_size,
                                                example_input=self.timing_batch()[0],
                                                nm=self._nm(masks))
                 decisions = d.broadcast(decisions)
             if not (d.main and ckpt is None):
-                sparsify_model(model, masks, c.sparse.format, self.policy, self._block(),
+                sparsify_model(model, masks, c.sparse.format, self.policy, sparse_block(self.c),
                                decisions=decisions, nm=self._nm(masks))
         decisions = decisions or {}
         timing = ckpt["timing"] if ckpt else d.broadcast(
@@ -584,7 +584,7 @@ class Experiment:
             decisions = {n: {**v, "chosen": "dense", "note": note} if v["chosen"] == "sparse"
                          else v for n, v in decisions.items()}
             model = dense
-            sparsify_model(model, masks, c.sparse.format, self.policy, self._block(),
+            sparsify_model(model, masks, c.sparse.format, self.policy, sparse_block(self.c),
                            decisions=decisions, nm=self._nm(masks))
             timing = {**timing, "step_ms_sparse_kernels": timing["step_ms_sparse"],
                       "step_ms_sparse": timing["step_ms_dense"]}
@@ -645,10 +645,6 @@ class Experiment:
                     if result["timing_rounds"] is not None else "")
                  + (f"  NO SIGNAL: {', '.join(empty)} fully pruned" if empty else ""))
         d.barrier()
-
-    def _block(self):
-        p = self.c.pruning
-        return p.block if self.c.sparse.format == "bsr" else None
 
     def _nm(self, masks):
         """--sparse-format nm: the N:M the masks follow, N:M pruning reaching --nm over the

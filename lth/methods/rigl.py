@@ -28,7 +28,8 @@ from lth.hparams import ConfigError, _at_least, hp, register_section
 from lth.methods.base import METHODS, Method, Phase
 from lth.pruning import dst
 from lth.pruning.erk import DISTRIBUTIONS, layer_densities, random_masks
-from lth.sparse import current_masks, dense_state_dict, dense_weights_and_gradients, repack
+from lth.sparse import (current_masks, dense_state_dict, dense_weights_and_gradients, repack,
+                        sparse_block)
 
 
 @register_section("dst", methods=("rigl", "set"))
@@ -128,8 +129,7 @@ class DynamicSparse(Method):
                                       c.pruning.block)
         updated = time.perf_counter()
         # re-packed as the loop's sparsify packs a mask, so a resumed run has the same layout
-        block = c.pruning.block if c.sparse.format == "bsr" else None
-        repack(model, optimizer, new, grown, c.sparse.format, block)
+        repack(model, optimizer, new, grown, c.sparse.format, sparse_block(c))
         done = time.perf_counter()
         s = self.stats
         s["updates"] += 1
