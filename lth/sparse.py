@@ -175,22 +175,20 @@ def cross_entropy(label_smoothing: float = 0.0):
 # new module, and its `values` a new Parameter whose optimizer state must follow it.
 
 def _in_layout(module, values: torch.Tensor):
-    """The format object of a SparseLinear / SparseConv2d holding `values` (shaped like its
-    `values`, e.g. an optimizer state) at the module's stored positions."""
-    cls = sk.BlockSparse if module.format == "bsr" else sk.CSR
-    return cls(values, shape=module.weight_shape, **module.index())
+    """The format object (BSR, CSR or NM, the module's own) of a SparseLinear / SparseConv2d
+    holding `values` (shaped like its `values`, e.g. an optimizer state) at the module's stored
+    positions."""
+    return module._format(values)
 
 
 def _block_of(module):
     return module.weight_format().block if module.format == "bsr" else None
 
 
-def _packed_values(dense: torch.Tensor, mask: torch.Tensor, block) -> torch.Tensor:
-    """What `values` of a module built by from_dense(mask, format=bsr with `block`, or csr for
-    block None) hold for the dense tensor `dense`, so optimizer states line up with weights."""
-    if block is not None:
-        return sk.BlockSparse.from_dense(dense, mask, block=tuple(block)).values
-    return sk.CSR.from_dense(dense, mask).values
+def _packed_values(dense: torch.Tensor, mask: torch.Tensor, like) -> torch.Tensor:
+    """What `values` of `like`, a module built by from_dense(mask), hold for the dense tensor
+    `dense` (packed in its format, block and N:M), so optimizer states line up with weights."""
+    return sk.nn.pack(dense, mask, like.format, _block_of(like), like.nm).values
 
 
 def _swap_parameter(optimizer, old: nn.Parameter, new: nn.Parameter, convert) -> None:
@@ -246,7 +244,7 @@ def repack(model: nn.Module, optimizer, masks: dict[str, torch.Tensor],
 
         def moved(values, module=module, new_mask=new_mask, fresh=fresh, rebuilt=rebuilt):
             dense = _in_layout(module, values.detach()).to_dense().masked_fill(fresh, 0.0)
-            return _packed_values(dense, new_mask, _block_of(rebuilt))
+            return _packed_values(dense, new_mask, rebuilt)
 
         rebuilt.bias = module.bias
         rebuilt.train(module.training)

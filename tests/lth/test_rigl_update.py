@@ -83,8 +83,7 @@ def _state_tensors(kind):
 def _dense_state(module, value):
     """A per-weight optimizer state of a converted layer, as a dense tensor."""
     if isinstance(module, (sk.SparseLinear, sk.SparseConv2d)):
-        cls = sk.BlockSparse if module.format == "bsr" else sk.CSR
-        return cls(value, shape=module.weight_shape, **module.index()).to_dense()
+        return module._format(value).to_dense()
     return value.clone()
 
 
@@ -174,6 +173,43 @@ def test_updates_keep_sparsity_reset_grown_and_carry_kept(kind, granularity, pol
     assert {id(p) for g in opt.param_groups for p in g["params"]} == \
         {id(p) for p in model.parameters()}
     assert set(opt.state) <= set(model.parameters())
+
+
+def _two_of_four(rows, cols, seed):
+    scores = torch.rand(rows, cols // 4, 4, generator=torch.Generator().manual_seed(seed))
+    return (scores.argsort(-1).argsort(-1) < 2).view(rows, cols)
+
+
+@pytest.mark.parametrize("fmt", ["nm", "auto"])
+def test_an_nm_layer_repacks_as_nm_carrying_kept_weights_and_state(fmt):
+    torch.manual_seed(0)
+    old, new = _two_of_four(16, 32, 1), _two_of_four(16, 32, 2)
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 5))
+    with torch.no_grad():
+        model[0].weight.mul_(old)
+    sparsify_model(model, {"0.weight": old}, format="nm", policy="sparse")
+    assert model[0].format == "nm"
+    opt = _optimizer("adam", model.parameters())
+
+    def step():
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(8, 32)), torch.randint(0, 5, (8,))).backward()
+        opt.step()
+    step()
+    step()
+    before = dense_state_dict(model)["0.weight"]
+    states = _snapshot(model, opt, ["0.weight"], "adam")["0.weight"]
+    grown = new & ~old
+    assert repack(model, opt, {"0.weight": new}, {"0.weight": grown}, fmt) == ["0.weight"]
+    assert model[0].format == "nm" and model[0].nm == (2, 4)
+    assert torch.equal(model[0].mask(), new)
+    kept = new & old
+    after = dense_state_dict(model)["0.weight"]
+    assert torch.equal(after[kept], before[kept]) and not bool(after[~kept].any())
+    for k, now in _snapshot(model, opt, ["0.weight"], "adam")["0.weight"].items():
+        assert torch.equal(now[kept], states[k][kept]) and not bool(now[~kept].any())
+    step()
+    assert not bool(dense_state_dict(model)["0.weight"][~new].any())
 
 
 def test_between_updates_the_model_runs_the_sparse_kernels(monkeypatch):
