@@ -155,14 +155,19 @@ def build_group(weight: PrunedWeight, batch: int, mode: str, active_peers: list[
     return fns, notes, errors
 
 
-def time_group(fns: dict[str, Callable], timing: Timing) -> Measurement:
-    """Rounds until the ratios to dense settle (sparsekern.timing.measure): at least MIN_REPEATS,
-    at most as many as fit the group's budget, capped by --repeats. One untimed round sizes the
-    budget."""
+def time_group(fns: dict[str, Callable], timing: Timing, min_repeats: int = MIN_REPEATS,
+               warmup_after=None) -> Measurement:
+    """Rounds until the ratios to dense settle (sparsekern.timing.measure): at least
+    `min_repeats` (fewer only when --repeats asks), at most as many as fit the group's budget,
+    capped by --repeats. One untimed round sizes the budget; `warmup_after(round_s)` may replace
+    the warm-up (and the floor) from that round's length, returning (warmup, min_repeats)."""
     round_s = sum(measure(fns, warmup=0, max_rounds=1).seconds.values())
-    floor = min(MIN_REPEATS, timing.max_repeats)  # as recorded in args.min_repeats
+    warmup = timing.warmup
+    if warmup_after is not None:
+        warmup, min_repeats = warmup_after(round_s)
+    floor = min(min_repeats, timing.max_repeats)  # as recorded in args.min_repeats
     cap = max(floor, min(timing.max_repeats, int(timing.group_budget_s / round_s)))
-    return measure(fns, warmup=timing.warmup, min_rounds=floor, max_rounds=cap)
+    return measure(fns, warmup=warmup, min_rounds=floor, max_rounds=cap)
 
 
 def measure_case(weight: PrunedWeight, batch: int, mode: str, active_peers, timing: Timing,

@@ -39,7 +39,7 @@ from torch import nn
 import sparsekern as sk
 from benchmarks import conv, plots, report
 from benchmarks.linear import DISTURBED, Timing, select_isa
-from sparsekern.timing import measure
+from benchmarks.linear import time_group as linear_time_group
 from lth import pruning
 from lth.hparams import ModelHparams
 from lth.models import build_model
@@ -64,17 +64,18 @@ LONG_ROUND_S, LONG_MIN_REPEATS = 4.0, 3  # and 3 for a group whose round takes o
 
 
 def time_group(fns, timing: Timing):
-    """(sparsekern.timing.Measurement, warm-up rounds): rounds until the dense/sparse ratio
-    settles, at least MIN_REPEATS (fewer only when --repeats asks), at most as many as fit the
-    budget, capped by --repeats. A group whose untimed sizing round took over LONG_ROUND_S
+    """(sparsekern.timing.Measurement, warm-up rounds): linear's time_group with a floor of
+    MIN_REPEATS, except that a group whose untimed sizing round took over LONG_ROUND_S
     (ResNet-18 training at batch 128 on 2 cores: ~14 s) gets LONG_MIN_REPEATS and no further
     warm-up: the sizing round warmed it up."""
-    round_s = sum(measure(fns, warmup=0, max_rounds=1).seconds.values())
-    long = round_s > LONG_ROUND_S
-    floor = min(LONG_MIN_REPEATS if long else MIN_REPEATS, timing.max_repeats)
-    warmup = 0 if long else timing.warmup
-    cap = max(floor, min(timing.max_repeats, int(timing.group_budget_s / round_s)))
-    return measure(fns, warmup=warmup, min_rounds=floor, max_rounds=cap), warmup
+    used = {}
+
+    def warmup_after(round_s):
+        long = round_s > LONG_ROUND_S
+        used["warmup"] = 0 if long else timing.warmup
+        return used["warmup"], LONG_MIN_REPEATS if long else MIN_REPEATS
+
+    return linear_time_group(fns, timing, warmup_after=warmup_after), used["warmup"]
 
 
 # --- tickets ------------------------------------------------------------------------------------
