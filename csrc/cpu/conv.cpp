@@ -369,10 +369,28 @@ Tensor bsr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x,
 
 // ---- CSR -----------------------------------------------------------------------------------
 
-// [N, rows] row-major -> the kernels' operand: batch panels, or itself when panel == 0.
+// An [N, C, H, W] activation as a CSR conv operand, zero-padded by (pad_h, pad_w) with
+// pixel_stride floats per pixel: batch panels [chunks][Hp*Wp*pixel_stride][panel] packed in one
+// pass from the tensor as it is (NCHW or channels_last), or, for kernels with panel == 0, the
+// padded NHWC rows [N][Hp*Wp*pixel_stride].
 template <class T>
-Tensor panels_of(const KernelTable<T>* k, const Tensor& rows) {
-  return k->panel > 0 ? to_panels(k, rows) : rows.contiguous();
+Tensor csr_operand(const KernelTable<T>* k, const Tensor& t, int64_t pad_h, int64_t pad_w,
+                   int64_t pixel_stride) {
+  const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
+  if (k->panel == 0)
+    return at::constant_pad_nd(t.permute({0, 2, 3, 1}),
+                               {0, pixel_stride - C, pad_w, pad_w, pad_h, pad_h})
+        .contiguous()
+        .view({N, (H + 2 * pad_h) * (W + 2 * pad_w) * pixel_stride});
+  const Tensor src = t.stride(3) == 1 || t.stride(1) == 1 ? t : t.contiguous();
+  const ImagePanels p{N, C, H, W, src.stride(0), src.stride(1), src.stride(2), src.stride(3),
+                      pad_h, pad_w, pixel_stride};
+  const int64_t chunks = ceil_div(N, k->panel);
+  Tensor panels = at::empty({chunks, p.Hp() * p.Wp() * pixel_stride, k->panel}, t.options());
+  at::parallel_for(0, chunks * p.units_per_chunk(), 1, [&](int64_t u0, int64_t u1) {
+    k->to_image_panels(src.data_ptr<T>(), p, panels.data_ptr<T>(), u0, u1);
+  });
+  return panels;
 }
 
 template <class T>
@@ -380,21 +398,13 @@ int64_t chunks_of(const KernelTable<T>* k, int64_t N) {
   return k->panel > 0 ? ceil_div(N, k->panel) : N;
 }
 
-// Panels [chunks][rows][panel] -> the row-major [N, rows] `out` (the kernels' NHWC).
-template <class T>
-void unpack_into(const KernelTable<T>* k, const Tensor& panels, int64_t N, Tensor& out) {
-  const int64_t chunks = panels.size(0), rows = panels.size(1);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    k->unpack_panels(panels.data_ptr<T>(), N, rows, out.data_ptr<T>(), rows, c0, c1);
-  });
-}
-
-// The arguments of one image chunk (the kernels' own loop over chunks then runs once), so that
+// The arguments of image chunk `ch` (the kernels' own loop over chunks then runs once), so that
 // threads can split a call by chunks.
 template <class T>
-CsrConvArgs<T> single_chunk(CsrConvArgs<T> args, const KernelTable<T>* k) {
+CsrConvArgs<T> chunk_args(CsrConvArgs<T> args, const KernelTable<T>* k, int64_t ch) {
+  const int64_t lanes = std::max<int64_t>(k->panel, 1);
   args.chunks = 1;
-  args.images = k->panel > 0 ? k->panel : 1;  // what the scalar kernels loop over
+  args.images = std::min(lanes, args.images - ch * lanes);
   return args;
 }
 
@@ -463,7 +473,6 @@ Tensor csr_conv2d(const Tensor& x, const Tensor& values, const Tensor& row_ptr,
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == Co, op, ": bias must have shape [", Co,
                 "], got ", bias->sizes());
   const int64_t in_rows = c.Hp() * c.Wp() * panel_pixel_stride(c.C);
-  const Tensor xp = padded_nhwc(x, c, panel_pixel_stride(c.C)).reshape({c.N, in_rows});
   const GeometryArrays g = geometry(c, panel_pixel_stride(c.C), 1);
   const std::vector<int64_t> col_off = column_offsets(col_idx, g);
   const Segments seg = column_segments(row_ptr, col_idx, Co, c.C * c.taps());
@@ -473,21 +482,18 @@ Tensor csr_conv2d(const Tensor& x, const Tensor& values, const Tensor& row_ptr,
   if (c.N == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
-    const Tensor xs = panels_of(k, xp);
-    const CsrConvArgs<scalar_t> args{chunks_of(k, c.N), c.N, xp.size(1), Co,
+    const Tensor xs = csr_operand(k, x, c.padding[0], c.padding[1], panel_pixel_stride(c.C));
+    const CsrConvArgs<scalar_t> args{chunks_of(k, c.N), c.N, in_rows, Co,
                                      row_ptr.data_ptr<int32_t>(), col_off.data(),
                                      vals.data_ptr<scalar_t>(), seg.ptr.data(), seg.count};
     const ConvGeometry geo = g.view();
     const scalar_t* bp = bias ? b.data_ptr<scalar_t>() : nullptr;
-    Tensor ys = k->panel > 0 ? at::empty({args.chunks, c.pixels() * Co, k->panel}, x.options()) : y;
-    const CsrConvArgs<scalar_t> one_chunk = single_chunk(args, k);
-    const int64_t x_chunk = args.in_rows * std::max<int64_t>(k->panel, 1);
-    const int64_t y_chunk = c.pixels() * Co * std::max<int64_t>(k->panel, 1);
+    const int64_t lanes = std::max<int64_t>(k->panel, 1);
     parallel_chunks_by_cost(args.row_ptr, Co, 4, args.chunks, [&](int64_t ch, int64_t r0, int64_t r1) {
-      k->csr_conv_forward(one_chunk, geo, xs.data_ptr<scalar_t>() + ch * x_chunk, bp,
-                          ys.data_ptr<scalar_t>() + ch * y_chunk, r0, r1);
+      k->csr_conv_forward(chunk_args(args, k, ch), geo,
+                          xs.data_ptr<scalar_t>() + ch * in_rows * lanes, bp,
+                          y.data_ptr<scalar_t>() + ch * lanes * c.pixels() * Co, r0, r1);
     });
-    if (k->panel > 0) unpack_into(k, ys, c.N, y);
   });
   return y;
 }
@@ -515,39 +521,40 @@ Tensor csr_conv2d_grad_input(const Tensor& grad_out, const Tensor& values, const
   check_index(perm, op, "perm", nnz);
   check_range(perm, op, "perm", nnz);
   const Tensor t_vals = values.index_select(0, perm);
-  const Tensor dy = rows_nhwc(grad_out, Co).view({c.N, c.pixels() * Co});
   const GeometryArrays g = geometry(c, panel_pixel_stride(c.C), 1);
   // Cost of an input channel: its stored weights over all taps (col_ptr every taps columns).
   std::vector<int32_t> channel_ptr(c.C + 1);
   const int32_t* cp = col_ptr.data_ptr<int32_t>();
   for (int64_t ch = 0; ch <= c.C; ++ch) channel_ptr[ch] = cp[ch * taps];
   const int64_t in_rows = c.Hp() * c.Wp() * panel_pixel_stride(c.C);
-  Tensor dx_padded;
+  Tensor dx = channels_last_empty(grad_out, c.N, c.C, c.H, c.W);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), op, [&] {
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
     const int64_t chunks = chunks_of(k, c.N), lanes = std::max<int64_t>(k->panel, 1);
-    const Tensor dys = panels_of(k, dy);
+    const Tensor dys = csr_operand(k, grad_out, 0, 0, Co);
     Tensor dxs = at::zeros({chunks, in_rows, lanes}, grad_out.options());
     const CsrConvArgs<scalar_t> args{chunks,  c.N,     in_rows, Co, col_ptr.data_ptr<int32_t>(),
                                      nullptr, t_vals.data_ptr<scalar_t>(), nullptr, 0};
     const ConvGeometry geo = g.view();
-    const CsrConvArgs<scalar_t> one_chunk = single_chunk(args, k);
     const int64_t dy_chunk = c.pixels() * Co * lanes, dx_chunk = in_rows * lanes;
     if (c.N > 0)
       parallel_chunks_by_cost(channel_ptr.data(), c.C, 4, chunks,
                               [&](int64_t ch, int64_t c0, int64_t c1) {
-        k->csr_conv_grad_input(one_chunk, geo, row_idx.data_ptr<int32_t>(),
+        k->csr_conv_grad_input(chunk_args(args, k, ch), geo, row_idx.data_ptr<int32_t>(),
                                dys.data_ptr<scalar_t>() + ch * dy_chunk,
                                dxs.data_ptr<scalar_t>() + ch * dx_chunk, c0, c1);
       });
     if (k->panel > 0) {
-      dx_padded = at::empty({c.N, in_rows}, grad_out.options());
-      unpack_into(k, dxs, c.N, dx_padded);
+      const ImagePanels p{c.N, c.C, c.H, c.W, dx.stride(0), dx.stride(1), dx.stride(2),
+                          dx.stride(3), c.padding[0], c.padding[1], panel_pixel_stride(c.C)};
+      at::parallel_for(0, chunks * c.H, 1, [&](int64_t u0, int64_t u1) {
+        k->from_image_panels(dxs.data_ptr<scalar_t>(), p, dx.data_ptr<scalar_t>(), u0, u1);
+      });
     } else {
-      dx_padded = dxs.view({c.N, in_rows});
+      dx.copy_(crop_nhwc(dxs.view({c.N, c.Hp(), c.Wp(), panel_pixel_stride(c.C)}), c, c.C));
     }
   });
-  return crop_nhwc(dx_padded.view({c.N, c.Hp(), c.Wp(), panel_pixel_stride(c.C)}), c, c.C);
+  return dx;
 }
 
 Tensor csr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x, const Tensor& row_ptr,
@@ -568,8 +575,6 @@ Tensor csr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x, const Ten
   check_grad_out(grad_out, c, Co, op);
   check_compressed(op, "row_ptr", row_ptr, "col_idx", col_idx, Co, c.C * c.taps(), nnz);
   const int64_t in_rows = c.Hp() * c.Wp() * panel_pixel_stride(c.C);
-  const Tensor xp = padded_nhwc(x, c, panel_pixel_stride(c.C)).reshape({c.N, in_rows});
-  const Tensor dy = rows_nhwc(grad_out, Co).view({c.N, c.pixels() * Co});
   const GeometryArrays g = geometry(c, panel_pixel_stride(c.C), 1);
   const std::vector<int64_t> col_off = column_offsets(col_idx, g);
   const Segments seg = column_segments(row_ptr, col_idx, Co, c.C * c.taps());
@@ -577,19 +582,19 @@ Tensor csr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x, const Ten
   Tensor dw_chunks;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
-    const Tensor xs = panels_of(k, xp), dys = panels_of(k, dy);
-    const CsrConvArgs<scalar_t> args{chunks_of(k, c.N), c.N, xp.size(1), Co,
+    const Tensor xs = csr_operand(k, x, c.padding[0], c.padding[1], panel_pixel_stride(c.C));
+    const Tensor dys = csr_operand(k, grad_out, 0, 0, Co);
+    const CsrConvArgs<scalar_t> args{chunks_of(k, c.N), c.N, in_rows, Co,
                                      row_ptr.data_ptr<int32_t>(), col_off.data(), nullptr,
                                      seg.ptr.data(), seg.count};
     const ConvGeometry geo = g.view();
     // One dW per chunk (each thread sums its own images), added up once at the end: nnz floats
     // per chunk, small next to the images.
-    const CsrConvArgs<scalar_t> one_chunk = single_chunk(args, k);
     const int64_t lanes = std::max<int64_t>(k->panel, 1);
     const int64_t x_chunk = args.in_rows * lanes, dy_chunk = c.pixels() * Co * lanes;
     dw_chunks = at::empty({args.chunks, nnz}, x.options());
     parallel_chunks_by_cost(args.row_ptr, Co, 4, args.chunks, [&](int64_t ch, int64_t r0, int64_t r1) {
-      k->csr_conv_grad_weight(one_chunk, geo, dys.data_ptr<scalar_t>() + ch * dy_chunk,
+      k->csr_conv_grad_weight(chunk_args(args, k, ch), geo, dys.data_ptr<scalar_t>() + ch * dy_chunk,
                               xs.data_ptr<scalar_t>() + ch * x_chunk,
                               dw_chunks.data_ptr<scalar_t>() + ch * nnz, r0, r1);
     });

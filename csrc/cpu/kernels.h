@@ -123,9 +123,9 @@ struct CsrConvArgs {
   int64_t segments;
 };
 // y[n][m][r] = bias[r] + sum_j values[j] * x[n][pix_off[m] + col_off[j]] for sparse rows
-// [r0, r1); x in panels, y in panels too ([chunk][M*R][panel], which is NHWC when panel == 0):
-// written in the order it is computed, where NHWC would scatter each tile over `panel` images
-// a power-of-two stride apart (one cache set). unpack_panels makes it NHWC afterwards.
+// [r0, r1) and the a.images images of the chunk; x in panels, y NHWC ([images][M][R]): the SIMD
+// kernels finish a tile of pixels x rows x images in L1 and transpose it into y there, so no
+// second pass over the output is needed.
 template <class T>
 using csr_conv_forward_fn = void (*)(const CsrConvArgs<T>&, const ConvGeometry&, const T* x,
                                      const T* bias, T* y, int64_t r0, int64_t r1);
@@ -143,11 +143,31 @@ template <class T>
 using csr_conv_grad_weight_fn = void (*)(const CsrConvArgs<T>&, const ConvGeometry&,
                                          const T* dy, const T* x, T* dw, int64_t r0, int64_t r1);
 
-// The inverse of pack_panels: dst[(c*P + i) * ld + k] = src[c][k][i] for chunks [c0, c1) and
-// rows c*P + i < M.
+// Images [N][C][H][W], addressed through element strides (s_w == 1 or s_c == 1: NCHW or
+// channels_last), as the CSR conv kernels' panels: each padded image is NHWC with pixel_stride
+// floats per pixel, `panel` images per chunk:
+// panels[chunk][((h + pad_h) * (W + 2 pad_w) + w + pad_w) * pixel_stride + c][lane].
+struct ImagePanels {
+  int64_t N, C, H, W;
+  int64_t s_n, s_c, s_h, s_w;
+  int64_t pad_h, pad_w;
+  int64_t pixel_stride;  // >= C; channels past C are never read by the kernels
+  int64_t Hp() const { return H + 2 * pad_h; }
+  int64_t Wp() const { return W + 2 * pad_w; }
+  // to_image_panels' units of work per chunk: a channel of NCHW images, a row of channels_last.
+  int64_t units_per_chunk() const { return s_w == 1 ? C : H; }
+};
+// Packs the units [u0, u1) (u = chunk * units_per_chunk() + unit) in one pass from the images
+// as they are: border pixels and lanes past N are written as zeros, channels past C not at all.
+// One pass replaces a padded NHWC copy followed by a transpose into panels.
 template <class T>
-using unpack_panels_fn = void (*)(const T* src, int64_t M, int64_t C, T* dst, int64_t ld,
-                                  int64_t c0, int64_t c1);
+using to_image_panels_fn = void (*)(const T* src, const ImagePanels& p, T* panels, int64_t u0,
+                                    int64_t u1);
+// The inverse for the interior pixels (the border of the panels is dropped) into channels_last
+// images (s_c == 1), unit u = chunk * H + image row.
+template <class T>
+using from_image_panels_fn = void (*)(const T* panels, const ImagePanels& p, T* dst, int64_t u0,
+                                      int64_t u1);
 
 // One NCHW image [C][H][W] into the interior of a padded NHWC one: dst[(h*Wp + w) * stride + c]
 // (dst already offset to the first interior pixel; Wp = row length of the padded image).
@@ -165,7 +185,8 @@ struct KernelTable {
   csr_spmm_fn<T> csr_spmm;
   csr_sddmm_fn<T> csr_sddmm;
   pack_panels_fn<T> pack_panels;  // null when panel == 0
-  unpack_panels_fn<T> unpack_panels;  // null when panel == 0
+  to_image_panels_fn<T> to_image_panels;      // null when panel == 0
+  from_image_panels_fn<T> from_image_panels;  // null when panel == 0
   nchw_to_nhwc_fn<T> nchw_to_nhwc;    // null: torch's copy does it
   bsr_conv_forward_fn<T> bsr_conv_forward;
   bsr_conv_grad_input_fn<T> bsr_conv_grad_input;

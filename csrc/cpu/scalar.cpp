@@ -178,6 +178,7 @@ const KernelTable<T>* scalar_kernels() {
                                         nullptr,
                                         nullptr,
                                         nullptr,
+                                        nullptr,
                                         &bsr_conv_forward<T>,
                                         &bsr_conv_grad_input<T>,
                                         &bsr_conv_grad_weight<T>,

@@ -646,18 +646,98 @@ void pack_panels(const float* src, int64_t M, int64_t C, int64_t ld, float* dst,
   }
 }
 
+// Zeroes lanes [lanes, P) of `rows` panel rows (the images past N of the last chunk).
 template <class V>
-void unpack_panels(const float* src, int64_t M, int64_t C, float* dst, int64_t ld, int64_t c0,
-                   int64_t c1) {
+SK_INLINE void zero_lanes(float* rows_begin, int64_t rows, int64_t lanes) {
   constexpr int P = panel_width<V>();
-  for (int64_t c = c0; c < c1; ++c) {
-    const float* panel = src + c * C * P;
-    for (int64_t i = 0; i < P && c * P + i < M; i += 8) {
-      const int64_t rows = min64(8, M - c * P - i);
-      for (int64_t k = 0; k < C; k += 8)
-        transpose_block(panel + k * P + i, P, min64(8, C - k), rows, dst + (c * P + i) * ld + k,
-                        ld);
+  if (lanes >= P) return;
+  for (int64_t r = 0; r < rows; ++r)
+    __builtin_memset(rows_begin + r * P + lanes, 0, (P - lanes) * sizeof(float));
+}
+
+// Images -> CSR conv panels (kernels.h, ImagePanels), by 8x8 register transposes of eight images
+// by eight pixels of a row (NCHW: one channel per unit, so each image's plane is read front to
+// back and its pages stay in the TLB; a row per unit would touch every plane of the chunk, a
+// page each) or by eight channels of a pixel (channels_last: one image row per unit).
+template <class V>
+void to_image_panels(const float* src, const sparsekern::cpu::ImagePanels& p, float* panels,
+                     int64_t u0, int64_t u1) {
+  constexpr int P = panel_width<V>();
+  const int64_t Hp = p.Hp(), Wp = p.Wp(), pixel = p.pixel_stride * P, chunk = Hp * Wp * pixel;
+  const int64_t per_chunk = p.units_per_chunk();
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t c = u / per_chunk, n0 = c * P, lanes = min64(P, p.N - n0);
+    float* out = panels + c * chunk;
+    const float* images = src + n0 * p.s_n;
+    if (p.s_w == 1) {
+      const int64_t ch = u % per_chunk;
+      const auto zero_pixels = [&](int64_t hp, int64_t wp0, int64_t wp1) {
+        for (int64_t wp = wp0; wp < wp1; ++wp)
+          __builtin_memset(out + (hp * Wp + wp) * pixel + ch * P, 0, P * sizeof(float));
+      };
+      for (int64_t hp = 0; hp < Hp; ++hp) {
+        if (hp < p.pad_h || hp >= p.pad_h + p.H) {
+          zero_pixels(hp, 0, Wp);
+          continue;
+        }
+        zero_pixels(hp, 0, p.pad_w);
+        zero_pixels(hp, p.pad_w + p.W, Wp);
+        float* interior = out + (hp * Wp + p.pad_w) * pixel + ch * P;
+        const float* rows = images + ch * p.s_c + (hp - p.pad_h) * p.s_h;
+        for (int64_t w = 0; w < p.W && lanes < P; ++w) zero_lanes<V>(interior + w * pixel, 1, lanes);
+        // The same row of the next channel, into L2 for the next unit: 32 planes 256 KB apart
+        // (one L1 set) read 32 bytes at a time are too many streams for the hardware prefetcher.
+        if (ch + 1 < p.C)
+          for (int64_t i = 0; i < lanes; ++i)
+            for (int64_t w = 0; w < p.W; w += 16)
+              _mm_prefetch(reinterpret_cast<const char*>(rows + p.s_c + i * p.s_n + w), _MM_HINT_T1);
+        for (int64_t w = 0; w < p.W; w += 8)
+          for (int64_t i = 0; i < lanes; i += 8)
+            transpose_block(rows + i * p.s_n + w, p.s_n, min64(8, lanes - i), min64(8, p.W - w),
+                            interior + w * pixel + i, pixel);
+      }
+    } else {
+      const int64_t h = u % per_chunk;
+      float* row = out + (h + p.pad_h) * Wp * pixel;  // padded row h + pad_h
+      if (h == 0) __builtin_memset(out, 0, p.pad_h * Wp * pixel * sizeof(float));
+      if (h == p.H - 1)
+        __builtin_memset(row + Wp * pixel, 0, p.pad_h * Wp * pixel * sizeof(float));
+      __builtin_memset(row, 0, p.pad_w * pixel * sizeof(float));
+      __builtin_memset(row + (p.pad_w + p.W) * pixel, 0, p.pad_w * pixel * sizeof(float));
+      float* interior = row + p.pad_w * pixel;
+      // The next image row, into L2 for the next unit (see above).
+      if (h + 1 < p.H)
+        for (int64_t i = 0; i < lanes; ++i)
+          for (int64_t e = 0; e < p.W * p.s_w; e += 16)
+            _mm_prefetch(reinterpret_cast<const char*>(images + i * p.s_n + (h + 1) * p.s_h + e),
+                         _MM_HINT_T1);
+      for (int64_t w = 0; w < p.W; ++w) {
+        zero_lanes<V>(interior + w * pixel, p.C, lanes);
+        for (int64_t ch = 0; ch < p.C; ch += 8)
+          for (int64_t i = 0; i < lanes; i += 8)
+            transpose_block(images + i * p.s_n + h * p.s_h + w * p.s_w + ch, p.s_n,
+                            min64(8, lanes - i), min64(8, p.C - ch),
+                            interior + w * pixel + ch * P + i, P);
+      }
     }
+  }
+}
+
+// CSR conv panels -> the interior of channels_last images (kernels.h, ImagePanels).
+template <class V>
+void from_image_panels(const float* panels, const sparsekern::cpu::ImagePanels& p, float* dst,
+                       int64_t u0, int64_t u1) {
+  constexpr int P = panel_width<V>();
+  const int64_t Wp = p.Wp(), pixel = p.pixel_stride * P, chunk = p.Hp() * Wp * pixel;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t c = u / p.H, h = u % p.H, n0 = c * P, lanes = min64(P, p.N - n0);
+    const float* interior = panels + c * chunk + ((h + p.pad_h) * Wp + p.pad_w) * pixel;
+    float* images = dst + n0 * p.s_n + h * p.s_h;
+    for (int64_t w = 0; w < p.W; ++w)
+      for (int64_t ch = 0; ch < p.C; ch += 8)
+        for (int64_t i = 0; i < lanes; i += 8)
+          transpose_block(interior + w * pixel + ch * P + i, P, min64(8, p.C - ch),
+                          min64(8, lanes - i), images + i * p.s_n + w * p.s_w + ch, p.s_n);
   }
 }
 
@@ -739,29 +819,29 @@ SK_INLINE void conv_pixels_accumulate(typename V::reg (&acc)[PX][4], const float
 // the weights and the tile's windows together stay in L2), three output pixels at a time, one
 // column segment at a time (kernels.h): a pixel's whole window (kh*kw*C_in panel rows, ~300 KB
 // at 256 channels) does not fit L1, one segment's share of three windows does, and every row
-// of the block reads it from there. Between segments the partial sums wait in y (RB rows x
-// three pixels: 24 KB on AVX2, so L1 or L2).
+// of the block reads it from there. Between segments the partial sums wait in `tile` (RB rows x
+// three pixels x the panel: 24 KB on AVX2), which the last segment leaves final; it is then
+// transposed into y's NHWC rows while still in L1.
 template <class V>
 void csr_conv_forward(const sparsekern::cpu::CsrConvArgs<float>& a,
                       const sparsekern::cpu::ConvGeometry& g, const float* x, const float* bias,
                       float* y, int64_t r0, int64_t r1) {
   constexpr int MB = panel_width<V>();
   constexpr int64_t RB = 64;
-  const int64_t R = a.out_channels, S = a.segments, ldseg = S + 1;
+  const int64_t R = a.out_channels, S = a.segments, ldseg = S + 1, ldy = g.M * R;
+  alignas(64) float tile[3][RB][MB];
   for (int64_t c = 0; c < a.chunks; ++c) {
     const float* panel = x + c * a.in_rows * MB;
+    const int64_t lanes = min64(MB, a.images - c * MB);
+    float* y_chunk = y + c * MB * ldy;
     for (int64_t rb = r0; rb < r1; rb += RB) {
       const int64_t re = min64(r1, rb + RB);
       balanced_tiles<3>(0, g.M, [&](int64_t m0, int64_t pixels) {
         with_rows<3>(pixels, [&](auto px) {
           constexpr int PX = decltype(px)::value;
           const float* window[PX];
-          float* out[PX];
 #pragma GCC unroll 16
-          for (int p = 0; p < PX; ++p) {
-            window[p] = panel + g.pix_off[m0 + p] * MB;
-            out[p] = y + (c * g.M + m0 + p) * R * MB;
-          }
+          for (int p = 0; p < PX; ++p) window[p] = panel + g.pix_off[m0 + p] * MB;
           for (int64_t b = 0; b < S; ++b)
             for (int64_t r = rb; r < re; ++r) {
               const int32_t* seg = a.seg_ptr + r * ldseg + b;
@@ -770,14 +850,19 @@ void csr_conv_forward(const sparsekern::cpu::CsrConvArgs<float>& a,
               for (int p = 0; p < PX; ++p)
 #pragma GCC unroll 16
                 for (int i = 0; i < 4; ++i)
-                  acc[p][i] = b > 0 ? V::load(out[p] + r * MB + i * V::L)
+                  acc[p][i] = b > 0 ? V::load(tile[p][r - rb] + i * V::L)
                                     : bias ? V::bcast(bias + r) : V::zero();
               conv_pixels_accumulate<V, PX>(acc, a.values, a.col_off, window, seg[0], seg[1]);
 #pragma GCC unroll 16
               for (int p = 0; p < PX; ++p)
 #pragma GCC unroll 16
-                for (int i = 0; i < 4; ++i) V::store(out[p] + r * MB + i * V::L, acc[p][i]);
+                for (int i = 0; i < 4; ++i) V::store(tile[p][r - rb] + i * V::L, acc[p][i]);
             }
+          for (int p = 0; p < PX; ++p)
+            for (int64_t i = 0; i < lanes; i += 8)
+              for (int64_t r = rb; r < re; r += 8)
+                transpose_block(tile[p][r - rb] + i, MB, min64(8, re - r), min64(8, lanes - i),
+                                y_chunk + i * ldy + (m0 + p) * R + r, ldy);
         });
       });
     }
@@ -899,7 +984,8 @@ constexpr sparsekern::cpu::KernelTable<float> make_table(const char* name) {
           &csr_spmm<Vw>,
           &csr_sddmm<Vw>,
           &pack_panels<Vw>,
-          &unpack_panels<Vw>,
+          &to_image_panels<Vw>,
+          &from_image_panels<Vw>,
           &nchw_to_nhwc<Vw>,
           &bsr_conv_forward<Vw>,
           &bsr_conv_grad_input<Vw>,
