@@ -8,7 +8,10 @@
 // memory format) converts layout at most once, at the first layer.
 #include <torch/library.h>
 
+#include <sys/mman.h>
+
 #include <array>
+#include <cstdlib>
 
 #include "common.h"
 
@@ -369,13 +372,42 @@ Tensor bsr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x,
 
 // ---- CSR -----------------------------------------------------------------------------------
 
+// The CSR conv panels are tens of MB (a 64-channel 32x32 batch of 64: 19 MB), written a channel
+// at a time, 8 KB apart: on 4 KB pages every store of a transpose lands on another page and the
+// TLB misses dominate packing; a fresh buffer that size is also a fresh mmap whose every page
+// faults in, zeroed by the kernel, on first touch (a fifth of a training step). So each thread
+// keeps its panels between calls in 2 MB-aligned buffers advised as huge pages, one per slot
+// (a call uses distinct slots), grown to the largest asked of it: the memory stays with the
+// thread, like a oneDNN scratchpad. Never returned to the caller.
+enum PanelSlot { kOperandSlot, kSecondSlot, kSlots };
+
+Tensor huge_page_buffer(int64_t numel, const at::TensorOptions& options) {
+  constexpr size_t kHugePage = size_t(2) << 20;
+  const size_t bytes = (size_t(numel) * options.dtype().itemsize() + kHugePage - 1) /
+                       kHugePage * kHugePage;
+  void* data = nullptr;
+  TORCH_CHECK(posix_memalign(&data, kHugePage, bytes) == 0,
+              "sparsekern: out of memory for ", bytes, " bytes of conv panels");
+  madvise(data, bytes, MADV_HUGEPAGE);  // a hint: without transparent huge pages, 4 KB pages
+  return at::from_blob(data, {numel}, [](void* p) { free(p); }, options);
+}
+
+Tensor panel_scratch(PanelSlot slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  thread_local std::array<Tensor, kSlots> buffers;
+  Tensor& buffer = buffers[slot];
+  const int64_t numel = c10::multiply_integers(sizes);
+  if (!buffer.defined() || buffer.numel() < numel || buffer.dtype() != options.dtype())
+    buffer = huge_page_buffer(numel, options);
+  return buffer.narrow(0, 0, numel).view(sizes);
+}
+
 // An [N, C, H, W] activation as a CSR conv operand, zero-padded by (pad_h, pad_w) with
 // pixel_stride floats per pixel: batch panels [chunks][Hp*Wp*pixel_stride][panel] packed in one
 // pass from the tensor as it is (NCHW or channels_last), or, for kernels with panel == 0, the
 // padded NHWC rows [N][Hp*Wp*pixel_stride].
 template <class T>
 Tensor csr_operand(const KernelTable<T>* k, const Tensor& t, int64_t pad_h, int64_t pad_w,
-                   int64_t pixel_stride) {
+                   int64_t pixel_stride, PanelSlot slot) {
   const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
   if (k->panel == 0)
     return at::constant_pad_nd(t.permute({0, 2, 3, 1}),
@@ -386,7 +418,8 @@ Tensor csr_operand(const KernelTable<T>* k, const Tensor& t, int64_t pad_h, int6
   const ImagePanels p{N, C, H, W, src.stride(0), src.stride(1), src.stride(2), src.stride(3),
                       pad_h, pad_w, pixel_stride};
   const int64_t chunks = ceil_div(N, k->panel);
-  Tensor panels = at::empty({chunks, p.Hp() * p.Wp() * pixel_stride, k->panel}, t.options());
+  Tensor panels =
+      panel_scratch(slot, {chunks, p.Hp() * p.Wp() * pixel_stride, k->panel}, t.options());
   at::parallel_for(0, chunks * p.units_per_chunk(), 1, [&](int64_t u0, int64_t u1) {
     k->to_image_panels(src.data_ptr<T>(), p, panels.data_ptr<T>(), u0, u1);
   });
@@ -425,15 +458,12 @@ struct Segments {
   int64_t count;
 };
 
-Segments column_segments(const Tensor& row_ptr, const Tensor& col_idx, int64_t rows,
-                         int64_t cols) {
-  const int64_t nnz = col_idx.numel();
+Segments column_segments(const int32_t* rp, const int32_t* ci, int64_t rows, int64_t cols) {
+  const int64_t nnz = rp[rows];
   const double density = rows * cols > 0 ? double(nnz) / double(rows * cols) : 1.0;
   const int64_t width = std::clamp<int64_t>(int64_t(8.0 / std::max(density, 1e-9)), 64, 256);
   Segments s{{}, std::max<int64_t>(ceil_div(cols, width), 1)};
   s.ptr.resize(rows * (s.count + 1));
-  const int32_t* rp = row_ptr.data_ptr<int32_t>();
-  const int32_t* ci = col_idx.data_ptr<int32_t>();
   for (int64_t r = 0; r < rows; ++r) {
     int32_t j = rp[r];
     for (int64_t b = 0; b <= s.count; ++b) {
@@ -475,14 +505,16 @@ Tensor csr_conv2d(const Tensor& x, const Tensor& values, const Tensor& row_ptr,
   const int64_t in_rows = c.Hp() * c.Wp() * panel_pixel_stride(c.C);
   const GeometryArrays g = geometry(c, panel_pixel_stride(c.C), 1);
   const std::vector<int64_t> col_off = column_offsets(col_idx, g);
-  const Segments seg = column_segments(row_ptr, col_idx, Co, c.C * c.taps());
+  const Segments seg = column_segments(row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), Co,
+                                       c.C * c.taps());
   const Tensor vals = values.contiguous();
   const Tensor b = bias ? bias->contiguous() : Tensor();
   Tensor y = channels_last_empty(x, c.N, Co, c.OH, c.OW);
   if (c.N == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
-    const Tensor xs = csr_operand(k, x, c.padding[0], c.padding[1], panel_pixel_stride(c.C));
+    const Tensor xs = csr_operand(k, x, c.padding[0], c.padding[1], panel_pixel_stride(c.C),
+                                  kOperandSlot);
     const CsrConvArgs<scalar_t> args{chunks_of(k, c.N), c.N, in_rows, Co,
                                      row_ptr.data_ptr<int32_t>(), col_off.data(),
                                      vals.data_ptr<scalar_t>(), seg.ptr.data(), seg.count};
@@ -496,6 +528,55 @@ Tensor csr_conv2d(const Tensor& x, const Tensor& values, const Tensor& row_ptr,
     });
   });
   return y;
+}
+
+// dX of a stride-1 conv is a stride-1 conv too: of grad_out zero-padded by dilation * (k - 1) -
+// padding, with the kernel flipped and transposed (rows = input channels). The transposed index
+// already lists each input channel's entries by tap, then output channel, so the forward kernel
+// runs on it as it is. Its gather writes every dx element once, where the scatter (kept for
+// strided convs) adds into a zeroed padded copy that is then cropped: two passes over dx fewer.
+Tensor csr_grad_input_as_conv(const Tensor& grad_out, const Conv& c,
+                              const std::vector<int32_t>& channel_ptr, const Tensor& col_ptr,
+                              const Tensor& row_idx, const Tensor& t_vals) {
+  constexpr const char* op = "sparsekern.csr_conv2d_grad_input";
+  const int64_t Co = grad_out.size(1), taps = c.taps();
+  const int64_t pad_h = c.dilation[0] * (c.kh - 1) - c.padding[0];
+  const int64_t pad_w = c.dilation[1] * (c.kw - 1) - c.padding[1];
+  const Conv t = make_conv(op, c.N, Co, c.OH, c.OW, c.kh, c.kw, {1, 1}, {pad_h, pad_w},
+                           c.dilation);
+  TORCH_INTERNAL_ASSERT(t.OH == c.H && t.OW == c.W);
+  const int64_t ps = panel_pixel_stride(Co), in_rows = t.Hp() * t.Wp() * ps;
+  const GeometryArrays g = geometry(t, ps, 1);
+  const int64_t nnz = t_vals.numel();
+  std::vector<int64_t> col_off(nnz);
+  std::vector<int32_t> column(nnz);  // tap * Co + r: ascending within a channel, for segments
+  const int32_t* cp = col_ptr.data_ptr<int32_t>();
+  const int32_t* rows = row_idx.data_ptr<int32_t>();
+  for (int64_t ch = 0; ch < c.C; ++ch)
+    for (int64_t tap = 0; tap < taps; ++tap)
+      for (int64_t q = cp[ch * taps + tap]; q < cp[ch * taps + tap + 1]; ++q) {
+        col_off[q] = g.tap_off[taps - 1 - tap] + rows[q];
+        column[q] = int32_t(tap * Co + rows[q]);
+      }
+  const Segments seg = column_segments(channel_ptr.data(), column.data(), c.C, taps * Co);
+  Tensor dx = channels_last_empty(grad_out, c.N, c.C, c.H, c.W);
+  if (c.N == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), op, [&] {
+    const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
+    const Tensor dys = csr_operand(k, grad_out, pad_h, pad_w, ps, kOperandSlot);
+    const CsrConvArgs<scalar_t> args{chunks_of(k, c.N), c.N, in_rows, c.C, channel_ptr.data(),
+                                     col_off.data(), t_vals.data_ptr<scalar_t>(),
+                                     seg.ptr.data(), seg.count};
+    const ConvGeometry geo = g.view();
+    const int64_t lanes = std::max<int64_t>(k->panel, 1);
+    parallel_chunks_by_cost(channel_ptr.data(), c.C, 4, args.chunks,
+                            [&](int64_t ch, int64_t r0, int64_t r1) {
+      k->csr_conv_forward(chunk_args(args, k, ch), geo,
+                          dys.data_ptr<scalar_t>() + ch * in_rows * lanes, nullptr,
+                          dx.data_ptr<scalar_t>() + ch * lanes * c.H * c.W * c.C, r0, r1);
+    });
+  });
+  return dx;
 }
 
 Tensor csr_conv2d_grad_input(const Tensor& grad_out, const Tensor& values, const Tensor& col_ptr,
@@ -521,18 +602,22 @@ Tensor csr_conv2d_grad_input(const Tensor& grad_out, const Tensor& values, const
   check_index(perm, op, "perm", nnz);
   check_range(perm, op, "perm", nnz);
   const Tensor t_vals = values.index_select(0, perm);
-  const GeometryArrays g = geometry(c, panel_pixel_stride(c.C), 1);
-  // Cost of an input channel: its stored weights over all taps (col_ptr every taps columns).
+  // An input channel's stored weights over all taps (col_ptr every taps columns): its cost, and
+  // the row pointer of the transposed conv below.
   std::vector<int32_t> channel_ptr(c.C + 1);
   const int32_t* cp = col_ptr.data_ptr<int32_t>();
   for (int64_t ch = 0; ch <= c.C; ++ch) channel_ptr[ch] = cp[ch * taps];
+  if (c.stride[0] == 1 && c.stride[1] == 1 && c.dilation[0] * (c.kh - 1) >= c.padding[0] &&
+      c.dilation[1] * (c.kw - 1) >= c.padding[1])
+    return csr_grad_input_as_conv(grad_out, c, channel_ptr, col_ptr, row_idx, t_vals);
+  const GeometryArrays g = geometry(c, panel_pixel_stride(c.C), 1);
   const int64_t in_rows = c.Hp() * c.Wp() * panel_pixel_stride(c.C);
   Tensor dx = channels_last_empty(grad_out, c.N, c.C, c.H, c.W);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), op, [&] {
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
     const int64_t chunks = chunks_of(k, c.N), lanes = std::max<int64_t>(k->panel, 1);
-    const Tensor dys = csr_operand(k, grad_out, 0, 0, Co);
-    Tensor dxs = at::zeros({chunks, in_rows, lanes}, grad_out.options());
+    const Tensor dys = csr_operand(k, grad_out, 0, 0, Co, kOperandSlot);
+    Tensor dxs = panel_scratch(kSecondSlot, {chunks, in_rows, lanes}, grad_out.options()).zero_();
     const CsrConvArgs<scalar_t> args{chunks,  c.N,     in_rows, Co, col_ptr.data_ptr<int32_t>(),
                                      nullptr, t_vals.data_ptr<scalar_t>(), nullptr, 0};
     const ConvGeometry geo = g.view();
@@ -577,13 +662,15 @@ Tensor csr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x, const Ten
   const int64_t in_rows = c.Hp() * c.Wp() * panel_pixel_stride(c.C);
   const GeometryArrays g = geometry(c, panel_pixel_stride(c.C), 1);
   const std::vector<int64_t> col_off = column_offsets(col_idx, g);
-  const Segments seg = column_segments(row_ptr, col_idx, Co, c.C * c.taps());
+  const Segments seg = column_segments(row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), Co,
+                                       c.C * c.taps());
   if (c.N == 0) return at::zeros({nnz}, x.options());
   Tensor dw_chunks;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
-    const Tensor xs = csr_operand(k, x, c.padding[0], c.padding[1], panel_pixel_stride(c.C));
-    const Tensor dys = csr_operand(k, grad_out, 0, 0, Co);
+    const Tensor xs = csr_operand(k, x, c.padding[0], c.padding[1], panel_pixel_stride(c.C),
+                                  kOperandSlot);
+    const Tensor dys = csr_operand(k, grad_out, 0, 0, Co, kSecondSlot);
     const CsrConvArgs<scalar_t> args{chunks_of(k, c.N), c.N, in_rows, Co,
                                      row_ptr.data_ptr<int32_t>(), col_off.data(), nullptr,
                                      seg.ptr.data(), seg.count};

@@ -691,8 +691,10 @@ void to_image_panels(const float* src, const sparsekern::cpu::ImagePanels& p, fl
           for (int64_t i = 0; i < lanes; ++i)
             for (int64_t w = 0; w < p.W; w += 16)
               _mm_prefetch(reinterpret_cast<const char*>(rows + p.s_c + i * p.s_n + w), _MM_HINT_T1);
-        for (int64_t w = 0; w < p.W; w += 8)
-          for (int64_t i = 0; i < lanes; i += 8)
+        // Eight images' rows at a time: the planes are 4 KB multiples apart, so one row of all
+        // of the chunk's images falls into one L1 set and would be evicted between w blocks.
+        for (int64_t i = 0; i < lanes; i += 8)
+          for (int64_t w = 0; w < p.W; w += 8)
             transpose_block(rows + i * p.s_n + w, p.s_n, min64(8, lanes - i), min64(8, p.W - w),
                             interior + w * pixel + i, pixel);
       }
