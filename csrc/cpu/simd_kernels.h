@@ -952,24 +952,40 @@ void csr_conv_grad_weight(const sparsekern::cpu::CsrConvArgs<float>& a,
       const float* dy_chunk = dy + c * M * R * MB;
       const float* panel = x + c * a.in_rows * MB;
       for (int64_t b = 0; b < S; ++b)
-        for (int64_t m = 0; m < M; ++m) {
-          const float* window = panel + g.pix_off[m] * MB;
-          const float* dy_pixel = dy_chunk + m * R * MB;
-          for (int64_t r = rb; r < re; ++r) {
-            const int32_t* seg = a.seg_ptr + r * ldseg + b;
-            if (seg[0] == seg[1]) continue;
-            typename V::reg d[4];
-#pragma GCC unroll 16
-            for (int i = 0; i < 4; ++i) d[i] = V::load(dy_pixel + r * MB + i * V::L);
-            for (int64_t j = seg[0]; j < seg[1]; ++j) {
-              const float* p = window + col_off[j] * MB;
-              typename V::reg acc = V::load(partial + j * V::L);
-#pragma GCC unroll 4
-              for (int i = 0; i < 4; ++i) acc = V::fma(d[i], V::load(p + i * V::L), acc);
-              V::store(partial + j * V::L, acc);
+        balanced_tiles<2>(0, M, [&](int64_t m0, int64_t pixels) {
+          with_rows<2>(pixels, [&](auto px) {
+            // Two pixels per pass: each stored weight's partial sum is loaded and stored once
+            // for both, and the pixels' products form two chains instead of one.
+            constexpr int PX = decltype(px)::value;
+            const float* window[PX];
+            const float* dy_pixel[PX];
+#pragma GCC unroll 2
+            for (int q = 0; q < PX; ++q) {
+              window[q] = panel + g.pix_off[m0 + q] * MB;
+              dy_pixel[q] = dy_chunk + (m0 + q) * R * MB;
             }
-          }
-        }
+            for (int64_t r = rb; r < re; ++r) {
+              const int32_t* seg = a.seg_ptr + r * ldseg + b;
+              if (seg[0] == seg[1]) continue;
+              typename V::reg d[PX][4];
+#pragma GCC unroll 2
+              for (int q = 0; q < PX; ++q)
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; ++i) d[q][i] = V::load(dy_pixel[q] + r * MB + i * V::L);
+              for (int64_t j = seg[0]; j < seg[1]; ++j) {
+                typename V::reg acc[PX];
+#pragma GCC unroll 2
+                for (int q = 0; q < PX; ++q) {
+                  const float* p = window[q] + col_off[j] * MB;
+                  acc[q] = q == 0 ? V::load(partial + j * V::L) : V::zero();
+#pragma GCC unroll 4
+                  for (int i = 0; i < 4; ++i) acc[q] = V::fma(d[q][i], V::load(p + i * V::L), acc[q]);
+                }
+                V::store(partial + j * V::L, PX == 2 ? V::add(acc[0], acc[PX - 1]) : acc[0]);
+              }
+            }
+          });
+        });
     }
     for (int64_t j = rp[rb]; j < rp[re]; ++j) dw[j] = hsum1<V>(V::load(partial + j * V::L));
   }
