@@ -91,14 +91,44 @@ GeometryArrays geometry(const Conv& c, int64_t channels, int64_t images) {
 // 128-byte runs of 6 pixels and need no such padding.
 int64_t panel_pixel_stride(int64_t channels) { return channels + 1; }
 
+// The operands the kernels read are copies of the activations, tens of MB (the CSR panels of a
+// 64-channel 32x32 batch of 64: 19 MB). The CSR panels are written a channel at a time, 8 KB apart: on 4 KB pages every store of a transpose lands on another page and the
+// TLB misses dominate packing; a fresh buffer that size is also a fresh mmap whose every page
+// faults in, zeroed by the kernel, on first touch (a fifth of a training step). So each thread
+// keeps its panels between calls in 2 MB-aligned buffers advised as huge pages, one per slot
+// (a call uses distinct slots), grown to the largest asked of it: the memory stays with the
+// thread, like a oneDNN scratchpad. Never returned to the caller.
+enum PanelSlot { kOperandSlot, kSecondSlot, kSlots };
+
+Tensor huge_page_buffer(int64_t numel, const at::TensorOptions& options) {
+  constexpr size_t kHugePage = size_t(2) << 20;
+  const size_t bytes = (size_t(numel) * options.dtype().itemsize() + kHugePage - 1) /
+                       kHugePage * kHugePage;
+  void* data = nullptr;
+  TORCH_CHECK(posix_memalign(&data, kHugePage, bytes) == 0,
+              "sparsekern: out of memory for ", bytes, " bytes of conv panels");
+  madvise(data, bytes, MADV_HUGEPAGE);  // a hint: without transparent huge pages, 4 KB pages
+  return at::from_blob(data, {numel}, [](void* p) { free(p); }, options);
+}
+
+Tensor panel_scratch(PanelSlot slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  thread_local std::array<Tensor, kSlots> buffers;
+  Tensor& buffer = buffers[slot];
+  const int64_t numel = c10::multiply_integers(sizes);
+  if (!buffer.defined() || buffer.numel() < numel || buffer.dtype() != options.dtype())
+    buffer = huge_page_buffer(numel, options);
+  return buffer.narrow(0, 0, numel).view(sizes);
+}
+
 // [N, C, H, W] (any memory format) -> zero-padded NHWC [N, Hp, Wp, channels] (channels >= C:
-// ragged channel blocks), in one pass; no copy when nothing needs to change.
+// ragged channel blocks), in one pass, into this thread's scratch (so for the kernels only); no
+// copy when nothing needs to change.
 Tensor padded_nhwc(const Tensor& x, const Conv& c, int64_t channels) {
   const Tensor nhwc = x.permute({0, 2, 3, 1});
   if (c.padding[0] == 0 && c.padding[1] == 0 && channels == x.size(1) && nhwc.is_contiguous())
     return nhwc;
   // Zero only what the copy does not write: the border rows/columns and the extra channels.
-  Tensor out = at::empty({c.N, c.Hp(), c.Wp(), channels}, x.options());
+  Tensor out = panel_scratch(kOperandSlot, {c.N, c.Hp(), c.Wp(), channels}, x.options());
   const int64_t ph = c.padding[0], pw = c.padding[1];
   if (ph > 0) {
     out.narrow(1, 0, ph).zero_();
@@ -371,35 +401,6 @@ Tensor bsr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x,
 }
 
 // ---- CSR -----------------------------------------------------------------------------------
-
-// The CSR conv panels are tens of MB (a 64-channel 32x32 batch of 64: 19 MB), written a channel
-// at a time, 8 KB apart: on 4 KB pages every store of a transpose lands on another page and the
-// TLB misses dominate packing; a fresh buffer that size is also a fresh mmap whose every page
-// faults in, zeroed by the kernel, on first touch (a fifth of a training step). So each thread
-// keeps its panels between calls in 2 MB-aligned buffers advised as huge pages, one per slot
-// (a call uses distinct slots), grown to the largest asked of it: the memory stays with the
-// thread, like a oneDNN scratchpad. Never returned to the caller.
-enum PanelSlot { kOperandSlot, kSecondSlot, kSlots };
-
-Tensor huge_page_buffer(int64_t numel, const at::TensorOptions& options) {
-  constexpr size_t kHugePage = size_t(2) << 20;
-  const size_t bytes = (size_t(numel) * options.dtype().itemsize() + kHugePage - 1) /
-                       kHugePage * kHugePage;
-  void* data = nullptr;
-  TORCH_CHECK(posix_memalign(&data, kHugePage, bytes) == 0,
-              "sparsekern: out of memory for ", bytes, " bytes of conv panels");
-  madvise(data, bytes, MADV_HUGEPAGE);  // a hint: without transparent huge pages, 4 KB pages
-  return at::from_blob(data, {numel}, [](void* p) { free(p); }, options);
-}
-
-Tensor panel_scratch(PanelSlot slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
-  thread_local std::array<Tensor, kSlots> buffers;
-  Tensor& buffer = buffers[slot];
-  const int64_t numel = c10::multiply_integers(sizes);
-  if (!buffer.defined() || buffer.numel() < numel || buffer.dtype() != options.dtype())
-    buffer = huge_page_buffer(numel, options);
-  return buffer.narrow(0, 0, numel).view(sizes);
-}
 
 // An [N, C, H, W] activation as a CSR conv operand, zero-padded by (pad_h, pad_w) with
 // pixel_stride floats per pixel: batch panels [chunks][Hp*Wp*pixel_stride][panel] packed in one
