@@ -329,7 +329,11 @@ Tensor bsr_conv2d_grad_input(const Tensor& grad_out, const Tensor& values,
   for (int64_t q = 0; q < nnzb; ++q)
     for (int64_t t = 0; t < taps; ++t) tap_perm[q * taps + t] = int32_t(perm[q] * taps + t);
   Tensor t_vals = at::empty({nnzb, kh, kw, bn, bk}, vals.options());
-  Tensor dx_padded = at::zeros({c.N, c.Hp(), c.Wp(), c.C}, grad_out.options());
+  // Scratch when crop_nhwc copies out of it (padding or ragged channel blocks), else dx itself.
+  const bool cropped = c.padding[0] > 0 || c.padding[1] > 0 || c.C != in.C;
+  Tensor dx_padded =
+      cropped ? panel_scratch(kSecondSlot, {c.N, c.Hp(), c.Wp(), c.C}, grad_out.options()).zero_()
+              : at::zeros({c.N, c.Hp(), c.Wp(), c.C}, grad_out.options());
   const GeometryArrays g = geometry(c, c.C, c.N);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), op, [&] {
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
