@@ -209,6 +209,23 @@ def test_conv_ops_accept_any_memory_format(fmt, dtype):
                         first[op] = out
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_conv_outputs_survive_later_calls(fmt, dtype):
+    """The ops copy activations into per-thread scratch buffers kept between calls: an output
+    never lives in one, so a later call (larger, smaller, other padding) leaves it unchanged."""
+    problems = [conv_problem(fmt, n, c, c + 8, hw, 3, 1, padding, 1, block=(8, 8), sparsity=0.5,
+                             dtype=dtype)
+                for n, c, hw, padding in [(5, 16, (6, 5), 1), (9, 24, (8, 8), 0),
+                                          (3, 8, (4, 4), 2), (5, 16, (6, 5), 1)]]
+    kept = []
+    for W, x, dy, bias, geometry in problems:
+        for op in conv_ops(fmt):
+            out = run_op(op, conv_op_args(op, W, x, dy, bias, geometry))
+            kept.append((op, out, out.clone()))
+    for op, out, saved in kept:
+        assert torch.equal(out, saved), f"{op}: a later call changed this output"
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_conv_thread_partitioning(fmt, threads, isa):
