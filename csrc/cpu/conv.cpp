@@ -8,10 +8,7 @@
 // memory format) converts layout at most once, at the first layer.
 #include <torch/library.h>
 
-#include <sys/mman.h>
-
 #include <array>
-#include <cstdlib>
 
 #include "common.h"
 
@@ -90,35 +87,6 @@ GeometryArrays geometry(const Conv& c, int64_t channels, int64_t images) {
 // the same L1 set (8 ways) and the windows the kernels read would thrash L1. The BSR kernels read
 // 128-byte runs of 6 pixels and need no such padding.
 int64_t panel_pixel_stride(int64_t channels) { return channels + 1; }
-
-// The operands the kernels read are copies of the activations, tens of MB (the CSR panels of a
-// 64-channel 32x32 batch of 64: 19 MB). The CSR panels are written a channel at a time, 8 KB apart: on 4 KB pages every store of a transpose lands on another page and the
-// TLB misses dominate packing; a fresh buffer that size is also a fresh mmap whose every page
-// faults in, zeroed by the kernel, on first touch (a fifth of a training step). So each thread
-// keeps its panels between calls in 2 MB-aligned buffers advised as huge pages, one per slot
-// (a call uses distinct slots), grown to the largest asked of it: the memory stays with the
-// thread, like a oneDNN scratchpad. Never returned to the caller.
-enum PanelSlot { kOperandSlot, kSecondSlot, kSlots };
-
-Tensor huge_page_buffer(int64_t numel, const at::TensorOptions& options) {
-  constexpr size_t kHugePage = size_t(2) << 20;
-  const size_t bytes = (size_t(numel) * options.dtype().itemsize() + kHugePage - 1) /
-                       kHugePage * kHugePage;
-  void* data = nullptr;
-  TORCH_CHECK(posix_memalign(&data, kHugePage, bytes) == 0,
-              "sparsekern: out of memory for ", bytes, " bytes of conv panels");
-  madvise(data, bytes, MADV_HUGEPAGE);  // a hint: without transparent huge pages, 4 KB pages
-  return at::from_blob(data, {numel}, [](void* p) { free(p); }, options);
-}
-
-Tensor panel_scratch(PanelSlot slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
-  thread_local std::array<Tensor, kSlots> buffers;
-  Tensor& buffer = buffers[slot];
-  const int64_t numel = c10::multiply_integers(sizes);
-  if (!buffer.defined() || buffer.numel() < numel || buffer.dtype() != options.dtype())
-    buffer = huge_page_buffer(numel, options);
-  return buffer.narrow(0, 0, numel).view(sizes);
-}
 
 // [N, C, H, W] (any memory format) -> zero-padded NHWC [N, Hp, Wp, channels] (channels >= C:
 // ragged channel blocks), in one pass, into this thread's scratch (so for the kernels only); no
