@@ -35,26 +35,37 @@ def find_cuda_home():
 
 
 def build_with_cuda(cu_sources):
+    """The toolkit root to build csrc/cuda/ with, or None for a CPU-only build: a root when torch
+    is a CUDA build and a toolkit is found, unless SPARSEKERN_CUDA=0 (SPARSEKERN_CUDA=1 makes a
+    missing one an error)."""
     import torch
 
     setting = os.environ.get("SPARSEKERN_CUDA", "auto").lower()
     if setting in ("0", "false", "no") or not cu_sources:
-        return False
+        return None
     cuda_home = find_cuda_home()
     possible = torch.version.cuda is not None and cuda_home is not None
     if setting in ("1", "true", "yes") and not possible:
         raise RuntimeError(
             "SPARSEKERN_CUDA=1 but no CUDA build is possible: torch.version.cuda="
             f"{torch.version.cuda!r}, CUDA toolkit found at {cuda_home!r}")
-    if possible:
-        os.environ["CUDA_HOME"] = cuda_home  # read by cpp_extension at import
-    return possible
+    return cuda_home if possible else None
+
+
+# The GPUs the project targets: A100 (sm_80) and H100 (sm_90), compiled explicitly. Unset,
+# torch derives the list from the GPUs visible at build time: a GPU build machine would compile
+# for its own card only, and one without a GPU (CI) has no list at all (torch 2.14's
+# _get_cuda_arch_flags then fails on an empty list). A user's TORCH_CUDA_ARCH_LIST still wins.
+CUDA_ARCHS = "8.0;9.0"
 
 
 def extensions():
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cu_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    with_cuda = build_with_cuda(cu_sources)
+    cuda_home = build_with_cuda(cu_sources)
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # read by cpp_extension at import
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCHS)
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     # -fopenmp: at::parallel_for is inline OpenMP; without it the kernels silently run on one
@@ -62,7 +73,7 @@ def extensions():
     # torch.set_num_threads governs our threads too.
     cxx = ["-O3", "-std=c++20", "-Wall", "-Wno-unknown-pragmas", "-fopenmp"]
     link = ["-fopenmp"]
-    if with_cuda:
+    if cuda_home:
         return [CUDAExtension(
             "sparsekern._C", cpp_sources + cu_sources,
             define_macros=[("SPARSEKERN_WITH_CUDA", None)],
@@ -78,4 +89,5 @@ def build_ext_class():
     return BuildExtension.with_options(use_ninja=True)
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": build_ext_class()})
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import it
+    setup(ext_modules=extensions(), cmdclass={"build_ext": build_ext_class()})

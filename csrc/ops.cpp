@@ -33,6 +33,15 @@ TORCH_LIBRARY(sparsekern, m) {
       "csr_linear_grad_input(Tensor grad_out, Tensor values, Tensor col_ptr, Tensor row_idx, "
       "Tensor perm, int in_features) -> Tensor");
   m.def("csr_linear_grad_weight(Tensor grad_out, Tensor x, Tensor row_ptr, Tensor col_idx) -> Tensor");
+  // The CSR forward and dX as CUDA C++ (csrc/cuda/csr_spmm.cu, Sputnik-style), beside the
+  // Triton kernels that csr_linear runs on CUDA by default: CUDA kernels only, opt-in from
+  // Python until measured on a GPU (ops.py, set_csr_cuda). Same arguments as the ops above.
+  m.def(
+      "csr_linear_cuda(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor col_ptr, "
+      "Tensor row_idx, Tensor perm, Tensor? bias, int out_features) -> Tensor");
+  m.def(
+      "csr_linear_grad_input_cuda(Tensor grad_out, Tensor values, Tensor col_ptr, "
+      "Tensor row_idx, Tensor perm, int in_features) -> Tensor");
   m.def(
       "bsr_conv2d(Tensor x, Tensor values, Tensor block_row_ptr, Tensor block_col_idx, "
       "Tensor block_col_ptr, Tensor block_row_idx, Tensor block_perm, Tensor? bias, "

@@ -8,6 +8,10 @@ linear on CUDA in float16/bfloat16 whose shape fits CUTLASS's tile: that one run
 `semi_structured_linear` below, torch's semi-structured sparse matmul (sparse tensor cores).
 Where a CUDA N:M weight cannot take that path, a warning says why, once per reason.
 
+CSR on CUDA runs the Triton kernels by default. `set_csr_cuda(True)` (or SPARSEKERN_CSR_CUDA=1
+at import) sends the forward and dX of CUDA CSR linears to the CUDA C++ kernels instead
+(`csr_linear_cuda`, csrc/cuda/csr_spmm.cu): opt-in until they have passed on a real GPU.
+
 float16 on the CPU: the CPU kernels have no float16 path (the C++ ops refuse it), so
 `sparse_linear` / `sparse_conv2d` (hence sk.linear, sk.conv2d and the modules) run it as the C++
 kernels run bfloat16: operands widened to float32 once per call, float32 kernels and
@@ -18,6 +22,7 @@ float16 as it is.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import torch
@@ -57,12 +62,62 @@ def _register_autocast(name: str) -> None:
 
 
 if _HAVE_OPS:
-    for _name in ("bsr_linear", "csr_linear", "bsr_conv2d", "csr_conv2d"):
+    for _name in ("bsr_linear", "csr_linear", "csr_linear_cuda", "bsr_conv2d", "csr_conv2d"):
         _register_autocast(_name)
 
 
 def _op(name):
     return getattr(torch.ops.sparsekern, name) if _HAVE_OPS else getattr(reference, name)
+
+
+# ---- CSR on CUDA: the Triton kernels, or (opt-in) the CUDA C++ ones ------------------------------
+
+_csr_cuda = False
+
+
+def cuda_csr_built() -> bool:
+    """Whether the loaded extension has the CUDA C++ CSR kernels (a CUDA build of _C)."""
+    return _HAVE_OPS and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "sparsekern::csr_linear_cuda", "CUDA")
+
+
+def set_csr_cuda(enabled: bool) -> None:
+    """True: the forward and dX of CSR linears on CUDA tensors (sk.linear, SparseLinear, N:M
+    weights off the 2:4 path) run the CUDA C++ kernels (csr_linear_cuda,
+    csr_linear_grad_input_cuda) instead of the Triton ones; dW stays on Triton. False (the
+    default until the C++ kernels have passed on a real GPU): Triton. A RuntimeError when this
+    build has no CUDA kernels. SPARSEKERN_CSR_CUDA=1 sets it at import."""
+    global _csr_cuda
+    if enabled and not cuda_csr_built():
+        raise RuntimeError(
+            "sparsekern.set_csr_cuda(True): this build of sparsekern._C has no CUDA kernels ("
+            + ("C++ extension not loaded" if not _HAVE_OPS else "built without CUDA: it needs "
+               "a CUDA build of torch and a CUDA toolkit at build time, see README") + ")")
+    _csr_cuda = bool(enabled)
+
+
+def csr_cuda_enabled() -> bool:
+    return _csr_cuda
+
+
+def csr_linear_op_name(device_type: str) -> str:
+    """The op a CSR linear on `device_type` runs: csr_linear (C++ on the CPU, Triton on CUDA),
+    or csr_linear_cuda for CUDA tensors while set_csr_cuda(True)."""
+    return "csr_linear_cuda" if _csr_cuda and device_type == "cuda" else "csr_linear"
+
+
+def _csr_cuda_from_environment():
+    value = os.environ.get("SPARSEKERN_CSR_CUDA", "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return
+    if value not in ("1", "true", "yes"):
+        warnings.warn(f"SPARSEKERN_CSR_CUDA={value!r} is not 1 or 0; the CUDA CSR linears run "
+                      "the Triton kernels", RuntimeWarning, stacklevel=3)
+        return
+    try:
+        set_csr_cuda(True)
+    except RuntimeError as exc:
+        warnings.warn(f"SPARSEKERN_CSR_CUDA=1 ignored: {exc}", RuntimeWarning, stacklevel=3)
 
 
 def bsr_linear(x: torch.Tensor, values: torch.Tensor, block_row_ptr: torch.Tensor,
@@ -90,9 +145,10 @@ def bsr_linear_grad_weight(grad_out, x, block_row_ptr, block_col_idx, block_n: i
 
 def csr_linear(x, values, row_ptr, col_idx, col_ptr, row_idx, perm, bias,
                out_features: int) -> torch.Tensor:
-    """y = x W^T + bias for a CSR W; x is [M, in_features]."""
-    return _op("csr_linear")(x, values, row_ptr, col_idx, col_ptr, row_idx, perm, bias,
-                             out_features)
+    """y = x W^T + bias for a CSR W; x is [M, in_features]. On CUDA: the Triton kernels, or the
+    CUDA C++ ones under set_csr_cuda(True)."""
+    return _op(csr_linear_op_name(x.device.type))(x, values, row_ptr, col_idx, col_ptr, row_idx,
+                                                  perm, bias, out_features)
 
 
 def csr_linear_grad_input(grad_out, values, col_ptr, row_idx, perm,
@@ -103,6 +159,13 @@ def csr_linear_grad_input(grad_out, values, col_ptr, row_idx, perm,
 def csr_linear_grad_weight(grad_out, x, row_ptr, col_idx) -> torch.Tensor:
     """dW = dY^T X at the stored positions only: [nnz]."""
     return _op("csr_linear_grad_weight")(grad_out, x, row_ptr, col_idx)
+
+
+def csr_linear_grad_input_cuda(grad_out, values, col_ptr, row_idx, perm,
+                               in_features: int) -> torch.Tensor:
+    """dX of csr_linear_cuda: the CUDA C++ kernel on the transposed index (CUDA tensors only)."""
+    return torch.ops.sparsekern.csr_linear_grad_input_cuda(grad_out, values, col_ptr, row_idx,
+                                                           perm, in_features)
 
 
 # ---- N:M ---------------------------------------------------------------------------------------
@@ -454,6 +517,15 @@ if _HAVE_OPS:
     def _(grad_out, x, row_ptr, col_idx):
         return x.new_empty(col_idx.shape[0])
 
+    @torch.library.register_fake("sparsekern::csr_linear_cuda")
+    def _(x, values, row_ptr, col_idx, col_ptr, row_idx, perm, bias, out_features):
+        torch._check(x.dim() == 2, lambda: "csr_linear_cuda: x must be 2-D")
+        return x.new_empty(x.shape[0], out_features)
+
+    @torch.library.register_fake("sparsekern::csr_linear_grad_input_cuda")
+    def _(grad_out, values, col_ptr, row_idx, perm, in_features):
+        return grad_out.new_empty(grad_out.shape[0], in_features)
+
     def _setup(ctx, inputs, output):
         x, values, ptr, idx, t_ptr, t_idx, perm, bias, _ = inputs
         ctx.save_for_backward(x, values, ptr, idx, t_ptr, t_idx, perm)
@@ -488,7 +560,8 @@ if _HAVE_OPS:
     # Without a formula autograd would treat these ops as constants and silently return zero
     # second-order gradients; an explicit error is the honest answer.
     for _name in ("bsr_linear_grad_input", "bsr_linear_grad_weight", "csr_linear_grad_input",
-                  "csr_linear_grad_weight", "bsr_conv2d_grad_input", "bsr_conv2d_grad_weight",
+                  "csr_linear_grad_weight", "csr_linear_grad_input_cuda",
+                  "bsr_conv2d_grad_input", "bsr_conv2d_grad_weight",
                   "csr_conv2d_grad_input", "csr_conv2d_grad_weight"):
         torch.library.register_autograd(f"sparsekern::{_name}", _no_double_backward)
 
@@ -571,3 +644,10 @@ if _HAVE_OPS:
         _backward_of(csr_linear_grad_input,
                      lambda dy, x, ptr, idx, values: csr_linear_grad_weight(dy, x, ptr, idx)),
         setup_context=_setup)
+    torch.library.register_autograd(
+        "sparsekern::csr_linear_cuda",
+        _backward_of(csr_linear_grad_input_cuda,
+                     lambda dy, x, ptr, idx, values: csr_linear_grad_weight(dy, x, ptr, idx)),
+        setup_context=_setup)
+
+_csr_cuda_from_environment()

@@ -254,7 +254,34 @@ Tensor csr_linear_grad_weight(const Tensor& grad_out, const Tensor& x, const Ten
 
 }  // namespace
 
+// The CUDA C++ CSR ops (csrc/cuda/csr_spmm.cu) have no CPU kernel: a CPU call says so and
+// names the op that runs CPU tensors, instead of the dispatcher's list of backends.
+#ifdef SPARSEKERN_WITH_CUDA
+constexpr const char* kCudaKernels = "a CUDA kernel only";
+#else
+constexpr const char* kCudaKernels = "a CUDA kernel only, not compiled into this CPU-only build";
+#endif
+
+[[noreturn]] void cuda_only(const char* op, const char* cpu_op, const Tensor& operand,
+                            const char* name) {
+  TORCH_CHECK(false, "sparsekern.", op, ": ", name, " is on ", operand.device(), "; this op has ",
+              kCudaKernels, "; sparsekern.", cpu_op, " runs CPU tensors");
+}
+
+Tensor csr_linear_cuda_on_cpu(const Tensor& x, const Tensor&, const Tensor&, const Tensor&,
+                              const Tensor&, const Tensor&, const Tensor&,
+                              const std::optional<Tensor>&, int64_t) {
+  cuda_only("csr_linear_cuda", "csr_linear", x, "x");
+}
+
+Tensor csr_linear_grad_input_cuda_on_cpu(const Tensor& grad_out, const Tensor&, const Tensor&,
+                                         const Tensor&, const Tensor&, int64_t) {
+  cuda_only("csr_linear_grad_input_cuda", "csr_linear_grad_input", grad_out, "grad_out");
+}
+
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("csr_linear_cuda", &csr_linear_cuda_on_cpu);
+  m.impl("csr_linear_grad_input_cuda", &csr_linear_grad_input_cuda_on_cpu);
   m.impl("bsr_linear", &bsr_linear);
   m.impl("bsr_linear_grad_input", &bsr_linear_grad_input);
   m.impl("bsr_linear_grad_weight", &bsr_linear_grad_weight);
