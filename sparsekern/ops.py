@@ -6,7 +6,9 @@ matching function of reference.py instead, so callers never need to care.
 N:M weights (formats.NM) run on the CSR ops (their values viewed flat: no copy), except a 2:4
 linear on CUDA in float16/bfloat16 whose shape fits CUTLASS's tile: that one runs
 `semi_structured_linear` below, torch's semi-structured sparse matmul (sparse tensor cores).
-Where a CUDA N:M weight cannot take that path, a warning says why, once per reason.
+Where a CUDA N:M weight cannot take that path, a warning says why, once per reason. The path
+is chosen for the dtype the product runs in: under torch.autocast that is the autocast dtype,
+so float32 master weights under a CUDA bfloat16/float16 autocast take the 2:4 path.
 
 CSR on CUDA runs the Triton kernels by default. `set_csr_cuda(True)` (or SPARSEKERN_CSR_CUDA=1
 at import) sends the forward and dX of CUDA CSR linears to the CUDA C++ kernels instead
@@ -68,6 +70,16 @@ if _HAVE_OPS:
 
 def _op(name):
     return getattr(torch.ops.sparsekern, name) if _HAVE_OPS else getattr(reference, name)
+
+
+def product_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype a product of floating operands in `dtype` runs in on `device_type`: the
+    autocast dtype where torch.autocast is on for that device (it casts float16, bfloat16 and
+    float32 operands, as for F.linear, and leaves float64 alone), else `dtype` itself."""
+    if torch.is_autocast_enabled(device_type) and dtype in (torch.float16, torch.bfloat16,
+                                                            torch.float32):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
 
 
 # ---- CSR on CUDA: the Triton kernels, or (opt-in) the CUDA C++ ones ------------------------------
@@ -182,7 +194,10 @@ def _warn_once(message: str):
 def semi_structured_refusal(nm, shape, has_meta: bool, dtype: torch.dtype,
                             capability: tuple[int, int], cusparselt: bool) -> str | None:
     """Why an N:M linear on a CUDA device of `capability` cannot run torch's 2:4 semi-structured
-    matmul (`cusparselt`: whether this torch has cuSPARSELt), or None when it can."""
+    matmul (`cusparselt`: whether this torch has cuSPARSELt), or None when it can. `dtype` is
+    the operands'; the check is on the dtype the product runs in, product_dtype(dtype, "cuda"):
+    under a CUDA bfloat16/float16 autocast, float32 weights qualify (the op casts them)."""
+    dtype = product_dtype(dtype, "cuda")
     if tuple(nm) != (2, 4):
         return f"{nm[0]}:{nm[1]} is not 2:4, the only N:M pattern of the sparse tensor cores"
     if dtype not in (torch.float16, torch.bfloat16):
@@ -292,6 +307,9 @@ def _semi_structured_backward(ctx, grad_out):
 
 semi_structured_linear.register_autograd(_semi_structured_backward,
                                          setup_context=_semi_structured_setup)
+# Under autocast it runs in the context's dtype like the other products: _nm_linear chooses it
+# for that dtype (product_dtype), so a float32 weight under a bfloat16 autocast lands here.
+_register_autocast("semi_structured_linear")
 
 
 def _nm_linear(x2, values, index, out_features, bias, nm):

@@ -3,6 +3,7 @@ in float64 (float32 kernels: 1e-5 relative, on every instruction set via the `dt
 forward, dX, dW at the slots, dbias; gradcheck; opcheck; hypothesis fuzz over shapes (ragged K,
 K < M, no rows, all-pruned groups). The CUDA paths run where a CUDA device is present.
 """
+import contextlib
 import math
 import os
 import warnings
@@ -200,6 +201,42 @@ def test_semi_structured_refusal(nm, shape, has_meta, dtype, capability, cuspars
         assert reason in got
 
 
+@contextlib.contextmanager
+def _autocast_state(device_type, dtype):
+    """torch.autocast's thread-local state for `device_type`, set directly: torch.autocast
+    ("cuda") disables itself on a machine without CUDA, the state functions do not, so the
+    decision can be tested here."""
+    previous = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    torch.set_autocast_enabled(device_type, True)
+    torch.set_autocast_dtype(device_type, dtype)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled(device_type, previous[0])
+        torch.set_autocast_dtype(device_type, previous[1])
+
+
+@pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16])
+def test_the_2to4_path_is_chosen_for_the_autocast_dtype(autocast):
+    """float32 master weights under a CUDA 16-bit autocast run in 16 bits: the 2:4 path, not
+    the CSR fallback its float32 values alone would pick."""
+    args = ((2, 4), (64, 128), True)
+    assert "dtype torch.float32" in ops.semi_structured_refusal(*args, torch.float32, (9, 0),
+                                                                True)
+    with _autocast_state("cuda", autocast):
+        assert ops.product_dtype(torch.float32, "cuda") == autocast
+        assert ops.product_dtype(torch.float16, "cuda") == autocast
+        assert ops.product_dtype(torch.float64, "cuda") == torch.float64  # autocast skips it
+        assert ops.product_dtype(torch.float32, "cpu") == torch.float32  # another device
+        assert ops.semi_structured_refusal(*args, torch.float32, (9, 0), True) is None
+        assert ops.semi_structured_refusal(*args, torch.float32, (8, 0), False) is None
+        assert "dtype torch.float64" in ops.semi_structured_refusal(*args, torch.float64,
+                                                                    (9, 0), True)
+    with _autocast_state("cpu", torch.bfloat16):  # a CPU autocast leaves CUDA products alone
+        assert "dtype torch.float32" in ops.semi_structured_refusal(*args, torch.float32,
+                                                                    (9, 0), True)
+
+
 # ---- CUDA --------------------------------------------------------------------------------------
 
 def _torch_low_precision(W, x, bias, dy, dtype):
@@ -232,6 +269,34 @@ def test_cuda_2to4_runs_the_semi_structured_matmul(dtype):
                                       ("y", "dx", "dvalues", "dbias")):
         assert got.dtype == dtype, what
         assert rel_err(got, want) <= max(2 * rel_err(dense, want), 1e-6), what
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_runs_float32_2to4_weights_on_the_semi_structured_matmul(dtype,
+                                                                              monkeypatch):
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("no sparse tensor cores (compute capability < 8.0)")
+    calls = []
+    semi_structured = ops.semi_structured_linear
+    monkeypatch.setattr(ops, "semi_structured_linear",
+                        lambda *args: calls.append(args[0].dtype) or semi_structured(*args))
+    W, x, bias = _semi_structured_problem(rows=128, k=256, m=37, dtype=torch.float32)
+    Wc, xc, bc, dyc = W.to("cuda"), x.cuda(), bias.cuda(), torch.randn(37, 128, device="cuda")
+    Wg = _with_grad(Wc)
+    xg, bg = xc.clone().requires_grad_(), bc.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no CSR fallback
+        with torch.autocast("cuda", dtype=dtype):
+            y = sk.linear(xg, Wg, bg)
+        y.float().backward(dyc)
+    assert calls == [torch.float32] and y.dtype == dtype  # cast inside the op, by autocast
+    ref = _reference_linear(Wc, xc, bc, dyc)
+    budget = _torch_low_precision(Wc, xc, bc, dyc, dtype)
+    for got, want, dense, what in zip((y, xg.grad, Wg.values.grad, bg.grad), ref, budget,
+                                      ("y", "dx", "dvalues", "dbias")):
+        assert rel_err(got, want) <= max(2 * rel_err(dense, want), 1e-6), what
+    assert Wg.values.grad.dtype == xg.grad.dtype == torch.float32  # the master weights' dtype
 
 
 @CUDA
