@@ -9,12 +9,17 @@ dX + dW at kept blocks, through autograd). Conv: ResNet-50's 3x3 convs (batch 32
 with channel blocks pruned (BSR) and unstructured (CSR; --no-conv-csr leaves it out), vs cuDNN.
 Peers: forward torch.sparse `bsr_dense_mm` (Triton, torch/sparse/_triton_ops.py) on the same
 blocks; dW `sampled_addmm` on a BSR layout, where torch
-supports the case (else reported n/a with torch's message). Writes benchmarks/gpu/cuda.json and
-regenerates benchmarks/gpu/RESULTS.md. Needs a CUDA device (exits with a message otherwise).
+supports the case (else reported n/a with torch's message). Unstructured (CSR) linear at the
+same shapes and sparsities (each weight kept with probability 1 - sparsity): the default
+Triton kernels and, beside them, the opt-in CUDA C++ kernels (csrc/cuda/csr_spmm.cu,
+sk.set_csr_cuda) for forward and training step, so a GPU session can decide which should be
+the default (--no-csr leaves them out). Writes benchmarks/gpu/cuda.json and regenerates
+benchmarks/gpu/RESULTS.md. Needs a CUDA device (exits with a message otherwise).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import torch
@@ -97,6 +102,50 @@ def run_case(name, n, k, m, block, sparsity, dtype, generator, dev="cuda", bench
     return rows
 
 
+@contextlib.contextmanager
+def _csr_cuda(enabled):
+    import sparsekern as sk
+    previous = sk.csr_cuda_enabled()
+    sk.set_csr_cuda(enabled)
+    try:
+        yield
+    finally:
+        sk.set_csr_cuda(previous)
+
+
+def run_csr_case(name, n, k, m, sparsity, dtype, generator, dev="cuda", bench=_do_bench,
+                 cuda_cpp=True):
+    """Unstructured linear: cuBLAS dense vs the Triton CSR kernels (the default dispatch) and,
+    with cuda_cpp, the CUDA C++ ones (sk.set_csr_cuda(True)), forward and training step."""
+    import sparsekern as sk
+    mask = (torch.rand(n, k, generator=generator) >= sparsity).to(dev)
+    w = torch.randn(n, k, device=dev, dtype=dtype) * mask
+    W = sk.CSR.from_dense(w, mask)
+    x = torch.randn(m, k, device=dev, dtype=dtype)
+    dy = torch.randn(m, n, device=dev, dtype=dtype)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    values = W.values.clone().requires_grad_()
+    Wt = sk.CSR(values, W.row_ptr, W.col_idx, W.shape, W.col_ptr, W.row_idx, W.perm)
+    modes = {
+        "forward": (lambda: torch.nn.functional.linear(x, w), lambda: sk.linear(x, W)),
+        "train": (lambda: torch.autograd.grad(torch.nn.functional.linear(xg, wg), (xg, wg), dy),
+                  lambda: torch.autograd.grad(sk.linear(xg, Wt), (xg, values), dy)),
+    }
+    rows = []
+    for mode, (dense, sparse) in modes.items():
+        dense_ms = bench(dense)
+        with _csr_cuda(False):
+            sparse_ms = bench(sparse)
+        cpp_ms = None
+        if cuda_cpp:
+            with _csr_cuda(True):
+                cpp_ms = bench(sparse)
+        rows.append(dict(case=name, block="csr", sparsity=sparsity, mode=mode,
+                         dense_ms=dense_ms, sparse_ms=sparse_ms, speedup=dense_ms / sparse_ms,
+                         peer=None, peer_ms=None, cuda_cpp_ms=cpp_ms))
+    return rows
+
+
 def _conv_weight(c, block, sparsity, dtype, generator, dev):
     """(dense masked weight, sparsekern weight, rebuild(values) -> weight) of a C -> C 3x3 conv:
     block = an int prunes (block x block) channel blocks spanning the window (BSR); "csr" prunes
@@ -158,6 +207,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     p.add_argument("--conv", nargs="*", default=list(CONV_SHAPES), choices=list(CONV_SHAPES),
                    help="ResNet-50 3x3 conv shapes (none: skip conv)")
+    p.add_argument("--csr", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the unstructured (CSR) linear: Triton and the CUDA C++ kernels")
     p.add_argument("--conv-batch", type=int, default=32)
     p.add_argument("--conv-csr", action=argparse.BooleanOptionalAction, default=True,
                    help="also the unstructured (CSR) conv at each sparsity")
@@ -185,6 +236,23 @@ def main(argv: list[str]) -> int:
                         print(f"{r['case']} b{block} {s:.0%} {r['mode']}: dense "
                               f"{r['dense_ms']:.3f} ms, sparse {r['sparse_ms']:.3f} ms "
                               f"({r['speedup']:.2f}x)", flush=True)
+    import sparsekern as sk
+    cuda_cpp = sk.ops.cuda_csr_built()
+    if a.csr and not cuda_cpp:
+        print("gpu-bench: this sparsekern._C has no CUDA kernels (a CPU-only build): the CSR "
+              "rows time the Triton kernels only", file=sys.stderr)
+    for name in a.shapes if a.csr else []:
+        n, k = SHAPES[name]
+        for m in a.rows:
+            for s in a.sparsities:
+                for r in run_csr_case(f"{name} M={m}", n, k, m, s, dtype, gen,
+                                      cuda_cpp=cuda_cpp):
+                    rows.append(r)
+                    cpp = "" if r["cuda_cpp_ms"] is None else \
+                        f", CUDA C++ {r['cuda_cpp_ms']:.3f} ms"
+                    print(f"{r['case']} csr {s:.0%} {r['mode']}: dense {r['dense_ms']:.3f} ms, "
+                          f"Triton {r['sparse_ms']:.3f} ms ({r['speedup']:.2f}x){cpp}",
+                          flush=True)
     for name in a.conv:
         c, hw = CONV_SHAPES[name]
         for block in a.blocks + (["csr"] if a.conv_csr else []):

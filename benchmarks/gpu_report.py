@@ -167,6 +167,27 @@ def _compile_md(data):
                       "yes" if r["wgmma"] else "no",
                       "-" if r.get("loop_instr_per_fma") is None else r["loop_instr_per_fma"]]
                      for r in rows])
+    return lines + [""] + _cuda_cpp_md(data.get("cuda_cpp"))
+
+
+def _cuda_cpp_md(cuda_cpp):
+    """The CUDA C++ kernels of sparsekern._C (benchmarks/cuda_compile.py)."""
+    if cuda_cpp is None:
+        return []
+    lines = ["### CUDA C++ kernels (csrc/cuda/, compiled into sparsekern._C by nvcc)", ""]
+    if "skipped" in cuda_cpp:
+        return lines + [f"Not reported: {cuda_cpp['skipped']}.", ""]
+    rows = cuda_cpp["rows"]
+    spilled = sum(r["stack"] + r["local"] for r in rows)
+    lines += [f"`cuobjdump --list-elf {cuda_cpp['so']}`: cubins for "
+              f"{', '.join(cuda_cpp['archs'])}. `cuobjdump --dump-resource-usage`: "
+              f"{len(rows)} kernel x arch builds; stack + local bytes (where spills go): "
+              f"{spilled}. The kernel's template arguments are the dtype and the lanes per "
+              "row (subwarp).", ""]
+    lines += _table(["kernel", "arch", "regs", "stack (B/thread)", "local (B/thread)",
+                     "static smem (B)"],
+                    [[r["kernel"], r["arch"], r["regs"], r["stack"], r["local"], r["smem"]]
+                     for r in rows])
     return lines + [""]
 
 
@@ -176,11 +197,15 @@ def _cuda_md(data):
     rows = [[r["case"], r["block"], f"{r['sparsity']:.0%}", r["mode"], f"{r['dense_ms']:.3f}",
              f"{r['sparse_ms']:.3f}", f"{r['speedup']:.2f}x",
              (r.get("peer") or "-") if r.get("peer_ms") is None
-             else f"{r['peer_ms']:.3f} ({r['peer']})"]
+             else f"{r['peer_ms']:.3f} ({r['peer']})",
+             "-" if r.get("cuda_cpp_ms") is None
+             else f"{r['cuda_cpp_ms']:.3f} ({r['dense_ms'] / r['cuda_cpp_ms']:.2f}x)"]
             for r in data["rows"]]
+    lines += ["sparsekern ms: the default dispatch (Triton). CSR rows also time the opt-in CUDA "
+              "C++ kernels (csrc/cuda/csr_spmm.cu, forward and dX; dW on Triton).", ""]
     lines += _table(["shape", "block", "sparsity", "mode", "dense ms (cuBLAS/cuDNN)",
                      "sparsekern ms",
-                     "speedup", "torch peer ms"], rows)
+                     "speedup", "torch peer ms", "CUDA C++ CSR ms (speedup)"], rows)
     return lines + [""]
 
 

@@ -1,15 +1,18 @@
 """`python -m benchmarks triton-compile`: the ahead-of-time compile report of every sparsekern
 Triton kernel x product x dtype (bf16/fp16/fp32) x block (16/32/64) x autotune config, for sm_80
 and sm_90 (no GPU needed: triton.compile with a GPUTarget and triton's bundled ptxas): registers,
-spill bytes, shared memory, tensor-core MMA, wgmma. Writes benchmarks/gpu/compile.json and
-regenerates benchmarks/gpu/RESULTS.md.
+spill bytes, shared memory, tensor-core MMA, wgmma. Also the CUDA C++ kernels of the built
+sparsekern._C (csrc/cuda/, benchmarks/cuda_compile.py): the archs of its cubins and, per kernel
+and arch, registers, stack/local bytes (spills) and shared memory, read with cuobjdump (skipped,
+saying why, when the .so has no CUDA code). Writes benchmarks/gpu/compile.json and regenerates
+benchmarks/gpu/RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from benchmarks import gpu_report
+from benchmarks import cuda_compile, gpu_report
 
 
 def main(argv: list[str]) -> int:
@@ -25,8 +28,19 @@ def main(argv: list[str]) -> int:
           f"{sum(r['wgmma'] for r in rows)} with wgmma")
     for r in spills:
         print("SPILLS:", r)
+    cuda_cpp = cuda_compile.report()
+    if "skipped" in cuda_cpp:
+        print("CUDA C++ kernels: section skipped:", cuda_cpp["skipped"])
+    else:
+        print(f"CUDA C++ kernels: cubins for {', '.join(cuda_cpp['archs'])}, "
+              f"{len(cuda_cpp['rows'])} kernel builds")
+        spills += [r for r in cuda_cpp["rows"] if cuda_compile.spills(r)]
+        for r in cuda_cpp["rows"]:
+            if cuda_compile.spills(r):
+                print("SPILLS (CUDA C++):", r)
     paths = gpu_report.save_section(
-        "compile", ["python", "-m", "benchmarks", "triton-compile", *argv], {"rows": rows}, a.out)
+        "compile", ["python", "-m", "benchmarks", "triton-compile", *argv],
+        {"rows": rows, "cuda_cpp": cuda_cpp}, a.out)
     print("wrote", *paths)
     return 1 if spills else 0
 

@@ -33,8 +33,12 @@ def test_gpu_bench_cases_run_on_the_interpreter(triton_backend):
                                     dev="cpu", bench=_wall_ms)
     rows += gpu_bench.run_conv_case("tiny_csr_conv", 4, 4, 1, "csr", 0.5, torch.float32, gen,
                                     dev="cpu", bench=_wall_ms)
-    assert [r["mode"] for r in rows] == ["forward", "train"] * 3
-    assert rows[-1]["block"] == "csr"
+    # the CUDA C++ CSR kernels run CUDA tensors only: on the CPU the case times Triton alone
+    rows += gpu_bench.run_csr_case("tiny_csr", 48, 64, 16, 0.5, torch.float32, gen, dev="cpu",
+                                   bench=_wall_ms, cuda_cpp=False)
+    assert [r["mode"] for r in rows] == ["forward", "train"] * 4
+    assert rows[-3]["block"] == rows[-1]["block"] == "csr"
+    assert rows[-1]["cuda_cpp_ms"] is None
     for r in rows:
         assert r["dense_ms"] > 0 and r["sparse_ms"] > 0
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
