@@ -522,27 +522,22 @@ if _HAVE_OPS:
     def _(grad_out, x, block_row_ptr, block_col_idx, block_n, block_k):
         return x.new_empty(block_col_idx.shape[0], block_k, block_n)
 
-    @torch.library.register_fake("sparsekern::csr_linear")
-    def _(x, values, row_ptr, col_idx, col_ptr, row_idx, perm, bias, out_features):
-        torch._check(x.dim() == 2, lambda: "csr_linear: x must be 2-D")
-        return x.new_empty(x.shape[0], out_features)
+    def csr_linear_fakes(op):  # csr_linear and its CUDA C++ twin take the same arguments
+        @torch.library.register_fake(f"sparsekern::{op}")
+        def _(x, values, row_ptr, col_idx, col_ptr, row_idx, perm, bias, out_features):
+            torch._check(x.dim() == 2, lambda: f"{op}: x must be 2-D")
+            return x.new_empty(x.shape[0], out_features)
 
-    @torch.library.register_fake("sparsekern::csr_linear_grad_input")
-    def _(grad_out, values, col_ptr, row_idx, perm, in_features):
-        return grad_out.new_empty(grad_out.shape[0], in_features)
+        @torch.library.register_fake(f"sparsekern::{op.replace('linear', 'linear_grad_input')}")
+        def _(grad_out, values, col_ptr, row_idx, perm, in_features):
+            return grad_out.new_empty(grad_out.shape[0], in_features)
+
+    csr_linear_fakes("csr_linear")
+    csr_linear_fakes("csr_linear_cuda")
 
     @torch.library.register_fake("sparsekern::csr_linear_grad_weight")
     def _(grad_out, x, row_ptr, col_idx):
         return x.new_empty(col_idx.shape[0])
-
-    @torch.library.register_fake("sparsekern::csr_linear_cuda")
-    def _(x, values, row_ptr, col_idx, col_ptr, row_idx, perm, bias, out_features):
-        torch._check(x.dim() == 2, lambda: "csr_linear_cuda: x must be 2-D")
-        return x.new_empty(x.shape[0], out_features)
-
-    @torch.library.register_fake("sparsekern::csr_linear_grad_input_cuda")
-    def _(grad_out, values, col_ptr, row_idx, perm, in_features):
-        return grad_out.new_empty(grad_out.shape[0], in_features)
 
     def _setup(ctx, inputs, output):
         x, values, ptr, idx, t_ptr, t_idx, perm, bias, _ = inputs
