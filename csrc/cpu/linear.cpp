@@ -32,6 +32,11 @@ BsrShape check_bsr_values(const Tensor& values, const char* op) {
   return {bk, bn, values.size(0)};
 }
 
+// [M, C] -> [C / width][M][width]: column block j of t stored contiguously.
+Tensor block_columns(const Tensor& t, int64_t width) {
+  return t.view({t.size(0), t.size(1) / width, width}).transpose(0, 1).contiguous();
+}
+
 Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& block_row_ptr,
                   const Tensor& block_col_idx, const Tensor& block_col_ptr,
                   const Tensor& block_row_idx, const Tensor& block_perm,
@@ -129,16 +134,18 @@ Tensor bsr_linear_grad_weight(const Tensor& grad_out, const Tensor& x,
                 Kb = ceil_div(x.size(1), bk);
   const int64_t nnzb = block_col_idx.numel();
   check_compressed(op, "block_row_ptr", block_row_ptr, "block_col_idx", block_col_idx, Nb, Kb, nnzb);
-  const Tensor dy = padded_cols(grad_out, Nb * bn);
-  const Tensor xp = padded_cols(x, Kb * bk);
+  // Both operands in block columns (kernels.h): one copy each, after which every block reads its
+  // x and dy rows as contiguous runs instead of one line a row stride apart.
+  const Tensor dy = block_columns(padded_cols(grad_out, Nb * bn), bn);
+  const Tensor xp = block_columns(padded_cols(x, Kb * bk), bk);
   Tensor dw = at::empty({nnzb, bk, bn}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
     const BsrArgs<scalar_t> args{M, bn, bk, block_row_ptr.data_ptr<int32_t>(),
                                  block_col_idx.data_ptr<int32_t>(), nullptr};
     parallel_by_cost(args.row_ptr, Nb, 0, [&](int64_t i0, int64_t i1) {
-      k->bsr_grad_weight(args, dy.data_ptr<scalar_t>(), dy.size(1), xp.data_ptr<scalar_t>(),
-                         xp.size(1), dw.data_ptr<scalar_t>(), i0, i1);
+      k->bsr_grad_weight(args, dy.data_ptr<scalar_t>(), xp.data_ptr<scalar_t>(),
+                         dw.data_ptr<scalar_t>(), i0, i1);
     });
   });
   return dw;

@@ -259,35 +259,52 @@ void bsr_forward_impl(const sparsekern::cpu::BsrArgs<float>& a, const float* x, 
   }
 }
 
+// dW is a [bk][bn] GEMM per stored block over the whole batch. Read in place, a tile pass would
+// walk M rows of x and dy a row stride apart (kilobytes: one page and, as the stride is a
+// multiple of 4 KB, one L1 set per row), and the twelve tile passes of a block would fetch each
+// line again from L2 or L3. So the operands come in block columns ([Kb][M][bk], [Nb][M][bn]:
+// kernels.h) and the batch is cut into chunks of MC rows: a block's x chunk and its block row's
+// dy chunk are then two contiguous 8 KB runs (at 32x32) that stay in L1 for all passes, and
+// partial sums wait in dw between chunks.
 template <class V, int NV>
 void bsr_grad_weight_impl(const sparsekern::cpu::BsrArgs<float>& a, const float* dy,
-                          int64_t lddy, const float* x, int64_t ldx, float* dw, int64_t i0,
-                          int64_t i1) {
+                          const float* x, float* dw, int64_t i0, int64_t i1) {
   constexpr int MR = rank1_rows<V, NV>();
   constexpr int NT = NV * V::L;
-  const int64_t bn = a.bn, bk = a.bk, block = bn * bk;
+  constexpr int64_t MC = 64;
+  const int64_t M = a.M, bn = a.bn, bk = a.bk, block = bn * bk;
+  if (M == 0)
+    for (int64_t i = a.row_ptr[i0] * block; i < a.row_ptr[i1] * block; ++i) dw[i] = 0.f;
   for (int64_t I = i0; I < i1; ++I) {
-    for (int64_t p = a.row_ptr[I]; p < a.row_ptr[I + 1]; ++p) {
-      const float* x_block = x + a.col_idx[p] * bk;
-      float* dw_block = dw + p * block;
-      for (int64_t n0 = 0; n0 < bn; n0 += NT) {
-        const float* dy_tile = dy + I * bn + n0;
-        balanced_tiles<MR>(0, bk, [&](int64_t kk, int64_t tile_rows) {
-          with_rows<MR>(tile_rows, [&](auto R) {
-            constexpr int rows = decltype(R)::value;
-            typename V::reg acc[rows][NV];
+    const int64_t p0 = a.row_ptr[I], p1 = a.row_ptr[I + 1];
+    for (int64_t m0 = 0; m0 < M; m0 += MC) {
+      const int64_t mc = min64(MC, M - m0);
+      const float* dy_chunk = dy + (I * M + m0) * bn;
+      for (int64_t p = p0; p < p1; ++p) {
+        const float* x_chunk = x + (a.col_idx[p] * M + m0) * bk;
+        // The next block's chunk: each block starts a new stream, which the hardware
+        // prefetcher only picks up after a few misses.
+        if (p + 1 < p1) prefetch_rows<1>(x + (a.col_idx[p + 1] * M + m0) * bk, 0, mc * bk);
+        float* dw_block = dw + p * block;
+        for (int64_t n0 = 0; n0 < bn; n0 += NT) {
+          balanced_tiles<MR>(0, bk, [&](int64_t kk, int64_t tile_rows) {
+            with_rows<MR>(tile_rows, [&](auto R) {
+              constexpr int rows = decltype(R)::value;
+              float* dw_tile = dw_block + kk * bn + n0;
+              typename V::reg acc[rows][NV];
 #pragma GCC unroll 16
-            for (int r = 0; r < rows; ++r)
+              for (int r = 0; r < rows; ++r)
 #pragma GCC unroll 16
-              for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
-            rank1_update<V, rows, NV>(acc, x_block + kk, 1, ldx, dy_tile, lddy, a.M);
+                for (int v = 0; v < NV; ++v)
+                  acc[r][v] = m0 == 0 ? V::zero() : V::load(dw_tile + r * bn + v * V::L);
+              rank1_update<V, rows, NV>(acc, x_chunk + kk, 1, bk, dy_chunk + n0, bn, mc);
 #pragma GCC unroll 16
-            for (int r = 0; r < rows; ++r)
+              for (int r = 0; r < rows; ++r)
 #pragma GCC unroll 16
-              for (int v = 0; v < NV; ++v)
-                V::store(dw_block + (kk + r) * bn + n0 + v * V::L, acc[r][v]);
+                for (int v = 0; v < NV; ++v) V::store(dw_tile + r * bn + v * V::L, acc[r][v]);
+            });
           });
-        });
+        }
       }
     }
   }
@@ -324,9 +341,9 @@ void bsr_forward(const sparsekern::cpu::BsrArgs<float>& a, const float* x, int64
 }
 
 template <class Vw>
-void bsr_grad_weight(const sparsekern::cpu::BsrArgs<float>& a, const float* dy, int64_t lddy,
-                     const float* x, int64_t ldx, float* dw, int64_t i0, int64_t i1) {
-  by_width<Vw, GradWeightFn>(a.bn, a, dy, lddy, x, ldx, dw, i0, i1);
+void bsr_grad_weight(const sparsekern::cpu::BsrArgs<float>& a, const float* dy, const float* x,
+                     float* dw, int64_t i0, int64_t i1) {
+  by_width<Vw, GradWeightFn>(a.bn, a, dy, x, dw, i0, i1);
 }
 
 // out[q] = values[perm[q]] transposed ([bk][bn] -> [bn][bk]) for q in [q0, q1): W^T in block
