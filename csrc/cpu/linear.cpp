@@ -19,6 +19,24 @@ void check_matrix(const Tensor& t, const char* op, const char* name) {
 
 // ---- BSR -----------------------------------------------------------------------------------
 
+// fn(i0, i1, m0, m1) for the BSR products over block rows x batch rows. With enough block rows,
+// one cost-balanced range per thread: the kernel groups a range's block rows so that x is read
+// from L3 once per group (simd_kernels.h), and cutting a thread's share into more ranges would
+// only restart that grouping (OpenMP hands each thread a fixed share of the ranges anyway).
+template <class F>
+void parallel_block_row_ranges(const int32_t* ptr, int64_t units, int64_t M, F fn) {
+  const int64_t threads = at::get_num_threads();
+  if (M == 0 || units < 4 * threads) {
+    parallel_blocks_rows(ptr, units, M, fn);
+    return;
+  }
+  const std::vector<int64_t> bounds = cost_bounds(ptr, units, 1, threads);
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      if (bounds[t] < bounds[t + 1]) fn(bounds[t], bounds[t + 1], 0, M);
+  });
+}
+
 struct BsrShape {
   int64_t bk, bn, nnzb;
 };
@@ -68,7 +86,7 @@ Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& block_row
     const BsrArgs<scalar_t> args{M, bn, bk, block_row_ptr.data_ptr<int32_t>(),
                                  block_col_idx.data_ptr<int32_t>(), vals.data_ptr<scalar_t>()};
     const scalar_t* b = bias ? bias_padded.data_ptr<scalar_t>() : nullptr;
-    parallel_blocks_rows(args.row_ptr, Nb, M, [&](int64_t i0, int64_t i1, int64_t m0, int64_t m1) {
+    parallel_block_row_ranges(args.row_ptr, Nb, M, [&](int64_t i0, int64_t i1, int64_t m0, int64_t m1) {
       k->bsr_forward(args, xp.data_ptr<scalar_t>(), xp.size(1), b, y.data_ptr<scalar_t>(),
                      y.size(1), i0, i1, m0, m1);
     });
@@ -106,7 +124,7 @@ Tensor bsr_linear_grad_input(const Tensor& grad_out, const Tensor& values,
     const BsrArgs<scalar_t> args{M, bk, bn, block_col_ptr.data_ptr<int32_t>(),
                                  block_row_idx.data_ptr<int32_t>(),
                                  t_vals.data_ptr<scalar_t>()};
-    parallel_blocks_rows(args.row_ptr, Kb, M, [&](int64_t j0, int64_t j1, int64_t m0, int64_t m1) {
+    parallel_block_row_ranges(args.row_ptr, Kb, M, [&](int64_t j0, int64_t j1, int64_t m0, int64_t m1) {
       k->bsr_forward(args, dy.data_ptr<scalar_t>(), dy.size(1), nullptr,
                      dx.data_ptr<scalar_t>(), dx.size(1), j0, j1, m0, m1);
     });

@@ -239,23 +239,21 @@ void bsr_forward_impl(const sparsekern::cpu::BsrArgs<float>& a, const float* x, 
         for (int v = 0; v < NV; ++v) V::store(y_tile + r * ldy + v * V::L, acc[r][v]);
     }
   };
-  // When the kept blocks of [i0, i1) fit in half of L2, every block row meets a tile of x rows
-  // while those rows are in L1 (x is read from L3 once, the weights stay in L2); otherwise each
-  // block row sweeps x on its own (its 1 - s share of x per pass beats re-streaming megabytes of
-  // weights once per tile).
+  // Block rows go in groups whose kept blocks fit in half of L2, and within a group every block
+  // row meets a tile of x rows before the next tile: the tile's rows (6 x K floats) are read
+  // from L3 once per group and from L1/L2 by its other block rows, while the group's weights
+  // stay in L2. (One group per call when all fit; a block row too large alone is its own group,
+  // sweeping x by itself, which beats re-streaming megabytes of weights once per tile.)
   constexpr int64_t kL2Half = 256 * 1024;
-  const int64_t weight_bytes = (a.row_ptr[i1] - a.row_ptr[i0]) * block * int64_t(sizeof(float));
-  if (weight_bytes <= kL2Half) {
+  const int64_t group_blocks = kL2Half / (block * int64_t(sizeof(float)));
+  for (int64_t g0 = i0, g1; g0 < i1; g0 = g1) {
+    g1 = g0 + 1;
+    while (g1 < i1 && a.row_ptr[g1 + 1] - a.row_ptr[g0] <= group_blocks) ++g1;
     balanced_tiles<MR>(m0, m1, [&](int64_t m, int64_t tile_rows) {
       with_rows<MR>(tile_rows, [&](auto R) {
-        for (int64_t I = i0; I < i1; ++I) block_row_tile(I, m, R);
+        for (int64_t I = g0; I < g1; ++I) block_row_tile(I, m, R);
       });
     });
-  } else {
-    for (int64_t I = i0; I < i1; ++I)
-      balanced_tiles<MR>(m0, m1, [&](int64_t m, int64_t tile_rows) {
-        with_rows<MR>(tile_rows, [&](auto R) { block_row_tile(I, m, R); });
-      });
   }
 }
 
