@@ -19,22 +19,31 @@ void check_matrix(const Tensor& t, const char* op, const char* name) {
 
 // ---- BSR -----------------------------------------------------------------------------------
 
-// fn(i0, i1, m0, m1) for the BSR products over block rows x batch rows. With enough block rows,
-// one cost-balanced range per thread: the kernel groups a range's block rows so that x is read
-// from L3 once per group (simd_kernels.h), and cutting a thread's share into more ranges would
-// only restart that grouping (OpenMP hands each thread a fixed share of the ranges anyway).
+// fn(u0, u1) over one cost-balanced range of units per thread. The kernels block their loops
+// within a range (BSR: groups of block rows meeting an x tile; CSR: a batch panel reused by
+// every row of the range), and more ranges per thread would only restart that blocking: OpenMP
+// hands each thread a fixed share of the ranges, so extra ranges balance nothing.
+template <class F>
+void parallel_ranges(const int32_t* ptr, int64_t units, int64_t base_cost, F fn) {
+  const int64_t pieces = std::min<int64_t>(units, at::get_num_threads());
+  if (pieces <= 0) return;
+  const std::vector<int64_t> bounds = cost_bounds(ptr, units, base_cost, pieces);
+  at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      if (bounds[p] < bounds[p + 1]) fn(bounds[p], bounds[p + 1]);
+  });
+}
+
+// fn(i0, i1, m0, m1) for the BSR products: ranges of block rows when there are enough of them
+// to balance, else block rows x batch rows (parallel_blocks_rows).
 template <class F>
 void parallel_block_row_ranges(const int32_t* ptr, int64_t units, int64_t M, F fn) {
-  const int64_t threads = at::get_num_threads();
-  if (M == 0 || units < 4 * threads) {
+  if (M == 0) return;
+  if (units < 4 * at::get_num_threads()) {
     parallel_blocks_rows(ptr, units, M, fn);
     return;
   }
-  const std::vector<int64_t> bounds = cost_bounds(ptr, units, 1, threads);
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      if (bounds[t] < bounds[t + 1]) fn(bounds[t], bounds[t + 1], 0, M);
-  });
+  parallel_ranges(ptr, units, 1, [&](int64_t i0, int64_t i1) { fn(i0, i1, 0, M); });
 }
 
 struct BsrShape {
@@ -187,7 +196,7 @@ void csr_spmm_into(const Tensor& dense, const int32_t* row_ptr, const int32_t* c
                             bias,
                             out.data_ptr<T>(),
                             out.size(1)};
-  parallel_by_cost(row_ptr, R, 4, [&](int64_t r0, int64_t r1) { k->csr_spmm(args, r0, r1); });
+  parallel_ranges(row_ptr, R, 4, [&](int64_t r0, int64_t r1) { k->csr_spmm(args, r0, r1); });
 }
 
 void check_csr_values(const Tensor& values, const char* op) {
@@ -272,7 +281,7 @@ Tensor csr_linear_grad_weight(const Tensor& grad_out, const Tensor& x, const Ten
     const CsrSddmmArgs<scalar_t> args{M,   R,   C,   row_ptr.data_ptr<int32_t>(),
                                       col_idx.data_ptr<int32_t>(), dy.data_ptr<scalar_t>(),
                                       xs.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>()};
-    parallel_by_cost(args.row_ptr, R, 4, [&](int64_t r0, int64_t r1) { k->csr_sddmm(args, r0, r1); });
+    parallel_ranges(args.row_ptr, R, 4, [&](int64_t r0, int64_t r1) { k->csr_sddmm(args, r0, r1); });
   });
   return dw;
 }
