@@ -26,12 +26,11 @@ using bsr_forward_fn = void (*)(const BsrArgs<T>&, const T* x, int64_t ldx, cons
 template <class T>
 using bsr_transpose_blocks_fn = void (*)(const T* values, const int32_t* perm, int64_t bk,
                                          int64_t bn, T* out, int64_t q0, int64_t q1);
-// dw[nnzb][bk][bn] = (dy^T x) sampled at the stored blocks of block rows [i0, i1), with both
-// operands in block columns: dy[Nb][M][bn] (block column I of dy[M, Nb*bn] stored contiguously)
-// and x[Kb][M][bk].
+// dw[nnzb][bk][bn] = (dy^T x) sampled at the stored blocks of block rows [i0, i1); dy row-major
+// [M][lddy], x in block columns: x[Kb][M][bk] (block column J of x[M, Kb*bk] contiguous).
 template <class T>
-using bsr_grad_weight_fn = void (*)(const BsrArgs<T>&, const T* dy, const T* x, T* dw,
-                                    int64_t i0, int64_t i1);
+using bsr_grad_weight_fn = void (*)(const BsrArgs<T>&, const T* dy, int64_t lddy, const T* x,
+                                    T* dw, int64_t i0, int64_t i1);
 
 // Unstructured (CSR) products. The SIMD kernels read dense operands as "panels": the operand
 // [M, C] transposed and cut into chunks of `panel` rows, stored [M/panel][C][panel], so that one

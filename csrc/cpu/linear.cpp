@@ -161,9 +161,10 @@ Tensor bsr_linear_grad_weight(const Tensor& grad_out, const Tensor& x,
                 Kb = ceil_div(x.size(1), bk);
   const int64_t nnzb = block_col_idx.numel();
   check_compressed(op, "block_row_ptr", block_row_ptr, "block_col_idx", block_col_idx, Nb, Kb, nnzb);
-  // Both operands in block columns (kernels.h): one copy each, after which every block reads its
-  // x and dy rows as contiguous runs instead of one line a row stride apart.
-  const Tensor dy = block_columns(padded_cols(grad_out, Nb * bn), bn);
+  // x in block columns (kernels.h): one copy, after which every block reads its x rows as a
+  // contiguous run instead of one line a row stride apart (each x block column is read by every
+  // block row that kept it; dy is read once, and the kernel buffers it itself).
+  const Tensor dy = padded_cols(grad_out, Nb * bn);
   const Tensor xp = block_columns(padded_cols(x, Kb * bk), bk);
   Tensor dw = at::empty({nnzb, bk, bn}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
@@ -171,7 +172,7 @@ Tensor bsr_linear_grad_weight(const Tensor& grad_out, const Tensor& x,
     const BsrArgs<scalar_t> args{M, bn, bk, block_row_ptr.data_ptr<int32_t>(),
                                  block_col_idx.data_ptr<int32_t>(), nullptr};
     parallel_by_cost(args.row_ptr, Nb, 0, [&](int64_t i0, int64_t i1) {
-      k->bsr_grad_weight(args, dy.data_ptr<scalar_t>(), xp.data_ptr<scalar_t>(),
+      k->bsr_grad_weight(args, dy.data_ptr<scalar_t>(), dy.size(1), xp.data_ptr<scalar_t>(),
                          dw.data_ptr<scalar_t>(), i0, i1);
     });
   });

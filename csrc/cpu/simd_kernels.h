@@ -260,29 +260,43 @@ void bsr_forward_impl(const sparsekern::cpu::BsrArgs<float>& a, const float* x, 
 // dW is a [bk][bn] GEMM per stored block over the whole batch. Read in place, a tile pass would
 // walk M rows of x and dy a row stride apart (kilobytes: one page and, as the stride is a
 // multiple of 4 KB, one L1 set per row), and the twelve tile passes of a block would fetch each
-// line again from L2 or L3. So the operands come in block columns ([Kb][M][bk], [Nb][M][bn]:
-// kernels.h) and the batch is cut into chunks of MC rows: a block's x chunk and its block row's
-// dy chunk are then two contiguous 8 KB runs (at 32x32) that stay in L1 for all passes, and
-// partial sums wait in dw between chunks.
+// line again from L2 or L3. So the batch is cut into chunks of MC rows, x comes in block columns
+// ([Kb][M][bk], kernels.h: a block's chunk is one contiguous 8 KB run at 32x32), and the block
+// row's dy chunk is copied into a contiguous L1 buffer once per chunk (dy itself is read once
+// in all, so packing it beforehand would cost a pass over a new buffer). Every pass then reads
+// L1; partial sums wait in dw between chunks.
 template <class V, int NV>
 void bsr_grad_weight_impl(const sparsekern::cpu::BsrArgs<float>& a, const float* dy,
-                          const float* x, float* dw, int64_t i0, int64_t i1) {
+                          int64_t lddy, const float* x, float* dw, int64_t i0, int64_t i1) {
   constexpr int MR = rank1_rows<V, NV>();
   constexpr int NT = NV * V::L;
   constexpr int64_t MC = 64;
   const int64_t M = a.M, bn = a.bn, bk = a.bk, block = bn * bk;
   if (M == 0)
     for (int64_t i = a.row_ptr[i0] * block; i < a.row_ptr[i1] * block; ++i) dw[i] = 0.f;
+  // Plain new[]: a std::vector here would instantiate inline library code under this file's
+  // target pragma (see the top of the file).
+  float* const dy_chunk = new float[MC * bn];
   for (int64_t I = i0; I < i1; ++I) {
     const int64_t p0 = a.row_ptr[I], p1 = a.row_ptr[I + 1];
+    if (p0 == p1) continue;
     for (int64_t m0 = 0; m0 < M; m0 += MC) {
       const int64_t mc = min64(MC, M - m0);
-      const float* dy_chunk = dy + (I * M + m0) * bn;
+      for (int64_t t = 0; t < mc; ++t)
+        for (int64_t n = 0; n < bn; n += 8)
+          _mm256_storeu_ps(dy_chunk + t * bn + n, _mm256_loadu_ps(dy + (m0 + t) * lddy + I * bn + n));
       for (int64_t p = p0; p < p1; ++p) {
         const float* x_chunk = x + (a.col_idx[p] * M + m0) * bk;
         // The next block's chunk: each block starts a new stream, which the hardware
-        // prefetcher only picks up after a few misses.
-        if (p + 1 < p1) prefetch_rows<1>(x + (a.col_idx[p + 1] * M + m0) * bk, 0, mc * bk);
+        // prefetcher only picks up after a few misses. After the last block, the next chunk's
+        // dy rows (a row stride apart, so into L2: in L1 they would share one set).
+        if (p + 1 < p1) {
+          prefetch_rows<1>(x + (a.col_idx[p + 1] * M + m0) * bk, 0, mc * bk);
+        } else {
+          for (int64_t t = m0 + MC; t < min64(M, m0 + 2 * MC); ++t)
+            for (int64_t n = 0; n < bn; n += 16)
+              _mm_prefetch(reinterpret_cast<const char*>(dy + t * lddy + I * bn + n), _MM_HINT_T1);
+        }
         float* dw_block = dw + p * block;
         for (int64_t n0 = 0; n0 < bn; n0 += NT) {
           balanced_tiles<MR>(0, bk, [&](int64_t kk, int64_t tile_rows) {
@@ -306,6 +320,7 @@ void bsr_grad_weight_impl(const sparsekern::cpu::BsrArgs<float>& a, const float*
       }
     }
   }
+  delete[] dy_chunk;
 }
 
 // Widest vector type whose lane count divides `width` gets the work; 8 always does (bn, bk >= 8).
@@ -339,9 +354,9 @@ void bsr_forward(const sparsekern::cpu::BsrArgs<float>& a, const float* x, int64
 }
 
 template <class Vw>
-void bsr_grad_weight(const sparsekern::cpu::BsrArgs<float>& a, const float* dy, const float* x,
-                     float* dw, int64_t i0, int64_t i1) {
-  by_width<Vw, GradWeightFn>(a.bn, a, dy, x, dw, i0, i1);
+void bsr_grad_weight(const sparsekern::cpu::BsrArgs<float>& a, const float* dy, int64_t lddy,
+                     const float* x, float* dw, int64_t i0, int64_t i1) {
+  by_width<Vw, GradWeightFn>(a.bn, a, dy, lddy, x, dw, i0, i1);
 }
 
 // out[q] = values[perm[q]] transposed ([bk][bn] -> [bn][bk]) for q in [q0, q1): W^T in block
