@@ -95,7 +95,8 @@ Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& block_row
     const BsrArgs<scalar_t> args{M, bn, bk, block_row_ptr.data_ptr<int32_t>(),
                                  block_col_idx.data_ptr<int32_t>(), vals.data_ptr<scalar_t>()};
     const scalar_t* b = bias ? bias_padded.data_ptr<scalar_t>() : nullptr;
-    parallel_block_row_ranges(args.row_ptr, Nb, M, [&](int64_t i0, int64_t i1, int64_t m0, int64_t m1) {
+    parallel_block_row_ranges(args.row_ptr, Nb, M, [&](int64_t i0, int64_t i1, int64_t m0,
+                                                        int64_t m1) {
       k->bsr_forward(args, xp.data_ptr<scalar_t>(), xp.size(1), b, y.data_ptr<scalar_t>(),
                      y.size(1), i0, i1, m0, m1);
     });
@@ -133,7 +134,8 @@ Tensor bsr_linear_grad_input(const Tensor& grad_out, const Tensor& values,
     const BsrArgs<scalar_t> args{M, bk, bn, block_col_ptr.data_ptr<int32_t>(),
                                  block_row_idx.data_ptr<int32_t>(),
                                  t_vals.data_ptr<scalar_t>()};
-    parallel_block_row_ranges(args.row_ptr, Kb, M, [&](int64_t j0, int64_t j1, int64_t m0, int64_t m1) {
+    parallel_block_row_ranges(args.row_ptr, Kb, M, [&](int64_t j0, int64_t j1, int64_t m0,
+                                                        int64_t m1) {
       k->bsr_forward(args, dy.data_ptr<scalar_t>(), dy.size(1), nullptr,
                      dx.data_ptr<scalar_t>(), dx.size(1), j0, j1, m0, m1);
     });

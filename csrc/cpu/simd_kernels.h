@@ -302,9 +302,10 @@ void bsr_grad_weight_impl(const sparsekern::cpu::BsrArgs<float>& a, const float*
     if (p0 == p1) continue;
     for (int64_t m0 = 0; m0 < M; m0 += MC) {
       const int64_t mc = min64(MC, M - m0);
+      const float* dy_rows = dy + m0 * lddy + I * bn;
       for (int64_t t = 0; t < mc; ++t)
         for (int64_t n = 0; n < bn; n += 8)
-          _mm256_storeu_ps(dy_chunk + t * bn + n, _mm256_loadu_ps(dy + (m0 + t) * lddy + I * bn + n));
+          _mm256_storeu_ps(dy_chunk + t * bn + n, _mm256_loadu_ps(dy_rows + t * lddy + n));
       for (int64_t p = p0; p < p1; ++p) {
         const float* x_chunk = x + (a.col_idx[p] * M + m0) * bk;
         // The next block's chunk: each block starts a new stream, which the hardware
@@ -313,9 +314,9 @@ void bsr_grad_weight_impl(const sparsekern::cpu::BsrArgs<float>& a, const float*
         if (p + 1 < p1) {
           prefetch_rows<1>(x + (a.col_idx[p + 1] * M + m0) * bk, 0, mc * bk);
         } else {
-          for (int64_t t = m0 + MC; t < min64(M, m0 + 2 * MC); ++t)
+          for (int64_t t = MC; t < min64(M - m0, 2 * MC); ++t)
             for (int64_t n = 0; n < bn; n += 16)
-              _mm_prefetch(reinterpret_cast<const char*>(dy + t * lddy + I * bn + n), _MM_HINT_T1);
+              _mm_prefetch(reinterpret_cast<const char*>(dy_rows + t * lddy + n), _MM_HINT_T1);
         }
         float* dw_block = dw + p * block;
         for (int64_t n0 = 0; n0 < bn; n0 += NT) {
