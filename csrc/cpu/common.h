@@ -103,12 +103,13 @@ inline Tensor unpadded_cols(const Tensor& t, int64_t cols) {
 }
 
 // The operands the kernels read are often copies of the activations, tens of MB (the CSR conv
-// panels of a 64-channel 32x32 batch of 64: 19 MB). The CSR panels are written a channel at a time, 8 KB apart: on 4 KB pages every store of a transpose lands on another page and the
-// TLB misses dominate packing; a fresh buffer that size is also a fresh mmap whose every page
-// faults in, zeroed by the kernel, on first touch (a fifth of a training step). So each thread
-// keeps its panels between calls in 2 MB-aligned buffers advised as huge pages, one per slot
-// (a call uses distinct slots), grown to the largest asked of it: the memory stays with the
-// thread, like a oneDNN scratchpad. Never returned to the caller.
+// panels of a 64-channel 32x32 batch of 64: 19 MB). The CSR panels are written a channel at a
+// time, 8 KB apart: on 4 KB pages every store of a transpose lands on another page; and a fresh
+// buffer that size is a fresh mmap whose every page faults in, zeroed by the kernel, on first
+// touch (a fifth of a CSR conv training step). So each thread keeps its copies between calls in
+// 2 MB-aligned buffers advised as huge pages, one per slot (a call uses distinct slots), grown
+// to the largest asked of it: the memory stays with the thread, like a oneDNN scratchpad.
+// Never returned to the caller.
 enum PanelSlot { kOperandSlot, kSecondSlot, kSlots };
 
 inline Tensor huge_page_buffer(int64_t numel, const at::TensorOptions& options) {
@@ -122,7 +123,8 @@ inline Tensor huge_page_buffer(int64_t numel, const at::TensorOptions& options) 
   return at::from_blob(data, {numel}, [](void* p) { free(p); }, options);
 }
 
-inline Tensor panel_scratch(PanelSlot slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+inline Tensor panel_scratch(PanelSlot slot, at::IntArrayRef sizes,
+                            const at::TensorOptions& options) {
   thread_local std::array<Tensor, kSlots> buffers;
   Tensor& buffer = buffers[slot];
   const int64_t numel = c10::multiply_integers(sizes);

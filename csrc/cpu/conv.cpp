@@ -496,7 +496,8 @@ Tensor csr_conv2d(const Tensor& x, const Tensor& values, const Tensor& row_ptr,
     const ConvGeometry geo = g.view();
     const scalar_t* bp = bias ? b.data_ptr<scalar_t>() : nullptr;
     const int64_t lanes = std::max<int64_t>(k->panel, 1);
-    parallel_chunks_by_cost(args.row_ptr, Co, 4, args.chunks, [&](int64_t ch, int64_t r0, int64_t r1) {
+    parallel_chunks_by_cost(args.row_ptr, Co, 4, args.chunks,
+                            [&](int64_t ch, int64_t r0, int64_t r1) {
       k->csr_conv_forward(chunk_args(args, k, ch), geo,
                           xs.data_ptr<scalar_t>() + ch * in_rows * lanes, bp,
                           y.data_ptr<scalar_t>() + ch * lanes * c.pixels() * Co, r0, r1);
@@ -655,8 +656,10 @@ Tensor csr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x, const Ten
     const int64_t lanes = std::max<int64_t>(k->panel, 1);
     const int64_t x_chunk = args.in_rows * lanes, dy_chunk = c.pixels() * Co * lanes;
     dw_chunks = at::empty({args.chunks, nnz}, x.options());
-    parallel_chunks_by_cost(args.row_ptr, Co, 4, args.chunks, [&](int64_t ch, int64_t r0, int64_t r1) {
-      k->csr_conv_grad_weight(chunk_args(args, k, ch), geo, dys.data_ptr<scalar_t>() + ch * dy_chunk,
+    parallel_chunks_by_cost(args.row_ptr, Co, 4, args.chunks,
+                            [&](int64_t ch, int64_t r0, int64_t r1) {
+      k->csr_conv_grad_weight(chunk_args(args, k, ch), geo,
+                              dys.data_ptr<scalar_t>() + ch * dy_chunk,
                               xs.data_ptr<scalar_t>() + ch * x_chunk,
                               dw_chunks.data_ptr<scalar_t>() + ch * nnz, r0, r1);
     });

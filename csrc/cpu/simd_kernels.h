@@ -735,13 +735,15 @@ void to_image_panels(const float* src, const sparsekern::cpu::ImagePanels& p, fl
         zero_pixels(hp, p.pad_w + p.W, Wp);
         float* interior = out + (hp * Wp + p.pad_w) * pixel + ch * P;
         const float* rows = images + ch * p.s_c + (hp - p.pad_h) * p.s_h;
-        for (int64_t w = 0; w < p.W && lanes < P; ++w) zero_lanes<V>(interior + w * pixel, 1, lanes);
+        for (int64_t w = 0; w < p.W && lanes < P; ++w)
+          zero_lanes<V>(interior + w * pixel, 1, lanes);
         // The same row of the next channel, into L2 for the next unit: 32 planes 256 KB apart
         // (one L1 set) read 32 bytes at a time are too many streams for the hardware prefetcher.
         if (ch + 1 < p.C)
           for (int64_t i = 0; i < lanes; ++i)
             for (int64_t w = 0; w < p.W; w += 16)
-              _mm_prefetch(reinterpret_cast<const char*>(rows + p.s_c + i * p.s_n + w), _MM_HINT_T1);
+              _mm_prefetch(reinterpret_cast<const char*>(rows + p.s_c + i * p.s_n + w),
+                           _MM_HINT_T1);
         // Eight images' rows at a time: the planes are 4 KB multiples apart, so one row of all
         // of the chunk's images falls into one L1 set and would be evicted between w blocks.
         for (int64_t i = 0; i < lanes; i += 8)
@@ -1030,7 +1032,8 @@ void csr_conv_grad_weight(const sparsekern::cpu::CsrConvArgs<float>& a,
                   const float* p = window[q] + col_off[j] * MB;
                   acc[q] = q == 0 ? V::load(partial + j * V::L) : V::zero();
 #pragma GCC unroll 4
-                  for (int i = 0; i < 4; ++i) acc[q] = V::fma(d[q][i], V::load(p + i * V::L), acc[q]);
+                  for (int i = 0; i < 4; ++i)
+                    acc[q] = V::fma(d[q][i], V::load(p + i * V::L), acc[q]);
                 }
                 V::store(partial + j * V::L, PX == 2 ? V::add(acc[0], acc[PX - 1]) : acc[0]);
               }
