@@ -162,10 +162,12 @@ inline std::vector<int64_t> cost_bounds(const int32_t* ptr, int64_t units, int64
   return bounds;
 }
 
-// Runs fn(u0, u1) in parallel over consecutive ranges of units [0, units) of near-equal cost.
+// Runs fn(u0, u1) in parallel over consecutive ranges of units [0, units) of near-equal cost,
+// ranges_per_thread of them per thread.
 template <class F>
-inline void parallel_by_cost(const int32_t* ptr, int64_t units, int64_t base_cost, F fn) {
-  const int64_t pieces = std::min<int64_t>(units, 4 * at::get_num_threads());
+inline void parallel_by_cost(const int32_t* ptr, int64_t units, int64_t base_cost, F fn,
+                             int64_t ranges_per_thread = 4) {
+  const int64_t pieces = std::min<int64_t>(units, ranges_per_thread * at::get_num_threads());
   if (pieces <= 0) return;
   const std::vector<int64_t> bounds = cost_bounds(ptr, units, base_cost, pieces);
   at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {

@@ -25,13 +25,7 @@ void check_matrix(const Tensor& t, const char* op, const char* name) {
 // hands each thread a fixed share of the ranges, so extra ranges balance nothing.
 template <class F>
 void parallel_ranges(const int32_t* ptr, int64_t units, int64_t base_cost, F fn) {
-  const int64_t pieces = std::min<int64_t>(units, at::get_num_threads());
-  if (pieces <= 0) return;
-  const std::vector<int64_t> bounds = cost_bounds(ptr, units, base_cost, pieces);
-  at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      if (bounds[p] < bounds[p + 1]) fn(bounds[p], bounds[p + 1]);
-  });
+  parallel_by_cost(ptr, units, base_cost, fn, 1);
 }
 
 // fn(i0, i1, m0, m1) for the BSR products: ranges of block rows when there are enough of them
