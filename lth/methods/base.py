@@ -171,13 +171,13 @@ class Hooks:
 
     @classmethod
     def check(cls, config) -> None:
-        pass
+        """Refuses a config this provider cannot run; by default it can run any."""
 
     def model_transform(self, model: nn.Module, phase: Phase) -> nn.Module:
         return model
 
     def begin_phase(self, model: nn.Module, optimizer, phase: Phase) -> None:
-        pass
+        """Called once before a phase trains; nothing to prepare by default."""
 
     def batch(self, x: torch.Tensor, y: torch.Tensor, step: int):
         return x, y
@@ -186,7 +186,7 @@ class Hooks:
         return None
 
     def after_backward(self, model: nn.Module, step: int) -> None:
-        pass
+        """Called after loss.backward(), before the optimizer step; no-op by default."""
 
     def on_step(self, model: nn.Module, optimizer, step: int):
         return None
@@ -198,7 +198,7 @@ class Hooks:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """Restores what state_dict() saved; the default saves nothing."""
 
 
 class Modifier(Hooks):
@@ -232,7 +232,7 @@ class Method(Hooks):
         return out
 
     def check_run(self, ctx: RunContext) -> None:
-        pass
+        """Refuses a run this method cannot do (checked once the run is set up); none by default."""
 
     # the three questions the loop asks about a phase; branches are answered here, from the
     # ticket of their round, so a method only answers them for its ticket rounds
