@@ -88,40 +88,40 @@ GeometryArrays geometry(const Conv& c, int64_t channels, int64_t images) {
 // 128-byte runs of 6 pixels and need no such padding.
 int64_t panel_pixel_stride(int64_t channels) { return channels + 1; }
 
-// [N, C, H, W] (any memory format) -> zero-padded NHWC [N, Hp, Wp, channels] (channels >= C:
-// ragged channel blocks), in one pass, into this thread's scratch (so for the kernels only); no
-// copy when nothing needs to change.
-Tensor padded_nhwc(const Tensor& x, const Conv& c, int64_t channels) {
+// [N, C, H, W] (any memory format) -> NHWC [N, H + 2 ph, W + 2 pw, channels] zero-padded by
+// (ph, pw) (channels >= C: ragged channel blocks or a padded pixel stride), in one pass, into
+// this thread's scratch `slot` (so for the kernels only); no copy when nothing needs to change.
+Tensor padded_nhwc(const Tensor& x, int64_t ph, int64_t pw, int64_t channels, PanelSlot slot) {
   const Tensor nhwc = x.permute({0, 2, 3, 1});
-  if (c.padding[0] == 0 && c.padding[1] == 0 && channels == x.size(1) && nhwc.is_contiguous())
-    return nhwc;
+  if (ph == 0 && pw == 0 && channels == x.size(1) && nhwc.is_contiguous()) return nhwc;
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), Hp = H + 2 * ph, Wp = W + 2 * pw;
   // Zero only what the copy does not write: the border rows/columns and the extra channels.
-  Tensor out = panel_scratch(kOperandSlot, {c.N, c.Hp(), c.Wp(), channels}, x.options());
-  const int64_t ph = c.padding[0], pw = c.padding[1];
+  Tensor out = panel_scratch(slot, {N, Hp, Wp, channels}, x.options());
   if (ph > 0) {
     out.narrow(1, 0, ph).zero_();
-    out.narrow(1, ph + c.H, ph).zero_();
+    out.narrow(1, ph + H, ph).zero_();
   }
-  Tensor rows = out.narrow(1, ph, c.H);
+  Tensor rows = out.narrow(1, ph, H);
   if (pw > 0) {
     rows.narrow(2, 0, pw).zero_();
-    rows.narrow(2, pw + c.W, pw).zero_();
+    rows.narrow(2, pw + W, pw).zero_();
   }
-  Tensor interior = rows.narrow(2, pw, c.W);
+  Tensor interior = rows.narrow(2, pw, W);
   if (channels > x.size(1)) interior.narrow(3, x.size(1), channels - x.size(1)).zero_();
   const KernelTable<float>* k = float_kernels();
   if (x.scalar_type() == at::kFloat && x.is_contiguous() && k->nchw_to_nhwc) {
     // An NCHW input (a model's first sparse conv): transposed by 8x8 register tiles.
     const float* src = x.data_ptr<float>();
     float* dst = interior.data_ptr<float>();
-    const int64_t C = x.size(1), image = C * c.H * c.W, padded_image = c.Hp() * c.Wp() * channels;
+    const int64_t C = x.size(1), image = C * H * W, padded_image = Hp * Wp * channels;
     // Without width padding the interior rows are contiguous: one row of H*W pixels has fewer
     // edge blocks than H rows of W (a 7x7 map: one instead of seven per 8 channels).
-    const bool flat = c.Wp() == c.W;
-    const int64_t H = flat ? 1 : c.H, W = flat ? c.H * c.W : c.W, Wp = flat ? W : c.Wp();
-    at::parallel_for(0, c.N, 1, [&](int64_t n0, int64_t n1) {
+    const bool flat = pw == 0;
+    const int64_t rows_h = flat ? 1 : H, row_w = flat ? H * W : W, row_wp = flat ? H * W : Wp;
+    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n)
-        k->nchw_to_nhwc(src + n * image, C, H, W, dst + n * padded_image, Wp, channels);
+        k->nchw_to_nhwc(src + n * image, C, rows_h, row_w, dst + n * padded_image, row_wp,
+                        channels);
     });
   } else {
     interior.narrow(3, 0, x.size(1)).copy_(nhwc);
@@ -227,7 +227,7 @@ Tensor bsr_conv2d(const Tensor& x, const Tensor& values, const Tensor& block_row
                 "], got ", bias->sizes());
     bias_padded = padded_cols(bias->view({1, Co}), Nb * bn).view({Nb * bn});
   }
-  const Tensor xp = padded_nhwc(x, c, c.C);
+  const Tensor xp = padded_nhwc(x, c.padding[0], c.padding[1], c.C, kOperandSlot);
   const Tensor vals = values.contiguous();
   const GeometryArrays g = geometry(c, c.C, c.N);
   const int64_t M = c.N * c.pixels();
@@ -355,7 +355,7 @@ Tensor bsr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x,
   check_grad_out(grad_out, c, Co, op);
   const int64_t taps = c.taps(), M = c.N * c.pixels();
   const Tensor dy = rows_nhwc(grad_out, Nb * bn);
-  const Tensor xp = padded_nhwc(x, c, c.C);
+  const Tensor xp = padded_nhwc(x, c.padding[0], c.padding[1], c.C, kOperandSlot);
   const GeometryArrays g = geometry(c, c.C, c.N);
   const Tensor block_row = expand_rows(block_row_ptr, Nb, nnzb);
   Tensor dw = at::empty({nnzb, ks[0], ks[1], bk, bn}, x.options());
@@ -383,10 +383,8 @@ Tensor csr_operand(const KernelTable<T>* k, const Tensor& t, int64_t pad_h, int6
                    int64_t pixel_stride, PanelSlot slot) {
   const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
   if (k->panel == 0)
-    return at::constant_pad_nd(t.permute({0, 2, 3, 1}),
-                               {0, pixel_stride - C, pad_w, pad_w, pad_h, pad_h})
-        .contiguous()
-        .view({N, (H + 2 * pad_h) * (W + 2 * pad_w) * pixel_stride});
+    return padded_nhwc(t, pad_h, pad_w, pixel_stride, slot)
+        .reshape({N, (H + 2 * pad_h) * (W + 2 * pad_w) * pixel_stride});
   const Tensor src = t.stride(3) == 1 || t.stride(1) == 1 ? t : t.contiguous();
   const ImagePanels p{N, C, H, W, src.stride(0), src.stride(1), src.stride(2), src.stride(3),
                       pad_h, pad_w, pixel_stride};
@@ -612,7 +610,11 @@ Tensor csr_conv2d_grad_input(const Tensor& grad_out, const Tensor& values, const
         k->from_image_panels(dxs.data_ptr<scalar_t>(), p, dx.data_ptr<scalar_t>(), u0, u1);
       });
     } else {
-      dx.copy_(crop_nhwc(dxs.view({c.N, c.Hp(), c.Wp(), panel_pixel_stride(c.C)}), c, c.C));
+      dx.copy_(dxs.view({c.N, c.Hp(), c.Wp(), panel_pixel_stride(c.C)})
+                   .narrow(1, c.padding[0], c.H)
+                   .narrow(2, c.padding[1], c.W)
+                   .narrow(3, 0, c.C)
+                   .permute({0, 3, 1, 2}));
     }
   });
   return dx;
