@@ -56,9 +56,31 @@ using at::Tensor;
 constexpr int kWarpSize = 32;
 constexpr int kWarpsPerBlock = 4;
 
-// One lane's 16-byte load of T, widened to float: kSize elements.
+// The two 16-bit values of a 32-bit word (low half first) as floats.
+__device__ inline void unpack_pair(unsigned word, c10::Half, float* out) {
+  out[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(word)));
+  out[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(word >> 16)));
+}
+
+__device__ inline void unpack_pair(unsigned word, c10::BFloat16, float* out) {
+  out[0] = __uint_as_float(word << 16);  // bfloat16 is the high half of a float32: exact
+  out[1] = __uint_as_float(word & 0xffff0000u);
+}
+
+// One lane's 16-byte load of T, widened to float: kSize elements. The 16-bit types unpack each
+// 32-bit word of the load with integer ops (no address-taken temporaries, which would put the
+// vector in local memory).
 template <typename T>
-struct Vec16;
+struct Vec16 {
+  static_assert(sizeof(T) == 2, "Vec16: 16-bit types here, float is specialised below");
+  static constexpr int kSize = 8;
+  __device__ static void load(const T* p, float* out) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) unpack_pair(words[i], T(), out + 2 * i);
+  }
+};
 
 template <>
 struct Vec16<float> {
@@ -69,36 +91,6 @@ struct Vec16<float> {
     out[1] = v.y;
     out[2] = v.z;
     out[3] = v.w;
-  }
-};
-
-// The 16-bit types unpack each 32-bit word of the load with integer ops (no address-taken
-// temporaries, which would put the vector in local memory).
-template <>
-struct Vec16<c10::Half> {
-  static constexpr int kSize = 8;
-  __device__ static void load(const c10::Half* p, float* out) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-    const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      out[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(words[i])));
-      out[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(words[i] >> 16)));
-    }
-  }
-};
-
-template <>
-struct Vec16<c10::BFloat16> {
-  static constexpr int kSize = 8;
-  __device__ static void load(const c10::BFloat16* p, float* out) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-    const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {  // bfloat16 is the high half of a float32: exact
-      out[2 * i] = __uint_as_float(words[i] << 16);
-      out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
-    }
   }
 };
 
