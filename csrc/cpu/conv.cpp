@@ -382,15 +382,15 @@ template <class T>
 Tensor csr_operand(const KernelTable<T>* k, const Tensor& t, int64_t pad_h, int64_t pad_w,
                    int64_t pixel_stride, PanelSlot slot) {
   const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
-  if (k->panel == 0)
+  if (k->conv_panel == 0)
     return padded_nhwc(t, pad_h, pad_w, pixel_stride, slot)
         .reshape({N, (H + 2 * pad_h) * (W + 2 * pad_w) * pixel_stride});
   const Tensor src = t.stride(3) == 1 || t.stride(1) == 1 ? t : t.contiguous();
   const ImagePanels p{N, C, H, W, src.stride(0), src.stride(1), src.stride(2), src.stride(3),
                       pad_h, pad_w, pixel_stride};
-  const int64_t chunks = ceil_div(N, k->panel);
+  const int64_t chunks = ceil_div(N, k->conv_panel);
   Tensor panels =
-      panel_scratch(slot, {chunks, p.Hp() * p.Wp() * pixel_stride, k->panel}, t.options());
+      panel_scratch(slot, {chunks, p.Hp() * p.Wp() * pixel_stride, k->conv_panel}, t.options());
   at::parallel_for(0, chunks * p.units_per_chunk(), 1, [&](int64_t u0, int64_t u1) {
     k->to_image_panels(src.data_ptr<T>(), p, panels.data_ptr<T>(), u0, u1);
   });
@@ -399,14 +399,14 @@ Tensor csr_operand(const KernelTable<T>* k, const Tensor& t, int64_t pad_h, int6
 
 template <class T>
 int64_t chunks_of(const KernelTable<T>* k, int64_t N) {
-  return k->panel > 0 ? ceil_div(N, k->panel) : N;
+  return k->conv_panel > 0 ? ceil_div(N, k->conv_panel) : N;
 }
 
 // The arguments of image chunk `ch` (the kernels' own loop over chunks then runs once), so that
 // threads can split a call by chunks.
 template <class T>
 CsrConvArgs<T> chunk_args(CsrConvArgs<T> args, const KernelTable<T>* k, int64_t ch) {
-  const int64_t lanes = std::max<int64_t>(k->panel, 1);
+  const int64_t lanes = std::max<int64_t>(k->conv_panel, 1);
   args.chunks = 1;
   args.images = std::min(lanes, args.images - ch * lanes);
   return args;
@@ -493,7 +493,7 @@ Tensor csr_conv2d(const Tensor& x, const Tensor& values, const Tensor& row_ptr,
                                      vals.data_ptr<scalar_t>(), seg.ptr.data(), seg.count};
     const ConvGeometry geo = g.view();
     const scalar_t* bp = bias ? b.data_ptr<scalar_t>() : nullptr;
-    const int64_t lanes = std::max<int64_t>(k->panel, 1);
+    const int64_t lanes = std::max<int64_t>(k->conv_panel, 1);
     parallel_chunks_by_cost(args.row_ptr, Co, 4, args.chunks,
                             [&](int64_t ch, int64_t r0, int64_t r1) {
       k->csr_conv_forward(chunk_args(args, k, ch), geo,
@@ -542,7 +542,7 @@ Tensor csr_grad_input_as_conv(const Tensor& grad_out, const Conv& c,
                                      col_off.data(), t_vals.data_ptr<scalar_t>(),
                                      seg.ptr.data(), seg.count};
     const ConvGeometry geo = g.view();
-    const int64_t lanes = std::max<int64_t>(k->panel, 1);
+    const int64_t lanes = std::max<int64_t>(k->conv_panel, 1);
     parallel_chunks_by_cost(channel_ptr.data(), c.C, 4, args.chunks,
                             [&](int64_t ch, int64_t r0, int64_t r1) {
       k->csr_conv_forward(chunk_args(args, k, ch), geo,
@@ -589,7 +589,7 @@ Tensor csr_conv2d_grad_input(const Tensor& grad_out, const Tensor& values, const
   Tensor dx = channels_last_empty(grad_out, c.N, c.C, c.H, c.W);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), op, [&] {
     const KernelTable<scalar_t>* k = kernels_for<scalar_t>();
-    const int64_t chunks = chunks_of(k, c.N), lanes = std::max<int64_t>(k->panel, 1);
+    const int64_t chunks = chunks_of(k, c.N), lanes = std::max<int64_t>(k->conv_panel, 1);
     const Tensor dys = csr_operand(k, grad_out, 0, 0, Co, kOperandSlot);
     Tensor dxs = panel_scratch(kSecondSlot, {chunks, in_rows, lanes}, grad_out.options()).zero_();
     const CsrConvArgs<scalar_t> args{chunks,  c.N,     in_rows, Co, col_ptr.data_ptr<int32_t>(),
@@ -603,7 +603,7 @@ Tensor csr_conv2d_grad_input(const Tensor& grad_out, const Tensor& values, const
                                dys.data_ptr<scalar_t>() + ch * dy_chunk,
                                dxs.data_ptr<scalar_t>() + ch * dx_chunk, c0, c1);
       });
-    if (k->panel > 0) {
+    if (k->conv_panel > 0) {
       const ImagePanels p{c.N, c.C, c.H, c.W, dx.stride(0), dx.stride(1), dx.stride(2),
                           dx.stride(3), c.padding[0], c.padding[1], panel_pixel_stride(c.C)};
       at::parallel_for(0, chunks * c.H, 1, [&](int64_t u0, int64_t u1) {
@@ -655,7 +655,7 @@ Tensor csr_conv2d_grad_weight(const Tensor& grad_out, const Tensor& x, const Ten
     const ConvGeometry geo = g.view();
     // One dW per chunk (each thread sums its own images), added up once at the end: nnz floats
     // per chunk, small next to the images.
-    const int64_t lanes = std::max<int64_t>(k->panel, 1);
+    const int64_t lanes = std::max<int64_t>(k->conv_panel, 1);
     const int64_t x_chunk = args.in_rows * lanes, dy_chunk = c.pixels() * Co * lanes;
     dw_chunks = at::empty({args.chunks, nnz}, x.options());
     parallel_chunks_by_cost(args.row_ptr, Co, 4, args.chunks,

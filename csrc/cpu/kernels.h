@@ -105,12 +105,13 @@ using bsr_conv_grad_weight_fn = void (*)(const BsrArgs<T>&, const ConvGeometry&,
                                          const int32_t* block_row, const T* dy, int64_t lddy,
                                          const T* x, T* dw, int64_t u0, int64_t u1);
 
-// CSR conv over batch panels: the padded NHWC input of each chunk of `panel` images is stored
-// [chunk][HpWp*Ci][panel] (kernels with panel == 0 read plain NHWC: one image per chunk), so one
-// stored weight multiplies a contiguous run of images. Geometry offsets are per image.
+// CSR conv over batch panels: the padded NHWC input of each chunk of `conv_panel` images is
+// stored [chunk][HpWp*Ci][conv_panel] (kernels with conv_panel == 0 read plain NHWC: one image
+// per chunk), so one stored weight multiplies a contiguous run of images. Geometry offsets are
+// per image.
 template <class T>
 struct CsrConvArgs {
-  int64_t chunks;           // image chunks (images when panel == 0)
+  int64_t chunks;           // image chunks (images when conv_panel == 0)
   int64_t images;           // N: lanes of the last chunk past it are padding
   int64_t in_rows;          // channel rows of one padded input image: Hp*Wp*Ci
   int64_t out_channels;     // R: rows of the sparse matrix (C_out)
@@ -146,7 +147,7 @@ using csr_conv_grad_weight_fn = void (*)(const CsrConvArgs<T>&, const ConvGeomet
 
 // Images [N][C][H][W], addressed through element strides (s_w == 1 or s_c == 1: NCHW or
 // channels_last), as the CSR conv kernels' panels: each padded image is NHWC with pixel_stride
-// floats per pixel, `panel` images per chunk:
+// floats per pixel, `conv_panel` images per chunk:
 // panels[chunk][((h + pad_h) * (W + 2 pad_w) + w + pad_w) * pixel_stride + c][lane].
 struct ImagePanels {
   int64_t N, C, H, W;
@@ -180,14 +181,15 @@ template <class T>
 struct KernelTable {
   const char* name;
   int panel;  // CSR panel width in batch rows; 0 = kernels read row-major operands
+  int conv_panel;  // CSR conv image panel width in images; 0 = kernels read plain NHWC
   bsr_forward_fn<T> bsr_forward;
   bsr_transpose_blocks_fn<T> bsr_transpose_blocks;
   bsr_grad_weight_fn<T> bsr_grad_weight;
   csr_spmm_fn<T> csr_spmm;
   csr_sddmm_fn<T> csr_sddmm;
   pack_panels_fn<T> pack_panels;  // null when panel == 0
-  to_image_panels_fn<T> to_image_panels;      // null when panel == 0
-  from_image_panels_fn<T> from_image_panels;  // null when panel == 0
+  to_image_panels_fn<T> to_image_panels;      // null when conv_panel == 0
+  from_image_panels_fn<T> from_image_panels;  // null when conv_panel == 0
   nchw_to_nhwc_fn<T> nchw_to_nhwc;    // null: torch's copy does it
   bsr_conv_forward_fn<T> bsr_conv_forward;
   bsr_conv_grad_input_fn<T> bsr_conv_grad_input;

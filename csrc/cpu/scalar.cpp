@@ -170,6 +170,7 @@ template <class T>
 const KernelTable<T>* scalar_kernels() {
   static constexpr KernelTable<T> table{"scalar",
                                         0,
+                                        0,
                                         &bsr_forward<T>,
                                         &bsr_transpose_blocks<T>,
                                         &bsr_grad_weight<T>,

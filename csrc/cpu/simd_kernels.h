@@ -697,10 +697,24 @@ void pack_panels(const float* src, int64_t M, int64_t C, int64_t ld, float* dst,
   }
 }
 
-// Zeroes lanes [lanes, P) of `rows` panel rows (the images past N of the last chunk).
+// CSR conv image panels hold two vectors of images per channel row, half the linear panels'
+// four: a padded image row of a 64-channel 32-wide map is then 139 KB, so the three input rows
+// a row of output pixels reads stay in L2 (512 KB) while it is computed and the next two reuse
+// them; at 278 KB a row each was fetched from L3 three times. The kernels keep 12 accumulators
+// by taking twice the pixels per pass.
+template <class V>
+constexpr int conv_panel_width() {
+  return 2 * V::L;
+}
+template <class V>
+constexpr int conv_vectors() {
+  return conv_panel_width<V>() / V::L;
+}
+
+// Zeroes lanes [lanes, P) of `rows` conv panel rows (the images past N of the last chunk).
 template <class V>
 SK_INLINE void zero_lanes(float* rows_begin, int64_t rows, int64_t lanes) {
-  constexpr int P = panel_width<V>();
+  constexpr int P = conv_panel_width<V>();
   if (lanes >= P) return;
   for (int64_t r = 0; r < rows; ++r)
     __builtin_memset(rows_begin + r * P + lanes, 0, (P - lanes) * sizeof(float));
@@ -713,7 +727,7 @@ SK_INLINE void zero_lanes(float* rows_begin, int64_t rows, int64_t lanes) {
 template <class V>
 void to_image_panels(const float* src, const sparsekern::cpu::ImagePanels& p, float* panels,
                      int64_t u0, int64_t u1) {
-  constexpr int P = panel_width<V>();
+  constexpr int P = conv_panel_width<V>();
   const int64_t Hp = p.Hp(), Wp = p.Wp(), pixel = p.pixel_stride * P, chunk = Hp * Wp * pixel;
   const int64_t per_chunk = p.units_per_chunk();
   for (int64_t u = u0; u < u1; ++u) {
@@ -782,7 +796,7 @@ void to_image_panels(const float* src, const sparsekern::cpu::ImagePanels& p, fl
 template <class V>
 void from_image_panels(const float* panels, const sparsekern::cpu::ImagePanels& p, float* dst,
                        int64_t u0, int64_t u1) {
-  constexpr int P = panel_width<V>();
+  constexpr int P = conv_panel_width<V>();
   const int64_t Wp = p.Wp(), pixel = p.pixel_stride * P, chunk = p.Hp() * Wp * pixel;
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t c = u / p.H, h = u % p.H, n0 = c * P, lanes = min64(P, p.N - n0);
@@ -856,43 +870,45 @@ void csr_sddmm(const sparsekern::cpu::CsrSddmmArgs<float>& a, int64_t r0, int64_
 // a broadcast and an index read on every 4 FMAs and keeps only 8 chains in flight. A conv has
 // no row-pair reuse to lose: the pixels' windows overlap, so their panel rows share L1 lines.
 template <class V, int PX>
-SK_INLINE void conv_pixels_accumulate(typename V::reg (&acc)[PX][4], const float* values,
-                                      const int64_t* col_off, const float* const (&window)[PX],
-                                      int64_t begin, int64_t end) {
-  constexpr int MB = panel_width<V>();
+SK_INLINE void conv_pixels_accumulate(typename V::reg (&acc)[PX][conv_vectors<V>()],
+                                      const float* values, const int64_t* col_off,
+                                      const float* const (&window)[PX], int64_t begin,
+                                      int64_t end) {
+  constexpr int MB = conv_panel_width<V>(), NV = conv_vectors<V>();
   for (int64_t j = begin; j < end; ++j) {
     const typename V::reg v = V::bcast(values + j);
     const int64_t off = col_off[j] * MB;
-#pragma GCC unroll 3
+#pragma GCC unroll 12
     for (int p = 0; p < PX; ++p)
 #pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) acc[p][i] = V::fma(v, V::load(window[p] + off + i * V::L), acc[p][i]);
+      for (int i = 0; i < NV; ++i)
+        acc[p][i] = V::fma(v, V::load(window[p] + off + i * V::L), acc[p][i]);
   }
 }
 
 // Per block of RB rows (outer, so that a pixel tile reads RB rows' weights, not all of them:
-// the weights and the tile's windows together stay in L2), three output pixels at a time, one
-// column segment at a time (kernels.h): a pixel's whole window (kh*kw*C_in panel rows, ~300 KB
-// at 256 channels) does not fit L1, one segment's share of three windows does, and every row
-// of the block reads it from there. Between segments the partial sums wait in `tile` (RB rows x
-// three pixels x the panel: 24 KB on AVX2), which the last segment leaves final; it is then
+// the weights and the tile's windows together stay in L2), PX output pixels at a time, one
+// column segment at a time (kernels.h): a pixel's whole window (kh*kw*C_in panel rows, ~150 KB
+// at 256 channels) does not fit L1, one segment's share of the tile's windows does, and every
+// row of the block reads it from there. Between segments the partial sums wait in `tile` (RB
+// rows x PX pixels x the panel: 24 KB on AVX2), which the last segment leaves final; it is then
 // transposed into y's NHWC rows while still in L1.
 template <class V>
 void csr_conv_forward(const sparsekern::cpu::CsrConvArgs<float>& a,
                       const sparsekern::cpu::ConvGeometry& g, const float* x, const float* bias,
                       float* y, int64_t r0, int64_t r1) {
-  constexpr int MB = panel_width<V>();
+  constexpr int MB = conv_panel_width<V>(), NV = conv_vectors<V>(), PXMAX = 12 / NV;
   constexpr int64_t RB = 64;
   const int64_t R = a.out_channels, S = a.segments, ldseg = S + 1, ldy = g.M * R;
-  alignas(64) float tile[3][RB][MB];
+  alignas(64) float tile[PXMAX][RB][MB];
   for (int64_t c = 0; c < a.chunks; ++c) {
     const float* panel = x + c * a.in_rows * MB;
     const int64_t lanes = min64(MB, a.images - c * MB);
     float* y_chunk = y + c * MB * ldy;
     for (int64_t rb = r0; rb < r1; rb += RB) {
       const int64_t re = min64(r1, rb + RB);
-      balanced_tiles<3>(0, g.M, [&](int64_t m0, int64_t pixels) {
-        with_rows<3>(pixels, [&](auto px) {
+      balanced_tiles<PXMAX>(0, g.M, [&](int64_t m0, int64_t pixels) {
+        with_rows<PXMAX>(pixels, [&](auto px) {
           constexpr int PX = decltype(px)::value;
           const float* window[PX];
 #pragma GCC unroll 16
@@ -900,18 +916,18 @@ void csr_conv_forward(const sparsekern::cpu::CsrConvArgs<float>& a,
           for (int64_t b = 0; b < S; ++b)
             for (int64_t r = rb; r < re; ++r) {
               const int32_t* seg = a.seg_ptr + r * ldseg + b;
-              typename V::reg acc[PX][4];
+              typename V::reg acc[PX][NV];
 #pragma GCC unroll 16
               for (int p = 0; p < PX; ++p)
 #pragma GCC unroll 16
-                for (int i = 0; i < 4; ++i)
+                for (int i = 0; i < NV; ++i)
                   acc[p][i] = b > 0 ? V::load(tile[p][r - rb] + i * V::L)
                                     : bias ? V::bcast(bias + r) : V::zero();
               conv_pixels_accumulate<V, PX>(acc, a.values, a.col_off, window, seg[0], seg[1]);
 #pragma GCC unroll 16
               for (int p = 0; p < PX; ++p)
 #pragma GCC unroll 16
-                for (int i = 0; i < 4; ++i) V::store(tile[p][r - rb] + i * V::L, acc[p][i]);
+                for (int i = 0; i < NV; ++i) V::store(tile[p][r - rb] + i * V::L, acc[p][i]);
             }
           for (int p = 0; p < PX; ++p)
             for (int64_t i = 0; i < lanes; i += 8)
@@ -924,15 +940,16 @@ void csr_conv_forward(const sparsekern::cpu::CsrConvArgs<float>& a,
   }
 }
 
-// dX by scatter over input channels [c0, c1) (kernels.h): per pair of output pixels, channel and
-// tap, the entries of that column are reduced in registers, then added to dx once. Blocks of CB
-// channels are the outer loop (a pixel pair then reads CB channels' weights, not all of them),
-// pixels the next, so that a pixel's dy panel rows (C_out of them) stay in L1 for every column.
+// dX by scatter over input channels [c0, c1) (kernels.h): per group of PG output pixels,
+// channel and tap, the entries of that column are reduced in registers, then added to dx once.
+// Blocks of CB channels are the outer loop (a pixel group then reads CB channels' weights, not
+// all of them), pixels the next, so that a pixel's dy panel rows (C_out of them) stay in L1 for
+// every column.
 template <class V>
 void csr_conv_grad_input(const sparsekern::cpu::CsrConvArgs<float>& a,
                          const sparsekern::cpu::ConvGeometry& g, const int32_t* t_rows,
                          const float* dy, float* dx, int64_t c0, int64_t c1) {
-  constexpr int MB = panel_width<V>();
+  constexpr int MB = conv_panel_width<V>(), NV = conv_vectors<V>(), PG = 8 / NV;
   constexpr int64_t CB = 16;
   const int64_t R = a.out_channels, taps = g.taps, M = g.M;
   const int32_t* cp = a.row_ptr;
@@ -940,36 +957,35 @@ void csr_conv_grad_input(const sparsekern::cpu::CsrConvArgs<float>& a,
     const float* dy_panel = dy + c * M * R * MB;
     float* dx_panel = dx + c * a.in_rows * MB;
     for (int64_t cb = c0; cb < c1; cb += CB)
-    for (int64_t m = 0; m < M; m += 2) {
-      const bool pair = m + 1 < M;
+    for (int64_t m = 0; m < M; m += PG) {
+      const int64_t pixels = min64(PG, M - m);
       const float* d = dy_panel + m * R * MB;
       for (int64_t ch = cb; ch < min64(c1, cb + CB); ++ch)
         for (int64_t t = 0; t < taps; ++t) {
           const int64_t q0 = cp[ch * taps + t], q1 = cp[ch * taps + t + 1];
           if (q0 == q1) continue;
-          typename V::reg acc0[4], acc1[4];
+          typename V::reg acc[PG][NV];
 #pragma GCC unroll 16
-          for (int i = 0; i < 4; ++i) acc0[i] = acc1[i] = V::zero();
+          for (int p = 0; p < PG; ++p)
+#pragma GCC unroll 4
+            for (int i = 0; i < NV; ++i) acc[p][i] = V::zero();
           for (int64_t q = q0; q < q1; ++q) {
             const typename V::reg v = V::bcast(a.values + q);
             const float* d0 = d + int64_t(t_rows[q]) * MB;
-            const float* d1 = pair ? d0 + R * MB : d0;
+#pragma GCC unroll 16
+            for (int p = 0; p < PG; ++p) {
+              // The group's missing pixels (the last of M) reread pixel 0; never stored.
+              const float* dp = d0 + (p < pixels ? p : 0) * R * MB;
 #pragma GCC unroll 4
-            for (int i = 0; i < 4; ++i) {
-              acc0[i] = V::fma(v, V::load(d0 + i * V::L), acc0[i]);
-              acc1[i] = V::fma(v, V::load(d1 + i * V::L), acc1[i]);
+              for (int i = 0; i < NV; ++i) acc[p][i] = V::fma(v, V::load(dp + i * V::L), acc[p][i]);
             }
           }
           const int64_t offset = g.tap_off[t] + ch;
-          float* out0 = dx_panel + (g.pix_off[m] + offset) * MB;
-#pragma GCC unroll 16
-          for (int i = 0; i < 4; ++i)
-            V::store(out0 + i * V::L, V::add(V::load(out0 + i * V::L), acc0[i]));
-          if (pair) {
-            float* out1 = dx_panel + (g.pix_off[m + 1] + offset) * MB;
-#pragma GCC unroll 16
-            for (int i = 0; i < 4; ++i)
-              V::store(out1 + i * V::L, V::add(V::load(out1 + i * V::L), acc1[i]));
+          for (int p = 0; p < pixels; ++p) {
+            float* out = dx_panel + (g.pix_off[m + p] + offset) * MB;
+#pragma GCC unroll 4
+            for (int i = 0; i < NV; ++i)
+              V::store(out + i * V::L, V::add(V::load(out + i * V::L), acc[p][i]));
           }
         }
     }
@@ -984,7 +1000,7 @@ template <class V>
 void csr_conv_grad_weight(const sparsekern::cpu::CsrConvArgs<float>& a,
                           const sparsekern::cpu::ConvGeometry& g, const float* dy,
                           const float* x, float* dw, int64_t r0, int64_t r1) {
-  constexpr int MB = panel_width<V>();
+  constexpr int MB = conv_panel_width<V>(), NV = conv_vectors<V>(), PXMAX = 8 / NV;
   constexpr int64_t RB = 64;
   const int64_t R = a.out_channels, M = g.M, S = a.segments, ldseg = S + 1;
   const int32_t* rp = a.row_ptr;
@@ -1005,14 +1021,14 @@ void csr_conv_grad_weight(const sparsekern::cpu::CsrConvArgs<float>& a,
       const float* dy_chunk = dy + c * M * R * MB;
       const float* panel = x + c * a.in_rows * MB;
       for (int64_t b = 0; b < S; ++b)
-        balanced_tiles<2>(0, M, [&](int64_t m0, int64_t pixels) {
-          with_rows<2>(pixels, [&](auto px) {
-            // Two pixels per pass: each stored weight's partial sum is loaded and stored once
-            // for both, and the pixels' products form two chains instead of one.
+        balanced_tiles<PXMAX>(0, M, [&](int64_t m0, int64_t pixels) {
+          with_rows<PXMAX>(pixels, [&](auto px) {
+            // PX pixels per pass: each stored weight's partial sum is loaded and stored once
+            // for all of them, and the pixels' products form PX chains instead of one.
             constexpr int PX = decltype(px)::value;
             const float* window[PX];
             const float* dy_pixel[PX];
-#pragma GCC unroll 2
+#pragma GCC unroll 8
             for (int q = 0; q < PX; ++q) {
               window[q] = panel + g.pix_off[m0 + q] * MB;
               dy_pixel[q] = dy_chunk + (m0 + q) * R * MB;
@@ -1020,22 +1036,26 @@ void csr_conv_grad_weight(const sparsekern::cpu::CsrConvArgs<float>& a,
             for (int64_t r = rb; r < re; ++r) {
               const int32_t* seg = a.seg_ptr + r * ldseg + b;
               if (seg[0] == seg[1]) continue;
-              typename V::reg d[PX][4];
-#pragma GCC unroll 2
+              typename V::reg d[PX][NV];
+#pragma GCC unroll 8
               for (int q = 0; q < PX; ++q)
 #pragma GCC unroll 4
-                for (int i = 0; i < 4; ++i) d[q][i] = V::load(dy_pixel[q] + r * MB + i * V::L);
+                for (int i = 0; i < NV; ++i) d[q][i] = V::load(dy_pixel[q] + r * MB + i * V::L);
               for (int64_t j = seg[0]; j < seg[1]; ++j) {
                 typename V::reg acc[PX];
-#pragma GCC unroll 2
+#pragma GCC unroll 8
                 for (int q = 0; q < PX; ++q) {
                   const float* p = window[q] + col_off[j] * MB;
                   acc[q] = q == 0 ? V::load(partial + j * V::L) : V::zero();
 #pragma GCC unroll 4
-                  for (int i = 0; i < 4; ++i)
+                  for (int i = 0; i < NV; ++i)
                     acc[q] = V::fma(d[q][i], V::load(p + i * V::L), acc[q]);
                 }
-                V::store(partial + j * V::L, PX == 2 ? V::add(acc[0], acc[PX - 1]) : acc[0]);
+#pragma GCC unroll 8
+                for (int half = 1; half < PX; half *= 2)  // pairwise: a tree, not a chain
+#pragma GCC unroll 8
+                  for (int q = 0; q + half < PX; q += 2 * half) acc[q] = V::add(acc[q], acc[q + half]);
+                V::store(partial + j * V::L, acc[0]);
               }
             }
           });
@@ -1050,6 +1070,7 @@ template <class Vw>
 constexpr sparsekern::cpu::KernelTable<float> make_table(const char* name) {
   return {name,
           panel_width<Vw>(),
+          conv_panel_width<Vw>(),
           &bsr_forward<Vw>,
           &bsr_transpose_blocks<Vw>,
           &bsr_grad_weight<Vw>,
