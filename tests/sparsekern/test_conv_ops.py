@@ -152,10 +152,13 @@ def test_conv_benchmark_layer_shapes(fmt, case, dtype):
         check_conv_op(op, W, x, dy, bias, geometry)
 
 
-@pytest.mark.parametrize("n", [1, 7, 31, 32, 33, 63, 64, 65])
-def test_conv_csr_batch_tails(n, dtype):
-    """Batch sizes around the CSR conv panel widths (32 images for AVX2, 64 for AVX-512)."""
-    W, x, dy, bias, geometry = conv_problem("csr", n, 5, 9, (4, 3), 3, 1, 1, 1, sparsity=0.5,
+@pytest.mark.parametrize("n", [1, 7, 15, 16, 17, 31, 32, 33, 63])
+@pytest.mark.parametrize("stride, hw", [(1, (4, 3)), (2, (5, 6))])
+def test_conv_csr_batch_tails(n, stride, hw, dtype):
+    """Batch sizes around the CSR conv panel widths (16 images for AVX2, 32 for AVX-512), at
+    stride 1 (dX as a conv) and stride 2 (dX by scatter), with output pixel counts (12, 9) that
+    leave partial pixel groups in every kernel."""
+    W, x, dy, bias, geometry = conv_problem("csr", n, 5, 9, hw, 3, stride, 1, 1, sparsity=0.5,
                                             dtype=dtype, empty=True)
     for op in CONV_CSR_OPS:
         check_conv_op(op, W, x, dy, bias, geometry)
