@@ -185,6 +185,13 @@ void parallel_pixels_rows(int64_t M, int64_t chunk, int64_t rows, F fn) {
   });
 }
 
+// A 1x1 stride-1 conv without padding is a linear layer over the NHWC pixels: the conv's
+// values [nnzb][1][1][bk][bn] are the linear kernels' blocks [nnzb][bk][bn].
+bool pointwise(const Conv& c) {
+  return c.taps() == 1 && c.stride[0] == 1 && c.stride[1] == 1 && c.padding[0] == 0 &&
+         c.padding[1] == 0;
+}
+
 struct BsrConvShape {
   int64_t kh, kw, bk, bn, nnzb;
 };
@@ -229,7 +236,6 @@ Tensor bsr_conv2d(const Tensor& x, const Tensor& values, const Tensor& block_row
   }
   const Tensor xp = padded_nhwc(x, c.padding[0], c.padding[1], c.C, kOperandSlot);
   const Tensor vals = values.contiguous();
-  const GeometryArrays g = geometry(c, c.C, c.N);
   const int64_t M = c.N * c.pixels();
   const bool ragged = Nb * bn != Co;
   Tensor y = channels_last_empty(x, c.N, Co, c.OH, c.OW);
@@ -239,6 +245,22 @@ Tensor bsr_conv2d(const Tensor& x, const Tensor& values, const Tensor& block_row
     const BsrArgs<scalar_t> args{M, bn, bk, block_row_ptr.data_ptr<int32_t>(),
                                  block_col_idx.data_ptr<int32_t>(), vals.data_ptr<scalar_t>()};
     const scalar_t* b = bias ? bias_padded.data_ptr<scalar_t>() : nullptr;
+    if (pointwise(c)) {
+      // x as rows [M, C]: the linear layer's product, whose blocking (block-row groups that
+      // fit L2, each meeting a tile of x while it is hot) the conv kernel does not have.
+      const auto fn = [&](int64_t i0, int64_t i1, int64_t m0, int64_t m1) {
+        k->bsr_forward(args, xp.data_ptr<scalar_t>(), c.C, b, y_rows.data_ptr<scalar_t>(),
+                       Nb * bn, i0, i1, m0, m1);
+      };
+      if (Nb >= 4 * at::get_num_threads()) {
+        parallel_by_cost(args.row_ptr, Nb, 1, [&](int64_t i0, int64_t i1) { fn(i0, i1, 0, M); },
+                         1);
+      } else {
+        parallel_blocks_rows(args.row_ptr, Nb, M, fn);
+      }
+      return;
+    }
+    const GeometryArrays g = geometry(c, c.C, c.N);
     const ConvGeometry geo = g.view();
     parallel_pixels_rows(M, pixel_chunk(c.C), Nb, [&](int64_t i0, int64_t i1, int64_t m0, int64_t m1) {
       k->bsr_conv_forward(args, geo, xp.data_ptr<scalar_t>(), b, y_rows.data_ptr<scalar_t>(),

@@ -248,6 +248,31 @@ def test_conv_thread_partitioning(fmt, threads, isa):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_conv_bsr_pointwise_runs_as_linear(threads, dtype):
+    """A 1x1 stride-1 unpadded BSR conv runs the linear kernel over the NHWC pixels: few block
+    rows (split over pixels as well) and many (ranges of block rows per thread), ragged channels
+    on both sides, every input layout, with and without bias; padded or strided 1x1 convs keep
+    the conv kernel and must agree with it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, c_in, c_out, hw, block in ((3, 20, 12, (5, 7), (8, 8)),
+                                         (2, 36, 200, (3, 4), (8, 16)),
+                                         (1, 64, 96, (7, 7), (32, 32))):
+            W, x, dy, bias, geometry = conv_problem("bsr", n, c_in, c_out, hw, 1, 1, 0, 1,
+                                                    block=block, sparsity=0.5, dtype=dtype,
+                                                    empty=True)
+            for _, xl in _layouts(x):
+                for b in (None, bias):
+                    check_conv_op("bsr_conv2d", W, xl, dy, b, geometry)
+            for stride, padding in ((1, 1), (2, 0)):
+                geometry = (pair(stride), pair(padding), pair(1))
+                check_conv_op("bsr_conv2d", W, x, dy, bias, geometry)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_conv_isas_agree_with_each_other():
     """The same float32 problem on every ISA: all within float32 rounding of the scalar one."""
     outs = {}
