@@ -3,7 +3,8 @@
 // Each call zero-pads its input once into NHWC (the layout conversion a channels_first input
 // needs anyway, fused with the padding) and describes the convolution to the kernels by two
 // offset arrays (ConvGeometry, kernels.h): where each output pixel's window starts and where each
-// tap lies inside it. No im2col is built: kernels read the padded input in place. Outputs and dX
+// tap lies inside it. No im2col is built: kernels read the padded input in place. (The BSR
+// forward reads a channels_last input unpadded, its padding implicit.) Outputs and dX
 // are channels_last, so a chain of sparse convs (with BatchNorm/ReLU between them, which keep the
 // memory format) converts layout at most once, at the first layer.
 #include <torch/library.h>
@@ -192,6 +193,56 @@ bool pointwise(const Conv& c) {
          c.padding[1] == 0;
 }
 
+// A padded conv whose input is already NHWC with whole channel blocks reads it in place: the
+// padded copy is a read and a write of the whole activation, as long as a small-channel
+// layer's kernel takes to read it once. Offsets are those of a virtually padded input,
+// relative to the unpadded one, and tap_mask (kernels.h) says which taps of each output pixel
+// fall inside it.
+struct ImplicitGeometry {
+  std::vector<int64_t> pix_off, tap_off;
+  std::vector<uint64_t> tap_mask;
+  ConvGeometry view() const {
+    return {int64_t(pix_off.size()), int64_t(tap_off.size()), pix_off.data(), tap_off.data(),
+            tap_mask.data()};
+  }
+};
+
+bool reads_in_place(const Tensor& x, const Conv& c) {
+  return (c.padding[0] > 0 || c.padding[1] > 0) && c.C == x.size(1) && c.taps() <= 64 &&
+         x.permute({0, 2, 3, 1}).is_contiguous();
+}
+
+ImplicitGeometry implicit_geometry(const Conv& c) {
+  ImplicitGeometry g;
+  for (int64_t dh = 0; dh < c.kh; ++dh)
+    for (int64_t dw = 0; dw < c.kw; ++dw)
+      g.tap_off.push_back((dh * c.dilation[0] * c.W + dw * c.dilation[1]) * c.C);
+  // One image's offsets and masks, then every image's: the masks do not depend on the image.
+  const int64_t P = c.pixels(), image = c.H * c.W * c.C;
+  g.pix_off.resize(std::max<int64_t>(c.N, 1) * P);
+  g.tap_mask.resize(std::max<int64_t>(c.N, 1) * P);
+  for (int64_t oh = 0; oh < c.OH; ++oh)
+    for (int64_t ow = 0; ow < c.OW; ++ow) {
+      const int64_t ih = oh * c.stride[0] - c.padding[0], iw = ow * c.stride[1] - c.padding[1];
+      uint64_t mask = 0;
+      for (int64_t dh = 0; dh < c.kh; ++dh)
+        for (int64_t dw = 0; dw < c.kw; ++dw) {
+          const int64_t h = ih + dh * c.dilation[0], w = iw + dw * c.dilation[1];
+          if (h >= 0 && h < c.H && w >= 0 && w < c.W) mask |= uint64_t(1) << (dh * c.kw + dw);
+        }
+      g.pix_off[oh * c.OW + ow] = (ih * c.W + iw) * c.C;
+      g.tap_mask[oh * c.OW + ow] = mask;
+    }
+  for (int64_t n = 1; n < c.N; ++n)
+    for (int64_t j = 0; j < P; ++j) {
+      g.pix_off[n * P + j] = n * image + g.pix_off[j];
+      g.tap_mask[n * P + j] = g.tap_mask[j];
+    }
+  g.pix_off.resize(c.N * P);
+  g.tap_mask.resize(c.N * P);
+  return g;
+}
+
 struct BsrConvShape {
   int64_t kh, kw, bk, bn, nnzb;
 };
@@ -234,7 +285,9 @@ Tensor bsr_conv2d(const Tensor& x, const Tensor& values, const Tensor& block_row
                 "], got ", bias->sizes());
     bias_padded = padded_cols(bias->view({1, Co}), Nb * bn).view({Nb * bn});
   }
-  const Tensor xp = padded_nhwc(x, c.padding[0], c.padding[1], c.C, kOperandSlot);
+  const bool in_place = reads_in_place(x, c);
+  const Tensor xp = in_place ? x.permute({0, 2, 3, 1})
+                             : padded_nhwc(x, c.padding[0], c.padding[1], c.C, kOperandSlot);
   const Tensor vals = values.contiguous();
   const int64_t M = c.N * c.pixels();
   const bool ragged = Nb * bn != Co;
@@ -260,8 +313,9 @@ Tensor bsr_conv2d(const Tensor& x, const Tensor& values, const Tensor& block_row
       }
       return;
     }
-    const GeometryArrays g = geometry(c, c.C, c.N);
-    const ConvGeometry geo = g.view();
+    const ImplicitGeometry implicit = in_place ? implicit_geometry(c) : ImplicitGeometry{};
+    const GeometryArrays padded = in_place ? GeometryArrays{} : geometry(c, c.C, c.N);
+    const ConvGeometry geo = in_place ? implicit.view() : padded.view();
     parallel_pixels_rows(M, pixel_chunk(c.C), Nb, [&](int64_t i0, int64_t i1, int64_t m0, int64_t m1) {
       k->bsr_conv_forward(args, geo, xp.data_ptr<scalar_t>(), b, y_rows.data_ptr<scalar_t>(),
                           Nb * bn, i0, i1, m0, m1);

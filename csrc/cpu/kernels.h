@@ -70,16 +70,21 @@ using pack_panels_fn = void (*)(const T* src, int64_t M, int64_t C, int64_t ld, 
                                 int64_t c0, int64_t c1);
 
 // ---- conv2d (implicit GEMM) -----------------------------------------------------------------
-// Activations are NHWC with the input zero-padded once per call, so no kernel tests bounds.
-// Offsets count elements of that padded NHWC input ("channel rows"): pix_off[m] is where output
-// pixel m's window starts, tap_off[t] how far tap t of the kh x kw window lies from that start,
-// so output pixel m at tap t reads input channel c at pix_off[m] + tap_off[t] + c. Strides,
-// dilation and padding live only in these two arrays.
+// Activations are NHWC with the input zero-padded once per call, so no kernel tests bounds
+// (except the BSR forward given a tap_mask, below). Offsets count elements of that padded NHWC
+// input ("channel rows"): pix_off[m] is where output pixel m's window starts, tap_off[t] how far
+// tap t of the kh x kw window lies from that start, so output pixel m at tap t reads input
+// channel c at pix_off[m] + tap_off[t] + c. Strides, dilation and padding live only in these
+// two arrays.
 struct ConvGeometry {
   int64_t M;               // output pixels the offsets cover
   int64_t taps;            // kh * kw
   const int64_t* pix_off;  // [M]
   const int64_t* tap_off;  // [taps]
+  // BSR forward only: the input unpadded, read in place (offsets as if it were padded: where
+  // a window hangs over the border they point outside it). Bit t of tap_mask[m] is set when
+  // tap t of pixel m lies inside the input; a tap outside contributes zero. Null: padded input.
+  const uint64_t* tap_mask = nullptr;  // [M]
 };
 
 // BSR conv blocks are stored values[nnzb][taps][bk][bn]: per tap the linear kernels' transposed

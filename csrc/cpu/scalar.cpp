@@ -81,6 +81,7 @@ void bsr_conv_forward(const BsrArgs<T>& a, const ConvGeometry& g, const T* x, co
         T acc = bias ? bias[I * bn + n] : T(0);
         for (int64_t p = a.row_ptr[I]; p < a.row_ptr[I + 1]; ++p)
           for (int64_t t = 0; t < g.taps; ++t) {
+            if (g.tap_mask && !(g.tap_mask[m] >> t & 1)) continue;  // outside: implicit zero
             const T* xr = x + g.pix_off[m] + g.tap_off[t] + a.col_idx[p] * bk;
             const T* w = a.values + (p * g.taps + t) * bk * bn + n;
             for (int64_t k = 0; k < bk; ++k) acc += xr[k] * w[k * bn];

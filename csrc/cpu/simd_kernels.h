@@ -409,6 +409,11 @@ void bsr_conv_forward_impl(const sparsekern::cpu::BsrArgs<float>& a,
   constexpr int MR = rank1_rows<V, NV>();
   constexpr int NT = NV * V::L;
   const int64_t bn = a.bn, bk = a.bk, taps = g.taps, tap_block = bk * bn;
+  // With implicit padding (g.tap_mask), a border pixel reads its missing taps from a row of
+  // zeros: the same FMAs as a padded input, without the padded copy. Plain new[]: see
+  // bsr_grad_weight_impl.
+  const uint64_t all_taps = taps >= 64 ? ~uint64_t(0) : (uint64_t(1) << taps) - 1;
+  float* const zeros = g.tap_mask ? new float[bk]() : nullptr;
   for (int64_t I = i0; I < i1; ++I) {
     const int64_t p0 = a.row_ptr[I], p1 = a.row_ptr[I + 1];
     for (int64_t n0 = 0; n0 < bn; n0 += NT) {
@@ -423,6 +428,11 @@ void bsr_conv_forward_impl(const sparsekern::cpu::BsrArgs<float>& a,
             for (int v = 0; v < NV; ++v)
               acc[r][v] = bias_tile ? V::load(bias_tile + v * V::L) : V::zero();
           const int64_t* pix = g.pix_off + m;
+          const uint64_t* mask = g.tap_mask ? g.tap_mask + m : nullptr;
+          bool border = false;
+          if (mask)
+#pragma GCC unroll 16
+            for (int r = 0; r < rows; ++r) border |= mask[r] != all_taps;
           for (int64_t p = p0; p < p1; ++p) {
             const float* w_block = a.values + p * taps * tap_block + n0;
             const float* x_block = x + a.col_idx[p] * bk;
@@ -438,8 +448,14 @@ void bsr_conv_forward_impl(const sparsekern::cpu::BsrArgs<float>& a,
                   for (int64_t k = 0; k < bk; k += 16) _mm_prefetch(
                       reinterpret_cast<const char*>(x_next + pix[r] + k), _MM_HINT_T0);
               const float* a_row[rows];
+              if (border) {
 #pragma GCC unroll 16
-              for (int r = 0; r < rows; ++r) a_row[r] = x_tap + pix[r];
+                for (int r = 0; r < rows; ++r)
+                  a_row[r] = mask[r] >> t & 1 ? x_tap + pix[r] : zeros;
+              } else {
+#pragma GCC unroll 16
+                for (int r = 0; r < rows; ++r) a_row[r] = x_tap + pix[r];
+              }
               rank1_rows<V, rows, NV>(acc, a_row, 1, w_block + t * tap_block, bn, bk);
             }
           }
@@ -452,6 +468,7 @@ void bsr_conv_forward_impl(const sparsekern::cpu::BsrArgs<float>& a,
       });
     }
   }
+  delete[] zeros;
 }
 
 // dX by scatter (kernels.h): per tap, the tile's contribution is accumulated over every stored

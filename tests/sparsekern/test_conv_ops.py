@@ -98,6 +98,25 @@ def test_conv_op_matches_reference(op, case, dtype):
             assert not bool(out.any()), f"{op}: expected exact zeros"
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_conv_bsr_forward_reads_channels_last_in_place(case, dtype):
+    """A padded conv on a channels_last input with whole channel blocks reads it in place,
+    the padding implicit (taps outside the input masked): every geometry of CASES (strides,
+    dilation, asymmetric and over-wide padding, kernels as large as the input), channels
+    rounded up to whole blocks, agrees with the reference and with the same input in NCHW,
+    which is padded by a copy."""
+    n, c_in, c_out, hw, kernel, stride, padding, dilation, block, sparsity, empty = CASES[case]
+    c_in = math.ceil(c_in / block[1]) * block[1]
+    W, x, dy, bias, geometry = conv_problem("bsr", n, c_in, c_out, hw, kernel, stride, padding,
+                                            dilation, block=block, sparsity=sparsity,
+                                            dtype=dtype, empty=empty)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    for b in (None, bias):
+        out = check_conv_op("bsr_conv2d", W, x_cl, dy, b, geometry)
+        copied = run_op("bsr_conv2d", conv_op_args("bsr_conv2d", W, x, dy, b, geometry))
+        assert_close(out, copied, 10 * TOL[dtype], f"{case}: in place vs padded copy")
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_conv_input_never_read_gets_zero_grad(fmt, dtype):
     """Stride 3 with a 1x1 kernel reads only every third row/column of x: dX is exactly zero
