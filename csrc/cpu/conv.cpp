@@ -4,7 +4,7 @@
 // needs anyway, fused with the padding) and describes the convolution to the kernels by two
 // offset arrays (ConvGeometry, kernels.h): where each output pixel's window starts and where each
 // tap lies inside it. No im2col is built: kernels read the padded input in place. (The BSR
-// forward reads a channels_last input unpadded, its padding implicit.) Outputs and dX
+// forward pads implicitly, reading a channels_last input as it is.) Outputs and dX
 // are channels_last, so a chain of sparse convs (with BatchNorm/ReLU between them, which keep the
 // memory format) converts layout at most once, at the first layer.
 #include <torch/library.h>
@@ -193,11 +193,11 @@ bool pointwise(const Conv& c) {
          c.padding[1] == 0;
 }
 
-// A padded conv whose input is already NHWC with whole channel blocks reads it in place: the
-// padded copy is a read and a write of the whole activation, as long as a small-channel
-// layer's kernel takes to read it once. Offsets are those of a virtually padded input,
-// relative to the unpadded one, and tap_mask (kernels.h) says which taps of each output pixel
-// fall inside it.
+// A padded conv with whole channel blocks pads implicitly: a channels_last input is read in
+// place, an NCHW one only transposed. The padded copy was a read and a write of the whole
+// activation, as long as a small-channel layer's kernel takes to read it once. Offsets are
+// those of a virtually padded input, relative to the unpadded one, and tap_mask (kernels.h)
+// says which taps of each output pixel fall inside it.
 struct ImplicitGeometry {
   std::vector<int64_t> pix_off, tap_off;
   std::vector<uint64_t> tap_mask;
@@ -207,9 +207,8 @@ struct ImplicitGeometry {
   }
 };
 
-bool reads_in_place(const Tensor& x, const Conv& c) {
-  return (c.padding[0] > 0 || c.padding[1] > 0) && c.C == x.size(1) && c.taps() <= 64 &&
-         x.permute({0, 2, 3, 1}).is_contiguous();
+bool implicit_padding(const Tensor& x, const Conv& c) {
+  return (c.padding[0] > 0 || c.padding[1] > 0) && c.C == x.size(1) && c.taps() <= 64;
 }
 
 ImplicitGeometry implicit_geometry(const Conv& c) {
@@ -285,8 +284,8 @@ Tensor bsr_conv2d(const Tensor& x, const Tensor& values, const Tensor& block_row
                 "], got ", bias->sizes());
     bias_padded = padded_cols(bias->view({1, Co}), Nb * bn).view({Nb * bn});
   }
-  const bool in_place = reads_in_place(x, c);
-  const Tensor xp = in_place ? x.permute({0, 2, 3, 1})
+  const bool in_place = implicit_padding(x, c);
+  const Tensor xp = in_place ? padded_nhwc(x, 0, 0, c.C, kOperandSlot)
                              : padded_nhwc(x, c.padding[0], c.padding[1], c.C, kOperandSlot);
   const Tensor vals = values.contiguous();
   const int64_t M = c.N * c.pixels();

@@ -99,22 +99,22 @@ def test_conv_op_matches_reference(op, case, dtype):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_conv_bsr_forward_reads_channels_last_in_place(case, dtype):
-    """A padded conv on a channels_last input with whole channel blocks reads it in place,
-    the padding implicit (taps outside the input masked): every geometry of CASES (strides,
-    dilation, asymmetric and over-wide padding, kernels as large as the input), channels
-    rounded up to whole blocks, agrees with the reference and with the same input in NCHW,
-    which is padded by a copy."""
+def test_conv_bsr_forward_with_implicit_padding(case, dtype):
+    """With whole channel blocks the BSR forward pads implicitly (taps outside the input
+    masked): a channels_last input is read in place, an NCHW one only transposed. Every
+    geometry of CASES (strides, dilation, asymmetric and over-wide padding, kernels as large
+    as the input), channels rounded up to whole blocks, in both layouts, agrees with the
+    reference; the ragged originals in CASES take the padded copy."""
     n, c_in, c_out, hw, kernel, stride, padding, dilation, block, sparsity, empty = CASES[case]
     c_in = math.ceil(c_in / block[1]) * block[1]
     W, x, dy, bias, geometry = conv_problem("bsr", n, c_in, c_out, hw, kernel, stride, padding,
                                             dilation, block=block, sparsity=sparsity,
                                             dtype=dtype, empty=empty)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
     for b in (None, bias):
-        out = check_conv_op("bsr_conv2d", W, x_cl, dy, b, geometry)
-        copied = run_op("bsr_conv2d", conv_op_args("bsr_conv2d", W, x, dy, b, geometry))
-        assert_close(out, copied, 10 * TOL[dtype], f"{case}: in place vs padded copy")
+        nchw = check_conv_op("bsr_conv2d", W, x, dy, b, geometry)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        assert_close(check_conv_op("bsr_conv2d", W, x_cl, dy, b, geometry), nchw,
+                     10 * TOL[dtype], f"{case}: channels_last vs NCHW")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
