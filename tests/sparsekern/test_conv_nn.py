@@ -154,6 +154,11 @@ def _resnet20_ticket(granularity, sparsity, seed=0):
 
 @pytest.mark.parametrize("granularity,fmt", [("block", "bsr"), ("unstructured", "csr")])
 def test_sparsified_resnet20_gives_the_masked_dense_logits_and_gradients(granularity, fmt):
+    """Logits in float32; logits and every gradient in float64 as well. Float32 gradients are not
+    compared: the sparse model computes in channels_last, the dense one in NCHW, and where a
+    ReLU's input rounds to the other side of zero in one of them a gradient element flips (for
+    some inputs a relative error of up to 7e-3, which torch's own dense model shows as well when
+    run in channels_last)."""
     dense, masks = _resnet20_ticket(granularity, 0.8)
     model = sk.sparsify(copy.deepcopy(dense), masks, policy="sparse")
     found = sk.decisions(model)
@@ -161,9 +166,12 @@ def test_sparsified_resnet20_gives_the_masked_dense_logits_and_gradients(granula
     assert all(d["chosen"] == "sparse" for d in found.values())
     assert sum(isinstance(m, sk.SparseConv2d) for m in model.modules()) == 20  # + classifier
     x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
-    for net in (dense, model):  # train mode: batch-norm batch statistics
+    # On copies: a forward in train mode moves the batch-norm running statistics.
+    assert_close(copy.deepcopy(model)(x), copy.deepcopy(dense)(x), 1e-4, "float32 logits")
+    dense, model, x = dense.double(), model.double(), x.double()
+    for net in (dense, model):
         F.cross_entropy(net(x), y).backward()
-    assert_close(model(x), dense(x), 1e-4, "logits")
+    assert_close(model(x), dense(x), 1e-10, "logits")
     sparse_grads = {}
     for name, module in model.named_modules():
         if isinstance(module, (sk.SparseConv2d, sk.SparseLinear)):
@@ -171,11 +179,11 @@ def test_sparsified_resnet20_gives_the_masked_dense_logits_and_gradients(granula
     params = dict(model.named_parameters())
     for name, p in dense.named_parameters():
         if name in masks:
-            assert_close(sparse_grads[name], p.grad * masks[name], 1e-4, name)
+            assert_close(sparse_grads[name], p.grad * masks[name], 1e-10, name)
         else:  # batch norm, first conv, classifier
-            assert_close(params[name].grad, p.grad, 1e-4, name)
+            assert_close(params[name].grad, p.grad, 1e-10, name)
     dense.eval(), model.eval()
-    assert_close(model(x), dense(x), 1e-4, "eval logits")
+    assert_close(model(x), dense(x), 1e-10, "eval logits")
 
 
 def test_densify_of_sparsify_is_exact():
