@@ -297,6 +297,8 @@ void bsr_grad_weight_impl(const sparsekern::cpu::BsrArgs<float>& a, const float*
   // Plain new[]: a std::vector here would instantiate inline library code under this file's
   // target pragma (see the top of the file).
   float* const dy_chunk = new float[MC * bn];
+  const int64_t passes = bn / NT * ((bk + MR - 1) / MR);  // tile passes per block and chunk
+  const int64_t dy_row_lines = (bn + 15) / 16;
   for (int64_t I = i0; I < i1; ++I) {
     const int64_t p0 = a.row_ptr[I], p1 = a.row_ptr[I + 1];
     if (p0 == p1) continue;
@@ -310,17 +312,31 @@ void bsr_grad_weight_impl(const sparsekern::cpu::BsrArgs<float>& a, const float*
         const float* x_chunk = x + (a.col_idx[p] * M + m0) * bk;
         // The next block's chunk: each block starts a new stream, which the hardware
         // prefetcher only picks up after a few misses. After the last block, the next chunk's
-        // dy rows (a row stride apart, so into L2: in L1 they would share one set).
-        if (p + 1 < p1) {
-          prefetch_rows<1>(x + (a.col_idx[p + 1] * M + m0) * bk, 0, mc * bk);
-        } else {
-          for (int64_t t = MC; t < min64(M - m0, 2 * MC); ++t)
-            for (int64_t n = 0; n < bn; n += 16)
-              _mm_prefetch(reinterpret_cast<const char*>(dy_rows + t * lddy + n), _MM_HINT_T1);
-        }
+        // dy rows (a row stride apart, so into L2: in L1 they would share one set). A slice
+        // before each tile pass: issued at once, the 128 lines of a 32x32 block's chunk filled
+        // the miss queue and stalled the first pass (3% of a dW call's samples).
+        const bool next_block = p + 1 < p1;
+        const float* next_x = next_block ? x + (a.col_idx[p + 1] * M + m0) * bk : nullptr;
+        const int64_t dy_next_rows = min64(M - m0, 2 * MC) - MC;
+        const int64_t lines = next_block ? (mc * bk + 15) / 16
+                              : dy_next_rows > 0 ? dy_next_rows * dy_row_lines : 0;
+        const int64_t per_pass = (lines + passes - 1) / passes;
+        int64_t issued = 0;
+        const auto prefetch_slice = [&] {
+          for (const int64_t end = min64(lines, issued + per_pass); issued < end; ++issued) {
+            if (next_block) {
+              _mm_prefetch(reinterpret_cast<const char*>(next_x + issued * 16), _MM_HINT_T0);
+            } else {
+              const float* row = dy_rows + (MC + issued / dy_row_lines) * lddy;
+              _mm_prefetch(reinterpret_cast<const char*>(row + issued % dy_row_lines * 16),
+                           _MM_HINT_T1);
+            }
+          }
+        };
         float* dw_block = dw + p * block;
         for (int64_t n0 = 0; n0 < bn; n0 += NT) {
           balanced_tiles<MR>(0, bk, [&](int64_t kk, int64_t tile_rows) {
+            prefetch_slice();
             with_rows<MR>(tile_rows, [&](auto R) {
               constexpr int rows = decltype(R)::value;
               float* dw_tile = dw_block + kk * bn + n0;
