@@ -861,13 +861,38 @@ void nchw_to_nhwc(const float* src, int64_t C, int64_t H, int64_t W, float* dst,
                         dst + (h * Wp + w) * stride + c, stride);
 }
 
+// The eight horizontal sums of a[0..8) in one vector, in order: the SDDMM adds them to its
+// output with one load and store instead of eight scalar ones.
+template <class V>
+SK_INLINE __m256 hsum8(const typename V::reg (&a)[8]) {
+  __m256 t[4];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) t[i] = _mm256_hadd_ps(V::half_sum(a[2 * i]), V::half_sum(a[2 * i + 1]));
+  const __m256 u0 = _mm256_hadd_ps(t[0], t[1]), u1 = _mm256_hadd_ps(t[2], t[3]);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// acc[g] = the panel-row dot product of entry j + g with d, for G entries.
+template <class V, int G>
+SK_INLINE void sddmm_dots(typename V::reg (&acc)[G], const typename V::reg (&d)[4],
+                          const float* x_panel, const int32_t* cols, int64_t j) {
+  constexpr int MB = panel_width<V>();
+#pragma GCC unroll 8
+  for (int g = 0; g < G; ++g) {
+    const float* p = x_panel + int64_t(cols[j + g]) * MB;
+    acc[g] = V::mul(d[0], V::load(p));
+#pragma GCC unroll 3
+    for (int i = 1; i < 4; ++i) acc[g] = V::fma(d[i], V::load(p + i * V::L), acc[g]);
+  }
+}
+
+// A row's entries go by eight, then four, then one, so that a row's remainder (3.5 entries on
+// average) is not reduced and stored one scalar at a time.
 template <class V>
 void csr_sddmm(const sparsekern::cpu::CsrSddmmArgs<float>& a, int64_t r0, int64_t r1) {
   constexpr int MB = panel_width<V>();
-  constexpr int G = 8;  // stored scalars reduced together
   const int32_t* rp = a.row_ptr;
   const int32_t* cols = a.col_idx;
-  alignas(32) float sums[G];
   for (int64_t c = 0; c * MB < a.M; ++c) {
     const float* dy_panel = a.dy + c * a.R * MB;
     const float* x_panel = a.x + c * a.C * MB;
@@ -878,24 +903,23 @@ void csr_sddmm(const sparsekern::cpu::CsrSddmmArgs<float>& a, int64_t r0, int64_
       for (int i = 0; i < 4; ++i) d[i] = V::load(dy_panel + r * MB + i * V::L);
       int64_t j = rp[r];
       const int64_t e = rp[r + 1];
-      for (; j + G <= e; j += G) {
-        typename V::reg acc[G];
-#pragma GCC unroll 8
-        for (int g = 0; g < G; ++g) {
-          const float* p = x_panel + int64_t(cols[j + g]) * MB;
-          acc[g] = V::mul(d[0], V::load(p));
-#pragma GCC unroll 3
-          for (int i = 1; i < 4; ++i) acc[g] = V::fma(d[i], V::load(p + i * V::L), acc[g]);
-        }
-        _mm_store_ps(sums, hsum4<V>(acc[0], acc[1], acc[2], acc[3]));
-        _mm_store_ps(sums + 4, hsum4<V>(acc[4], acc[5], acc[6], acc[7]));
-        for (int g = 0; g < G; ++g) a.out[j + g] = first ? sums[g] : a.out[j + g] + sums[g];
+      for (; j + 8 <= e; j += 8) {
+        typename V::reg acc[8];
+        sddmm_dots<V, 8>(acc, d, x_panel, cols, j);
+        const __m256 s = hsum8<V>(acc);
+        _mm256_storeu_ps(a.out + j, first ? s : _mm256_add_ps(_mm256_loadu_ps(a.out + j), s));
+      }
+      if (j + 4 <= e) {
+        typename V::reg acc[4];
+        sddmm_dots<V, 4>(acc, d, x_panel, cols, j);
+        const __m128 s = hsum4<V>(acc[0], acc[1], acc[2], acc[3]);
+        _mm_storeu_ps(a.out + j, first ? s : _mm_add_ps(_mm_loadu_ps(a.out + j), s));
+        j += 4;
       }
       for (; j < e; ++j) {
-        const float* p = x_panel + int64_t(cols[j]) * MB;
-        typename V::reg acc = V::mul(d[0], V::load(p));
-        for (int i = 1; i < 4; ++i) acc = V::fma(d[i], V::load(p + i * V::L), acc);
-        const float s = hsum1<V>(acc);
+        typename V::reg acc[1];
+        sddmm_dots<V, 1>(acc, d, x_panel, cols, j);
+        const float s = hsum1<V>(acc[0]);
         a.out[j] = first ? s : a.out[j] + s;
       }
     }
