@@ -663,10 +663,9 @@ SK_INLINE void spmm_pair(typename V::reg (&acc0)[4], typename V::reg (&acc1)[4],
   spmm_accumulate<V>(acc1, vals, addr, j1, e1);
 }
 
-// tile[r - g][lane] = bias[r] + sum_j values[j] * addr(j)[lane] for sparse rows [g, g + rows),
-// rows <= 8.
+// tile[r - g][lane] = bias[r] + sum_j values[j] * addr(j)[lane] for sparse rows [g, g + rows).
 template <class V, class Addr>
-SK_INLINE void spmm_tile(float (&tile)[8][panel_width<V>()], const int32_t* rp,
+SK_INLINE void spmm_tile(float (*tile)[panel_width<V>()], const int32_t* rp,
                          const float* vals, Addr addr, const float* bias, int64_t g,
                          int64_t rows) {
   for (int64_t r = g; r < g + rows; r += 2) {
@@ -689,22 +688,27 @@ SK_INLINE void spmm_tile(float (&tile)[8][panel_width<V>()], const int32_t* rp,
   }
 }
 
-// Rows r0..r1 of out = dense S^T, eight sparse rows at a time: the [8][MB] result tile is
-// transposed in registers into out's row-major layout.
+// Rows r0..r1 of out = dense S^T, sixteen sparse rows at a time: the [16][MB] result tile is
+// transposed in registers into out's row-major layout, both 8x8 blocks of an output row back to
+// back, so each 64-byte line of out is written whole while in L1. (With eight rows, the two
+// halves of a line came a tile apart; out's rows a multiple of 4 KB apart share one L1 set, so
+// the line was evicted in between and fetched again: 10-17% of a forward at N = 1024-3072.)
 template <class V>
 void csr_spmm(const sparsekern::cpu::CsrSpmmArgs<float>& a, int64_t r0, int64_t r1) {
   constexpr int MB = panel_width<V>();
-  alignas(64) float tile[8][MB];
+  alignas(64) float tile[16][MB];
   for (int64_t c = 0; c * MB < a.M; ++c) {
     const float* panel = a.panels + c * a.C * MB;
     const auto addr = [&](int64_t j) { return panel + int64_t(a.col_idx[j]) * MB; };
     const int64_t m0 = c * MB, mv = min64(MB, a.M - m0);
     float* out = a.out + m0 * a.ldo;
-    for (int64_t g = r0; g < r1; g += 8) {
-      const int64_t rows = min64(8, r1 - g);
+    for (int64_t g = r0; g < r1; g += 16) {
+      const int64_t rows = min64(16, r1 - g);
       spmm_tile<V>(tile, a.row_ptr, a.values, addr, a.bias, g, rows);
       for (int64_t i = 0; i < mv; i += 8)
-        transpose_block(tile[0] + i, MB, rows, min64(8, mv - i), out + i * a.ldo + g, a.ldo);
+        for (int64_t h = 0; h < rows; h += 8)
+          transpose_block(tile[h] + i, MB, min64(8, rows - h), min64(8, mv - i),
+                          out + i * a.ldo + g + h, a.ldo);
     }
   }
 }
