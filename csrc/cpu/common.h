@@ -217,4 +217,18 @@ inline void parallel_blocks_rows(const int32_t* ptr, int64_t units, int64_t M, F
   });
 }
 
+// fn(i0, i1, m0, m1) for the BSR forward kernel (linear forward and dX, 1x1 conv): one
+// cost-balanced range of block rows per thread when there are enough of them to balance (the
+// kernel blocks its loops within a range, so more ranges would only restart that blocking),
+// else block rows x batch rows (parallel_blocks_rows).
+template <class F>
+inline void parallel_block_row_ranges(const int32_t* ptr, int64_t units, int64_t M, F fn) {
+  if (M == 0) return;
+  if (units < 4 * at::get_num_threads()) {
+    parallel_blocks_rows(ptr, units, M, fn);
+    return;
+  }
+  parallel_by_cost(ptr, units, 1, [&](int64_t i0, int64_t i1) { fn(i0, i1, 0, M); }, 1);
+}
+
 }  // namespace sparsekern::cpu

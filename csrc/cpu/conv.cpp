@@ -300,16 +300,11 @@ Tensor bsr_conv2d(const Tensor& x, const Tensor& values, const Tensor& block_row
     if (pointwise(c)) {
       // x as rows [M, C]: the linear layer's product, whose blocking (block-row groups that
       // fit L2, each meeting a tile of x while it is hot) the conv kernel does not have.
-      const auto fn = [&](int64_t i0, int64_t i1, int64_t m0, int64_t m1) {
+      parallel_block_row_ranges(args.row_ptr, Nb, M, [&](int64_t i0, int64_t i1, int64_t m0,
+                                                         int64_t m1) {
         k->bsr_forward(args, xp.data_ptr<scalar_t>(), c.C, b, y_rows.data_ptr<scalar_t>(),
                        Nb * bn, i0, i1, m0, m1);
-      };
-      if (Nb >= 4 * at::get_num_threads()) {
-        parallel_by_cost(args.row_ptr, Nb, 1, [&](int64_t i0, int64_t i1) { fn(i0, i1, 0, M); },
-                         1);
-      } else {
-        parallel_blocks_rows(args.row_ptr, Nb, M, fn);
-      }
+      });
       return;
     }
     const ImplicitGeometry implicit = in_place ? implicit_geometry(c) : ImplicitGeometry{};

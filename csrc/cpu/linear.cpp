@@ -28,17 +28,6 @@ void parallel_ranges(const int32_t* ptr, int64_t units, int64_t base_cost, F fn)
   parallel_by_cost(ptr, units, base_cost, fn, 1);
 }
 
-// fn(i0, i1, m0, m1) for the BSR products: ranges of block rows when there are enough of them
-// to balance, else block rows x batch rows (parallel_blocks_rows).
-template <class F>
-void parallel_block_row_ranges(const int32_t* ptr, int64_t units, int64_t M, F fn) {
-  if (M == 0) return;
-  if (units < 4 * at::get_num_threads()) {
-    parallel_blocks_rows(ptr, units, M, fn);
-    return;
-  }
-  parallel_ranges(ptr, units, 1, [&](int64_t i0, int64_t i1) { fn(i0, i1, 0, M); });
-}
 
 struct BsrShape {
   int64_t bk, bn, nnzb;
