@@ -60,11 +60,14 @@ Conv make_conv(const char* op, int64_t N, int64_t C, int64_t H, int64_t W, int64
 }
 
 // Offsets in elements of the padded NHWC input with `channels` per pixel; `images` = how many
-// images the pixel list spans (N for BSR, 1 for the per-image offsets of CSR panels).
+// images the pixel list spans (N for BSR, 1 for the per-image offsets of CSR panels). tap_mask
+// is empty except for implicit padding (implicit_geometry).
 struct GeometryArrays {
   std::vector<int64_t> pix_off, tap_off;
+  std::vector<uint64_t> tap_mask;
   ConvGeometry view() const {
-    return {int64_t(pix_off.size()), int64_t(tap_off.size()), pix_off.data(), tap_off.data()};
+    return {int64_t(pix_off.size()), int64_t(tap_off.size()), pix_off.data(), tap_off.data(),
+            tap_mask.empty() ? nullptr : tap_mask.data()};
   }
 };
 
@@ -198,21 +201,13 @@ bool pointwise(const Conv& c) {
 // activation, as long as a small-channel layer's kernel takes to read it once. Offsets are
 // those of a virtually padded input, relative to the unpadded one, and tap_mask (kernels.h)
 // says which taps of each output pixel fall inside it.
-struct ImplicitGeometry {
-  std::vector<int64_t> pix_off, tap_off;
-  std::vector<uint64_t> tap_mask;
-  ConvGeometry view() const {
-    return {int64_t(pix_off.size()), int64_t(tap_off.size()), pix_off.data(), tap_off.data(),
-            tap_mask.data()};
-  }
-};
 
 bool implicit_padding(const Tensor& x, const Conv& c) {
   return (c.padding[0] > 0 || c.padding[1] > 0) && c.C == x.size(1) && c.taps() <= 64;
 }
 
-ImplicitGeometry implicit_geometry(const Conv& c) {
-  ImplicitGeometry g;
+GeometryArrays implicit_geometry(const Conv& c) {
+  GeometryArrays g;
   for (int64_t dh = 0; dh < c.kh; ++dh)
     for (int64_t dw = 0; dw < c.kw; ++dw)
       g.tap_off.push_back((dh * c.dilation[0] * c.W + dw * c.dilation[1]) * c.C);
@@ -307,9 +302,8 @@ Tensor bsr_conv2d(const Tensor& x, const Tensor& values, const Tensor& block_row
       });
       return;
     }
-    const ImplicitGeometry implicit = in_place ? implicit_geometry(c) : ImplicitGeometry{};
-    const GeometryArrays padded = in_place ? GeometryArrays{} : geometry(c, c.C, c.N);
-    const ConvGeometry geo = in_place ? implicit.view() : padded.view();
+    const GeometryArrays g = in_place ? implicit_geometry(c) : geometry(c, c.C, c.N);
+    const ConvGeometry geo = g.view();
     parallel_pixels_rows(M, pixel_chunk(c.C), Nb, [&](int64_t i0, int64_t i1, int64_t m0, int64_t m1) {
       k->bsr_conv_forward(args, geo, xp.data_ptr<scalar_t>(), b, y_rows.data_ptr<scalar_t>(),
                           Nb * bn, i0, i1, m0, m1);
