@@ -200,12 +200,12 @@ SK_INLINE void rank1_update_x4(typename V::reg (&acc)[MR][NV], const float* A, i
   }
 }
 
-// Prefetches `len` floats of ROWS rows (leading dim ld) into L1.
-template <int ROWS>
+// Prefetches `len` floats of ROWS rows (leading dim ld) into L1 (HINT = _MM_HINT_T0) or L2.
+template <int ROWS, int HINT = _MM_HINT_T0>
 SK_INLINE void prefetch_rows(const float* p, int64_t ld, int64_t len) {
   for (int r = 0; r < ROWS; ++r)
     for (int64_t i = 0; i < len; i += 16)
-      _mm_prefetch(reinterpret_cast<const char*>(p + r * ld + i), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + r * ld + i), static_cast<_mm_hint>(HINT));
 }
 
 // Tile rows for the rank-1 form: as many as the register file holds next to NV operand vectors.
@@ -222,8 +222,15 @@ void bsr_forward_impl(const sparsekern::cpu::BsrArgs<float>& a, const float* x, 
   constexpr int NT = NV * V::L;
   const int64_t bn = a.bn, bk = a.bk, block = bn * bk;
   // One block row I over the x rows [m, m + rows).
-  const auto block_row_tile = [&](int64_t I, int64_t m, auto R) {
+  // x rows [m, m + rows) of block row I's first kept block, or null when it keeps none.
+  const auto first_block = [&](int64_t I, int64_t m) -> const float* {
+    const int64_t p = a.row_ptr[I];
+    return p < a.row_ptr[I + 1] ? x + m * ldx + a.col_idx[p] * bk : nullptr;
+  };
+  // next_first: first_block of the unit that runs after this one (null: none).
+  const auto block_row_tile = [&](int64_t I, int64_t m, auto R, const float* next_first) {
     constexpr int rows = decltype(R)::value;
+    const bool prefetch_next = m + 2 * rows <= m1;
     const int64_t p0 = a.row_ptr[I], p1 = a.row_ptr[I + 1];
     const float* x_tile = x + m * ldx;
     // Every column tile of the block row for these x rows before the next rows: the second
@@ -242,14 +249,18 @@ void bsr_forward_impl(const sparsekern::cpu::BsrArgs<float>& a, const float* x, 
 #pragma GCC unroll 16
       for (int r = 0; r < rows; ++r)  // the tile's output lines, for writing at the end
         for (int v = 0; v < NV * V::L; v += 16) __builtin_prefetch(y_tile + r * ldy + v, 1, 3);
-      // The next tile's first block (the loop below covers every later one): with few kept
+      // The next unit's first block (the loop below covers every later one): with few kept
       // blocks per row, an unprefetched first block is a third of all x reads.
-      if (n0 + NT >= bn && p0 < p1)
-        prefetch_rows<rows>(x_tile + rows * ldx + a.col_idx[p0] * bk, ldx, bk);
+      if (n0 + NT >= bn && next_first) prefetch_rows<rows>(next_first, ldx, bk);
       for (int64_t p = p0; p < p1; ++p) {
         // x rows of the next block: they come from DRAM when the caller has just streamed
         // something large (the usual case), in rows too scattered for the hardware prefetcher.
         if (p + 1 < p1) prefetch_rows<rows>(x_tile + a.col_idx[p + 1] * bk, ldx, bk);
+        // The same block of the next tile's rows into L2, a whole group of block rows before
+        // it is needed: the L1 prefetch above is one block (~200 cycles) ahead, too short to
+        // hide L3 latency, which bound every x tile's first pass through the group.
+        if (n0 == 0 && prefetch_next)
+          prefetch_rows<rows, _MM_HINT_T1>(x_tile + rows * ldx + a.col_idx[p] * bk, ldx, bk);
         rank1_update_x4<V, rows, NV>(acc, x_tile + a.col_idx[p] * bk, ldx, 1,
                                      w_tile + p * block, bn, bk);
       }
@@ -271,7 +282,13 @@ void bsr_forward_impl(const sparsekern::cpu::BsrArgs<float>& a, const float* x, 
     while (g1 < i1 && a.row_ptr[g1 + 1] - a.row_ptr[g0] <= group_blocks) ++g1;
     balanced_tiles<MR>(m0, m1, [&](int64_t m, int64_t tile_rows) {
       with_rows<MR>(tile_rows, [&](auto R) {
-        for (int64_t I = g0; I < g1; ++I) block_row_tile(I, m, R);
+        const bool last_tile = m + decltype(R)::value >= m1;
+        for (int64_t I = g0; I < g1; ++I) {
+          const float* next_first = I + 1 < g1   ? first_block(I + 1, m)
+                                    : last_tile ? nullptr
+                                                : first_block(g0, m + decltype(R)::value);
+          block_row_tile(I, m, R, next_first);
+        }
       });
     });
   }
