@@ -1,6 +1,7 @@
-"""Typed wrappers over torch.ops.sparsekern.*, with fake (meta) kernels and autograd formulas.
+"""Typed wrappers over torch.ops.sparsekern.*, with their fake (meta) kernels.
 
-The schemas live in csrc/ops.cpp. When the extension is not loaded every wrapper runs the
+The schemas live in csrc/ops.cpp, the autograd formulas in csrc/autograd.cpp (C++: a Python
+formula cost ~130 us per training step of a layer, see there). When the extension is not loaded every wrapper runs the
 matching function of reference.py instead, so callers never need to care.
 
 N:M weights (formats.NM) run on the CSR ops (their values viewed flat: no copy), except a 2:4
@@ -539,45 +540,6 @@ if _HAVE_OPS:
     def _(grad_out, x, row_ptr, col_idx):
         return x.new_empty(col_idx.shape[0])
 
-    def _setup(ctx, inputs, output):
-        x, values, ptr, idx, t_ptr, t_idx, perm, bias, _ = inputs
-        ctx.save_for_backward(x, values, ptr, idx, t_ptr, t_idx, perm)
-        ctx.has_bias = bias is not None
-
-    def _backward_of(grad_input, grad_weight):
-        def backward(ctx, grad_out):
-            x, values, ptr, idx, t_ptr, t_idx, perm = ctx.saved_tensors
-            grad_out = grad_out.contiguous()
-            dx = dv = db = None
-            if ctx.needs_input_grad[0]:
-                dx = grad_input(grad_out, values, t_ptr, t_idx, perm, x.shape[1])
-            if ctx.needs_input_grad[1]:
-                dv = grad_weight(grad_out, x, ptr, idx, values)
-            if ctx.has_bias and ctx.needs_input_grad[7]:
-                db = grad_out.sum(0)
-            return dx, dv, None, None, None, None, None, db, None
-
-        return backward
-
-    torch.library.register_autograd(
-        "sparsekern::bsr_linear",
-        _backward_of(bsr_linear_grad_input,
-                     lambda dy, x, ptr, idx, values: bsr_linear_grad_weight(
-                         dy, x, ptr, idx, values.shape[2], values.shape[1])),
-        setup_context=_setup)
-    def _no_double_backward(ctx, *grads):
-        raise RuntimeError(
-            "sparsekern: differentiating through a sparse linear backward (double backward, "
-            "e.g. a gradient penalty) is not supported")
-
-    # Without a formula autograd would treat these ops as constants and silently return zero
-    # second-order gradients; an explicit error is the honest answer.
-    for _name in ("bsr_linear_grad_input", "bsr_linear_grad_weight", "csr_linear_grad_input",
-                  "csr_linear_grad_weight", "csr_linear_grad_input_cuda",
-                  "bsr_conv2d_grad_input", "bsr_conv2d_grad_weight",
-                  "csr_conv2d_grad_input", "csr_conv2d_grad_weight"):
-        torch.library.register_autograd(f"sparsekern::{_name}", _no_double_backward)
-
     def _channels_last(like, *size):
         return like.new_empty(size).contiguous(memory_format=torch.channels_last)
 
@@ -614,53 +576,5 @@ if _HAVE_OPS:
     def _(grad_out, x, row_ptr, col_idx, kernel_size, stride, padding, dilation):
         return x.new_empty(col_idx.shape[0])
 
-    def _conv_setup(ctx, inputs, output):
-        x, values, ptr, idx, t_ptr, t_idx, perm, bias, *geometry = inputs
-        ctx.save_for_backward(x, values, ptr, idx, t_ptr, t_idx, perm)
-        ctx.has_bias = bias is not None
-        ctx.geometry = geometry  # [out_channels,] [kernel_size,] stride, padding, dilation
-
-    def _conv_backward_of(grad_input, grad_weight):
-        def backward(ctx, grad_out):
-            x, values, ptr, idx, t_ptr, t_idx, perm = ctx.saved_tensors
-            dx = dv = db = None
-            if ctx.needs_input_grad[0]:
-                dx = grad_input(ctx, grad_out, values, t_ptr, t_idx, perm, list(x.shape))
-            if ctx.needs_input_grad[1]:
-                dv = grad_weight(ctx, grad_out, x, ptr, idx, values)
-            if ctx.has_bias and ctx.needs_input_grad[7]:
-                db = grad_out.sum((0, 2, 3))
-            return (dx, dv, None, None, None, None, None, db) + (None,) * len(ctx.geometry)
-
-        return backward
-
-    torch.library.register_autograd(
-        "sparsekern::bsr_conv2d",
-        _conv_backward_of(
-            lambda ctx, dy, values, t_ptr, t_idx, perm, size: bsr_conv2d_grad_input(
-                dy, values, t_ptr, t_idx, perm, size, *ctx.geometry[1:]),
-            lambda ctx, dy, x, ptr, idx, values: bsr_conv2d_grad_weight(
-                dy, x, ptr, idx, list(values.shape[1:3]), values.shape[4], values.shape[3],
-                *ctx.geometry[1:])),
-        setup_context=_conv_setup)
-    torch.library.register_autograd(
-        "sparsekern::csr_conv2d",
-        _conv_backward_of(
-            lambda ctx, dy, values, t_ptr, t_idx, perm, size: csr_conv2d_grad_input(
-                dy, values, t_ptr, t_idx, perm, size, *ctx.geometry[1:]),
-            lambda ctx, dy, x, ptr, idx, values: csr_conv2d_grad_weight(
-                dy, x, ptr, idx, *ctx.geometry[1:])),
-        setup_context=_conv_setup)
-
-    torch.library.register_autograd(
-        "sparsekern::csr_linear",
-        _backward_of(csr_linear_grad_input,
-                     lambda dy, x, ptr, idx, values: csr_linear_grad_weight(dy, x, ptr, idx)),
-        setup_context=_setup)
-    torch.library.register_autograd(
-        "sparsekern::csr_linear_cuda",
-        _backward_of(csr_linear_grad_input_cuda,
-                     lambda dy, x, ptr, idx, values: csr_linear_grad_weight(dy, x, ptr, idx)),
-        setup_context=_setup)
 
 _csr_cuda_from_environment()
