@@ -27,10 +27,11 @@ template <class T>
 using bsr_transpose_blocks_fn = void (*)(const T* values, const int32_t* perm, int64_t bk,
                                          int64_t bn, T* out, int64_t q0, int64_t q1);
 // dw[nnzb][bk][bn] = (dy^T x) sampled at the stored blocks of block rows [i0, i1); dy row-major
-// [M][lddy], x in block columns: x[Kb][M][bk] (block column J of x[M, Kb*bk] contiguous).
+// [M][lddy]; x[m, J*bk + kk] at x[m * x_rs + J * x_cs + kk]: row-major (x_rs = ld, x_cs = bk)
+// or in block columns [Kb][M][bk] (x_rs = bk, x_cs = M*bk).
 template <class T>
 using bsr_grad_weight_fn = void (*)(const BsrArgs<T>&, const T* dy, int64_t lddy, const T* x,
-                                    T* dw, int64_t i0, int64_t i1);
+                                    int64_t x_rs, int64_t x_cs, T* dw, int64_t i0, int64_t i1);
 
 // Unstructured (CSR) products. The SIMD kernels read dense operands as "panels": the operand
 // [M, C] transposed and cut into chunks of `panel` rows, stored [M/panel][C][panel], so that one

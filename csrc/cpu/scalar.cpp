@@ -32,15 +32,15 @@ void bsr_transpose_blocks(const T* values, const int32_t* perm, int64_t bk, int6
 }
 
 template <class T>
-void bsr_grad_weight(const BsrArgs<T>& a, const T* dy, int64_t lddy, const T* x, T* dw,
-                     int64_t i0, int64_t i1) {
+void bsr_grad_weight(const BsrArgs<T>& a, const T* dy, int64_t lddy, const T* x, int64_t x_rs,
+                     int64_t x_cs, T* dw, int64_t i0, int64_t i1) {
   const int64_t bn = a.bn, bk = a.bk;
   for (int64_t I = i0; I < i1; ++I)
     for (int64_t p = a.row_ptr[I]; p < a.row_ptr[I + 1]; ++p) {
       T* out = dw + p * bn * bk;
       for (int64_t i = 0; i < bn * bk; ++i) out[i] = 0;
-      for (int64_t m = 0; m < a.M; ++m) {  // x in block columns (kernels.h)
-        const T* xr = x + (a.col_idx[p] * a.M + m) * bk;
+      for (int64_t m = 0; m < a.M; ++m) {
+        const T* xr = x + m * x_rs + a.col_idx[p] * x_cs;
         const T* d = dy + m * lddy + I * bn;
         for (int64_t kk = 0; kk < bk; ++kk)
           for (int64_t n = 0; n < bn; ++n) out[kk * bn + n] += xr[kk] * d[n];

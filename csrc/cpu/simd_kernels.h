@@ -297,14 +297,16 @@ void bsr_forward_impl(const sparsekern::cpu::BsrArgs<float>& a, const float* x, 
 // dW is a [bk][bn] GEMM per stored block over the whole batch. Read in place, a tile pass would
 // walk M rows of x and dy a row stride apart (kilobytes: one page and, as the stride is a
 // multiple of 4 KB, one L1 set per row), and the twelve tile passes of a block would fetch each
-// line again from L2 or L3. So the batch is cut into chunks of MC rows, x comes in block columns
-// ([Kb][M][bk], kernels.h: a block's chunk is one contiguous 8 KB run at 32x32), and the block
-// row's dy chunk is copied into a contiguous L1 buffer once per chunk (dy itself is read once
-// in all, so packing it beforehand would cost a pass over a new buffer). Every pass then reads
-// L1; partial sums wait in dw between chunks.
+// line again from L2 or L3. So the batch is cut into chunks of MC rows, and each pass reads
+// contiguous chunks: the block row's dy chunk, copied into an L1 buffer once per chunk, and the
+// block's x chunk (its bk columns of MC rows). x comes either in block columns (x_rs == bk:
+// every chunk already contiguous, for x columns that many block rows read) or in place, each
+// block's chunk then copied into an L1 buffer (the caller's choice, linear.cpp). Partial sums
+// wait in dw between chunks.
 template <class V, int NV>
 void bsr_grad_weight_impl(const sparsekern::cpu::BsrArgs<float>& a, const float* dy,
-                          int64_t lddy, const float* x, float* dw, int64_t i0, int64_t i1) {
+                          int64_t lddy, const float* x, int64_t x_rs, int64_t x_cs,
+                          float* dw, int64_t i0, int64_t i1) {
   constexpr int MR = rank1_rows<V, NV>();
   constexpr int NT = NV * V::L;
   constexpr int64_t MC = 64;
@@ -314,8 +316,23 @@ void bsr_grad_weight_impl(const sparsekern::cpu::BsrArgs<float>& a, const float*
   // Plain new[]: a std::vector here would instantiate inline library code under this file's
   // target pragma (see the top of the file).
   float* const dy_chunk = new float[MC * bn];
+  const bool pack_x = x_rs != bk;
+  float* const x_buffer = pack_x ? new float[MC * bk] : nullptr;
   const int64_t passes = bn / NT * ((bk + MR - 1) / MR);  // tile passes per block and chunk
-  const int64_t dy_row_lines = (bn + 15) / 16;
+  const int64_t dy_row_lines = (bn + 15) / 16, x_row_lines = (bk + 15) / 16;
+  // rows [m0, m0 + rows) of a column run (row_lines lines each, rows ld apart), as a list of
+  // `lines` prefetches into L2 issued a slice at a time, one slice before each tile pass:
+  // issued at once, a block's 128 lines filled the miss queue and stalled the first pass.
+  struct Prefetch {
+    const float* base = nullptr;
+    int64_t ld = 0, row_lines = 1, lines = 0, per_pass = 0, issued = 0;
+    void slice() {
+      for (const int64_t end = min64(lines, issued + per_pass); issued < end; ++issued)
+        _mm_prefetch(reinterpret_cast<const char*>(base + issued / row_lines * ld +
+                                                   issued % row_lines * 16),
+                     _MM_HINT_T1);
+    }
+  };
   for (int64_t I = i0; I < i1; ++I) {
     const int64_t p0 = a.row_ptr[I], p1 = a.row_ptr[I + 1];
     if (p0 == p1) continue;
@@ -326,34 +343,26 @@ void bsr_grad_weight_impl(const sparsekern::cpu::BsrArgs<float>& a, const float*
         for (int64_t n = 0; n < bn; n += 8)
           _mm256_storeu_ps(dy_chunk + t * bn + n, _mm256_loadu_ps(dy_rows + t * lddy + n));
       for (int64_t p = p0; p < p1; ++p) {
-        const float* x_chunk = x + (a.col_idx[p] * M + m0) * bk;
-        // The next block's chunk: each block starts a new stream, which the hardware
-        // prefetcher only picks up after a few misses. After the last block, the next chunk's
-        // dy rows (a row stride apart, so into L2: in L1 they would share one set). A slice
-        // before each tile pass: issued at once, the 128 lines of a 32x32 block's chunk filled
-        // the miss queue and stalled the first pass (3% of a dW call's samples).
-        const bool next_block = p + 1 < p1;
-        const float* next_x = next_block ? x + (a.col_idx[p + 1] * M + m0) * bk : nullptr;
+        const float* x_rows = x + m0 * x_rs + a.col_idx[p] * x_cs;
+        const float* x_chunk = pack_x ? x_buffer : x_rows;
+        if (pack_x)
+          for (int64_t t = 0; t < mc; ++t)
+            for (int64_t kk = 0; kk < bk; kk += 8)
+              _mm256_storeu_ps(x_buffer + t * bk + kk, _mm256_loadu_ps(x_rows + t * x_rs + kk));
+        // While this block computes: the next block's x rows (scattered rows, which the
+        // hardware prefetcher does not follow), after the last block the next chunk's dy rows.
+        Prefetch next;
         const int64_t dy_next_rows = min64(M - m0, 2 * MC) - MC;
-        const int64_t lines = next_block ? (mc * bk + 15) / 16
-                              : dy_next_rows > 0 ? dy_next_rows * dy_row_lines : 0;
-        const int64_t per_pass = (lines + passes - 1) / passes;
-        int64_t issued = 0;
-        const auto prefetch_slice = [&] {
-          for (const int64_t end = min64(lines, issued + per_pass); issued < end; ++issued) {
-            if (next_block) {
-              _mm_prefetch(reinterpret_cast<const char*>(next_x + issued * 16), _MM_HINT_T0);
-            } else {
-              const float* row = dy_rows + (MC + issued / dy_row_lines) * lddy;
-              _mm_prefetch(reinterpret_cast<const char*>(row + issued % dy_row_lines * 16),
-                           _MM_HINT_T1);
-            }
-          }
-        };
+        if (p + 1 < p1) {
+          next = {x + m0 * x_rs + a.col_idx[p + 1] * x_cs, x_rs, x_row_lines, mc * x_row_lines};
+        } else if (dy_next_rows > 0) {
+          next = {dy_rows + MC * lddy, lddy, dy_row_lines, dy_next_rows * dy_row_lines};
+        }
+        next.per_pass = (next.lines + passes - 1) / passes;
         float* dw_block = dw + p * block;
         for (int64_t n0 = 0; n0 < bn; n0 += NT) {
           balanced_tiles<MR>(0, bk, [&](int64_t kk, int64_t tile_rows) {
-            prefetch_slice();
+            next.slice();
             with_rows<MR>(tile_rows, [&](auto R) {
               constexpr int rows = decltype(R)::value;
               float* dw_tile = dw_block + kk * bn + n0;
@@ -374,6 +383,7 @@ void bsr_grad_weight_impl(const sparsekern::cpu::BsrArgs<float>& a, const float*
       }
     }
   }
+  delete[] x_buffer;
   delete[] dy_chunk;
 }
 
@@ -409,8 +419,9 @@ void bsr_forward(const sparsekern::cpu::BsrArgs<float>& a, const float* x, int64
 
 template <class Vw>
 void bsr_grad_weight(const sparsekern::cpu::BsrArgs<float>& a, const float* dy, int64_t lddy,
-                     const float* x, float* dw, int64_t i0, int64_t i1) {
-  by_width<Vw, GradWeightFn>(a.bn, a, dy, lddy, x, dw, i0, i1);
+                     const float* x, int64_t x_rs, int64_t x_cs, float* dw, int64_t i0,
+                     int64_t i1) {
+  by_width<Vw, GradWeightFn>(a.bn, a, dy, lddy, x, x_rs, x_cs, dw, i0, i1);
 }
 
 // out[q] = values[perm[q]] transposed ([bk][bn] -> [bn][bk]) for q in [q0, q1): W^T in block
