@@ -73,6 +73,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "CPU instruction sets usable by the float32 kernels, best first");
   module.def("active_isa", &sparsekern::cpu::active_isa);
   module.def("set_isa", &sparsekern::cpu::set_isa, "Select the float32 kernel instruction set");
+  module.def("active_panel_rows", &sparsekern::cpu::active_panel_rows,
+             "Batch rows per x panel of the active CSR kernels (0: x read row-major)");
   module.attr("cuda_built") = pybind11::bool_(
 #ifdef SPARSEKERN_WITH_CUDA
       true

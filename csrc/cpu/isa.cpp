@@ -47,6 +47,8 @@ std::vector<std::string> available_isas() {
 
 std::string active_isa() { return active_table().load()->name; }
 
+int64_t active_panel_rows() { return active_table().load()->panel; }
+
 void set_isa(const std::string& name) {
   for (const std::string& usable : available_isas())
     if (usable == name) {

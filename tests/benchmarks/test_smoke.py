@@ -231,3 +231,25 @@ def test_run_outside_the_repository_writes_beside_the_user(tmp_path):
     assert json.loads((tmp_path / "benchmarks" / "results.json").read_text())["linear"]
     assert (tmp_path / "benchmarks" / "RESULTS.md").is_file()
     assert {p: p.stat().st_mtime_ns for p in package_files} == package_files
+
+
+def test_csr_profile_splits_the_forward(tmp_path):
+    """`python -m benchmarks csr-profile --quick`: every shape timed at 1 and the run's thread
+    count, the floor (one entry per row) below the full call, the panel reach over K."""
+    out = tmp_path / "profile"
+    cmd = [sys.executable, "-m", "benchmarks", "csr-profile", "--quick", "--threads", "2",
+           "--repeats", "3", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "results.json").read_text())
+    (row,) = results["shapes"]
+    assert sorted(row["by_threads"]) == ["1", "2"]  # JSON keys
+    for t in row["by_threads"].values():
+        assert t["csr_ms"] > 0 and t["dense_ms"] > 0 and 0 < t["floor_share"]
+        assert t["fraction"] == pytest.approx(t["dense_ms"] / t["csr_ms"] / 10)
+        assert t["timing"]["rounds"] >= 1
+    assert [r["K"] for r in results["panel_reach"]] == [32, 64]
+    for r in results["panel_reach"]:
+        assert r["panel_kib"] == r["K"] * results["panel_rows"] * 4 / 1024
+    text = (out / "RESULTS.md").read_text()
+    assert results["command"] in text and "## Panel reach" in text

@@ -1,0 +1,212 @@
+"""`python -m benchmarks csr-profile`: where the time of the CSR (unstructured) forward goes.
+
+Issue 8 asks for each miss of a fraction target with its reason. The CSR forward packs x into
+batch panels (x transposed, `panel` rows at a time), then every stored weight multiplies one
+panel row: a gather of `panel` floats at a random column (csrc/cpu/simd_kernels.h). This splits
+the measured time, through the public op only, into:
+
+- floor: the same call on a weight of the same shape that keeps one entry per row: packing x,
+  writing y and the dispatch, without the gathers (its share of the full call);
+- kernel: full - floor, the gathers and FMAs; `kernel fraction` is the share of the dense FLOP
+  rate the call would sustain if the floor cost nothing;
+- threads: the fraction with one thread beside the fraction with all of them;
+- panel reach: at one N and M, ns per (kept weight x batch row) and per core as K grows, so the
+  panel (K x panel rows x 4 bytes: 128 bytes a column with AVX2's 32-row panels) outgrows L1,
+  then L2.
+
+Every figure is a median of interleaved rounds (sparsekern.timing.measure, dense F.linear first).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import sparsekern as sk
+from benchmarks import report
+from benchmarks.linear import select_isa
+from benchmarks.masks import make_mask
+from sparsekern.timing import measure
+
+SPARSITY = 0.9
+
+
+@dataclass(frozen=True)
+class Plan:
+    shapes: tuple = ((768, 3072), (3072, 768), (1024, 1024), (4096, 4096), (2048, 2048))  # (K, N)
+    batches: tuple = (256, 1024)
+    reach_n: int = 2048
+    reach_m: int = 256
+    reach_k: tuple = (128, 256, 512, 1024, 2048, 3072, 4096)
+
+
+QUICK = Plan(shapes=((64, 48),), batches=(40,), reach_n=48, reach_m=40, reach_k=(32, 64))
+
+
+def csr_weight(N: int, K: int, mask: torch.Tensor, gen: torch.Generator) -> sk.CSR:
+    return sk.CSR.from_dense(torch.randn(N, K, generator=gen) * mask, mask)
+
+
+def one_per_row(N: int, K: int, gen: torch.Generator) -> torch.Tensor:
+    mask = torch.zeros(N, K, dtype=torch.bool)
+    mask[torch.arange(N), torch.randint(K, (N,), generator=gen)] = True
+    return mask
+
+
+def timed(fns: dict, args) -> dict:
+    m = measure(fns, warmup=args.warmup, max_rounds=args.repeats)
+    return {"seconds": m.seconds, "timing": m.record()}
+
+
+def profile_shape(K: int, N: int, M: int, args, gen: torch.Generator) -> dict:
+    """Dense, full CSR and the one-entry-per-row floor in one group at every thread count."""
+    mask = make_mask(None, N, K, SPARSITY, gen)
+    dense_w = torch.randn(N, K, generator=gen) * mask
+    full = csr_weight(N, K, mask, gen)
+    floor = csr_weight(N, K, one_per_row(N, K, gen), gen)
+    x = torch.randn(M, K, generator=gen)
+    row = {"K": K, "N": N, "M": M, "nnz": full.nnz, "by_threads": {}}
+    with torch.no_grad():
+        for threads in sorted({1, args.threads}):
+            torch.set_num_threads(threads)
+            t = timed({"dense": lambda: F.linear(x, dense_w), "csr": lambda: sk.linear(x, full),
+                       "floor": lambda: sk.linear(x, floor)}, args)
+            s = t["seconds"]
+            ideal = 1 / (1 - SPARSITY)
+            row["by_threads"][threads] = {
+                **{f"{k}_ms": v * 1e3 for k, v in s.items()},
+                "fraction": s["dense"] / s["csr"] / ideal,
+                "kernel_fraction": s["dense"] / max(s["csr"] - s["floor"], 1e-12) / ideal,
+                "floor_share": s["floor"] / s["csr"],
+                # ns that one core spends per kept weight and batch row (the gather-FMA unit)
+                "ns_per_entry_row": s["csr"] * threads * 1e9 / (full.nnz * M),
+                "dense_ns_per_weight_row": s["dense"] * threads * 1e9 / (N * K * M),
+                "timing": t["timing"]}
+    torch.set_num_threads(args.threads)
+    return row
+
+
+def panel_rows() -> int:
+    """Batch rows per x panel of the active CSR kernels; 0 without the extension (no panels)."""
+    return sk._extension._C.active_panel_rows() if sk._extension.available() else 0
+
+
+def panel_reach(plan: Plan, args, gen: torch.Generator) -> list[dict]:
+    """One thread, N and M fixed, K growing: the per-entry cost as the x panel grows."""
+    N, M = plan.reach_n, plan.reach_m
+    rows = []
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        for K in plan.reach_k:
+            mask = make_mask(None, N, K, SPARSITY, gen)
+            w = csr_weight(N, K, mask, gen)
+            dense_w = torch.randn(N, K, generator=gen) * mask
+            x = torch.randn(M, K, generator=gen)
+            t = timed({"dense": lambda: F.linear(x, dense_w), "csr": lambda: sk.linear(x, w)},
+                      args)
+            s = t["seconds"]
+            rows.append({"K": K, "panel_kib": K * panel_rows() * 4 / 1024,
+                         "ns_per_entry_row": s["csr"] * 1e9 / (w.nnz * M),
+                         "dense_ns_per_weight_row": s["dense"] * 1e9 / (N * K * M),
+                         "fraction": s["dense"] / s["csr"] * (1 - SPARSITY),
+                         "timing": t["timing"]})
+    torch.set_num_threads(args.threads)
+    return rows
+
+
+def markdown(results: dict) -> str:
+    m, isa = results["machine"], results["isa"]
+    lines = ["# sparsekern CSR forward profile", "",
+             "Generated by `python -m benchmarks csr-profile`; do not edit by hand, rerun it.", "",
+             "|  |  |", "|---|---|",
+             f"| command | `{results['command']}` |",
+             f"| date (UTC) | {results['date']} |",
+             f"| machine | {m['model_name']} (cpu family {m['cpu_family']}, model {m['model']}), "
+             f"{m['logical_cpus']} logical CPUs, flags: {' '.join(m['simd_flags'])} |",
+             f"| sparsekern ISA used | {isa['active']} (available: "
+             f"{', '.join(isa['available'])}) |",
+             f"| torch | {results['torch']} (dense = F.linear, MKL) |",
+             f"| threads | {results['threads']} (and 1, in the same group's process) |",
+             f"| timing | interleaved rounds (sparsekern.timing.measure), warm-up "
+             f"{results['warmup']}, at most {results['repeats']} rounds, median |",
+             f"| source | {results['git']} |",
+             f"| runtime | {results['runtime_s']:.0f} s |", "",
+             f"CSR at {SPARSITY:.0%}, float32. fraction = speedup / ideal (the share of the dense "
+             "FLOP rate). floor = the same call on a weight that keeps one entry per row (pack x, "
+             "write y, dispatch); kernel fraction = the fraction if the floor cost nothing. "
+             "ns/entry-row = ns one core spends per kept weight and batch row; dense ns/weight-row "
+             "is the same unit for the dense GEMM, so their ratio is the fraction.", "",
+             "## Split of the forward, every issue-8 shape", "",
+             "| K | N | M | threads | dense ms | csr ms | fraction | floor share | kernel fraction "
+             "| ns/entry-row | dense ns/weight-row |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["shapes"]:
+        for threads, t in sorted(r["by_threads"].items()):
+            lines.append(f"| {r['K']} | {r['N']} | {r['M']} | {threads} | {t['dense_ms']:.2f} | "
+                         f"{t['csr_ms']:.2f} | {t['fraction']:.2f} | {t['floor_share']:.0%} | "
+                         f"{t['kernel_fraction']:.2f} | {t['ns_per_entry_row']:.3f} | "
+                         f"{t['dense_ns_per_weight_row']:.4f} |")
+    reach = results["reach"]
+    lines += ["", f"## Panel reach: one thread, N={reach['N']}, M={reach['M']}, K growing", "",
+              f"x panel = K x {results['panel_rows']} batch rows x 4 bytes, the L1/L2 footprint "
+              "of the gathers.", "",
+              "| K | x panel (KiB) | ns/entry-row | dense ns/weight-row | fraction |",
+              "|---|---|---|---|---|"]
+    for r in results["panel_reach"]:
+        lines.append(f"| {r['K']} | {r['panel_kib']:.0f} | {r['ns_per_entry_row']:.3f} | "
+                     f"{r['dense_ns_per_weight_row']:.4f} | {r['fraction']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks csr-profile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--isa", help="pin the sparsekern ISA (e.g. avx2 on an AVX-512 machine)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=15, help="most timed rounds per group")
+    p.add_argument("--quick", action="store_true", help="one small shape, for a smoke run")
+    p.add_argument("--out", type=Path, help="folder of RESULTS.md and results.json "
+                   "(default ./benchmarks/csr_profile)")
+    args = p.parse_args(argv)
+    if args.threads < 1 or args.repeats < 1 or args.warmup < 0:
+        p.error("--threads and --repeats must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    select_isa(args.isa)
+    gen = torch.Generator().manual_seed(0)
+    plan = QUICK if args.quick else Plan()
+    results = {"command": shlex.join(["python", "-m", "benchmarks", "csr-profile", *argv]),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "machine": report.cpu_description(), "isa": report.isa_description(),
+               "torch": torch.__version__, "threads": args.threads, "git": report.git_revision(),
+               "warmup": args.warmup, "repeats": args.repeats,
+               "reach": {"N": plan.reach_n, "M": plan.reach_m}, "panel_rows": panel_rows()}
+    results["shapes"] = []
+    for K, N in plan.shapes:
+        for M in plan.batches:
+            row = profile_shape(K, N, M, args, gen)
+            t = row["by_threads"][args.threads]
+            print(f"K={K} N={N} M={M}: fraction {t['fraction']:.2f}, floor "
+                  f"{t['floor_share']:.0%}, kernel fraction {t['kernel_fraction']:.2f}",
+                  flush=True)
+            results["shapes"].append(row)
+    results["panel_reach"] = panel_reach(plan, args, gen)
+    results["runtime_s"] = time.perf_counter() - started
+    out = args.out or report.default_output_dir("csr_profile")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "RESULTS.md").write_text(markdown(results))
+    print(f"runtime {results['runtime_s']:.0f} s; wrote {out / 'RESULTS.md'}")
+    return 0
