@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import sparsekern as sk
 from benchmarks import report
+from benchmarks.conv import output_dir
 from benchmarks.linear import select_isa
 from benchmarks.masks import make_mask
 from sparsekern.timing import measure
@@ -173,7 +174,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=15, help="most timed rounds per group")
     p.add_argument("--quick", action="store_true", help="one small shape, for a smoke run")
     p.add_argument("--out", type=Path, help="folder of RESULTS.md and results.json "
-                   "(default ./benchmarks/csr_profile)")
+                   "(default ./benchmarks/csr_profile; with --quick a fresh temporary folder)")
     args = p.parse_args(argv)
     if args.threads < 1 or args.repeats < 1 or args.warmup < 0:
         p.error("--threads and --repeats must be >= 1, --warmup >= 0")
@@ -204,7 +205,7 @@ def main(argv: list[str]) -> int:
             results["shapes"].append(row)
     results["panel_reach"] = panel_reach(plan, args, gen)
     results["runtime_s"] = time.perf_counter() - started
-    out = args.out or report.default_output_dir("csr_profile")
+    out = output_dir(args, report.default_output_dir("csr_profile"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "RESULTS.md").write_text(markdown(results))
