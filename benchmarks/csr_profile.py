@@ -51,8 +51,10 @@ class Plan:
 QUICK = Plan(shapes=((64, 48),), batches=(40,), reach_n=48, reach_m=40, reach_k=(32, 64))
 
 
-def csr_weight(N: int, K: int, mask: torch.Tensor, gen: torch.Generator) -> sk.CSR:
-    return sk.CSR.from_dense(torch.randn(N, K, generator=gen) * mask, mask)
+def pruned(mask: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, sk.CSR]:
+    """The masked dense weight (the baseline's) and the same weight packed as CSR."""
+    dense = torch.randn(mask.shape, generator=gen) * mask
+    return dense, sk.CSR.from_dense(dense, mask)
 
 
 def one_per_row(N: int, K: int, gen: torch.Generator) -> torch.Tensor:
@@ -69,9 +71,8 @@ def timed(fns: dict, args) -> dict:
 def profile_shape(K: int, N: int, M: int, args, gen: torch.Generator) -> dict:
     """Dense, full CSR and the one-entry-per-row floor in one group at every thread count."""
     mask = make_mask(None, N, K, SPARSITY, gen)
-    dense_w = torch.randn(N, K, generator=gen) * mask
-    full = csr_weight(N, K, mask, gen)
-    floor = csr_weight(N, K, one_per_row(N, K, gen), gen)
+    dense_w, full = pruned(mask, gen)
+    _, floor = pruned(one_per_row(N, K, gen), gen)
     x = torch.randn(M, K, generator=gen)
     row = {"K": K, "N": N, "M": M, "nnz": full.nnz, "by_threads": {}}
     with torch.no_grad():
@@ -107,8 +108,7 @@ def panel_reach(plan: Plan, args, gen: torch.Generator) -> list[dict]:
     with torch.no_grad():
         for K in plan.reach_k:
             mask = make_mask(None, N, K, SPARSITY, gen)
-            w = csr_weight(N, K, mask, gen)
-            dense_w = torch.randn(N, K, generator=gen) * mask
+            dense_w, w = pruned(mask, gen)
             x = torch.randn(M, K, generator=gen)
             t = timed({"dense": lambda: F.linear(x, dense_w), "csr": lambda: sk.linear(x, w)},
                       args)
