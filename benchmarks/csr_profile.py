@@ -9,6 +9,10 @@ the measured time, through the public op only, into:
   writing y and the dispatch, without the gathers (its share of the full call);
 - kernel: full - floor, the gathers and FMAs; `kernel fraction` is the share of the dense FLOP
   rate the call would sustain if the floor cost nothing;
+- ragged rows: the same call on a weight with the same number of kept entries spread evenly
+  over the rows (each keeps nnz // N or one more, at uniformly random columns): the share of
+  the time that comes from rows of unequal length (a uniform random mask's rows differ by
+  ~sqrt(kept); magnitude pruning's by far more): the loop trip counts then vary row to row;
 - threads: the fraction with one thread beside the fraction with all of them;
 - panel reach: at one N and M, ns per (kept weight x batch row) and per core as K grows, so the
   panel (K x panel rows x 4 bytes: 128 bytes a column with AVX2's 32-row panels) outgrows L1,
@@ -63,6 +67,14 @@ def one_per_row(N: int, K: int, gen: torch.Generator) -> torch.Tensor:
     return mask
 
 
+def even_rows(N: int, K: int, kept: int, gen: torch.Generator) -> torch.Tensor:
+    """`kept` entries over N rows, every row keeping kept // N or one more, columns uniform."""
+    per_row = torch.full((N,), kept // N)
+    per_row[torch.randperm(N, generator=gen)[:kept % N]] += 1
+    ranks = torch.rand(N, K, generator=gen).argsort(dim=1).argsort(dim=1)
+    return ranks < per_row[:, None]
+
+
 def timed(fns: dict, args) -> dict:
     m = measure(fns, warmup=args.warmup, max_rounds=args.repeats)
     return {"seconds": m.seconds, "timing": m.record()}
@@ -73,13 +85,15 @@ def profile_shape(K: int, N: int, M: int, args, gen: torch.Generator) -> dict:
     mask = make_mask(None, N, K, SPARSITY, gen)
     dense_w, full = pruned(mask, gen)
     _, floor = pruned(one_per_row(N, K, gen), gen)
+    _, even = pruned(even_rows(N, K, full.nnz, gen), gen)
     x = torch.randn(M, K, generator=gen)
     row = {"K": K, "N": N, "M": M, "nnz": full.nnz, "by_threads": {}}
     with torch.no_grad():
         for threads in sorted({1, args.threads}):
             torch.set_num_threads(threads)
             t = timed({"dense": lambda: F.linear(x, dense_w), "csr": lambda: sk.linear(x, full),
-                       "floor": lambda: sk.linear(x, floor)}, args)
+                       "floor": lambda: sk.linear(x, floor),
+                       "even_rows": lambda: sk.linear(x, even)}, args)
             s = t["seconds"]
             ideal = 1 / (1 - SPARSITY)
             row["by_threads"][threads] = {
@@ -87,6 +101,7 @@ def profile_shape(K: int, N: int, M: int, args, gen: torch.Generator) -> dict:
                 "fraction": s["dense"] / s["csr"] / ideal,
                 "kernel_fraction": s["dense"] / max(s["csr"] - s["floor"], 1e-12) / ideal,
                 "floor_share": s["floor"] / s["csr"],
+                "ragged_share": 1 - s["even_rows"] / s["csr"],
                 # ns that one core spends per kept weight and batch row (the gather-FMA unit)
                 "ns_per_entry_row": s["csr"] * threads * 1e9 / (full.nnz * M),
                 "dense_ns_per_weight_row": s["dense"] * threads * 1e9 / (N * K * M),
@@ -143,15 +158,19 @@ def markdown(results: dict) -> str:
              "FLOP rate). floor = the same call on a weight that keeps one entry per row (pack x, "
              "write y, dispatch); kernel fraction = the fraction if the floor cost nothing. "
              "ns/entry-row = ns one core spends per kept weight and batch row; dense ns/weight-row "
-             "is the same unit for the dense GEMM, so their ratio is the fraction.", "",
+             "is the same unit for the dense GEMM, so their ratio is the fraction. ragged share = "
+             "1 - (time with the same number of entries spread evenly over the rows) / (csr "
+             "time): what the random mask's unequal row lengths cost (negative: noise).", "",
              "## Split of the forward, every issue-8 shape", "",
              "| K | N | M | threads | dense ms | csr ms | fraction | floor share | kernel fraction "
-             "| ns/entry-row | dense ns/weight-row |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| ragged share | ns/entry-row | dense ns/weight-row |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["shapes"]:
         for threads, t in sorted(r["by_threads"].items()):
             lines.append(f"| {r['K']} | {r['N']} | {r['M']} | {threads} | {t['dense_ms']:.2f} | "
                          f"{t['csr_ms']:.2f} | {t['fraction']:.2f} | {t['floor_share']:.0%} | "
-                         f"{t['kernel_fraction']:.2f} | {t['ns_per_entry_row']:.3f} | "
+                         f"{t['kernel_fraction']:.2f} | {t['ragged_share']:.0%} | "
+                         f"{t['ns_per_entry_row']:.3f} | "
                          f"{t['dense_ns_per_weight_row']:.4f} |")
     reach = results["reach"]
     lines += ["", f"## Panel reach: one thread, N={reach['N']}, M={reach['M']}, K growing", "",
@@ -200,7 +219,8 @@ def main(argv: list[str]) -> int:
             row = profile_shape(K, N, M, args, gen)
             t = row["by_threads"][args.threads]
             print(f"K={K} N={N} M={M}: fraction {t['fraction']:.2f}, floor "
-                  f"{t['floor_share']:.0%}, kernel fraction {t['kernel_fraction']:.2f}",
+                  f"{t['floor_share']:.0%}, kernel fraction {t['kernel_fraction']:.2f}, ragged "
+                  f"rows {t['ragged_share']:.0%}",
                   flush=True)
             results["shapes"].append(row)
     results["panel_reach"] = panel_reach(plan, args, gen)

@@ -235,7 +235,8 @@ def test_run_outside_the_repository_writes_beside_the_user(tmp_path):
 
 def test_csr_profile_splits_the_forward(tmp_path):
     """`python -m benchmarks csr-profile --quick`: every shape timed at 1 and the run's thread
-    count, the floor (one entry per row) below the full call, the panel reach over K."""
+    count, the floor (one entry per row) below the full call, the even-rows comparison, the
+    panel reach over K."""
     out = tmp_path / "profile"
     cmd = [sys.executable, "-m", "benchmarks", "csr-profile", "--quick", "--threads", "2",
            "--repeats", "3", "--out", str(out)]
@@ -247,9 +248,19 @@ def test_csr_profile_splits_the_forward(tmp_path):
     for t in row["by_threads"].values():
         assert t["csr_ms"] > 0 and t["dense_ms"] > 0 and 0 < t["floor_share"]
         assert t["fraction"] == pytest.approx(t["dense_ms"] / t["csr_ms"] / 10)
+        assert t["ragged_share"] == pytest.approx(1 - t["even_rows_ms"] / t["csr_ms"])
         assert t["timing"]["rounds"] >= 1
     assert [r["K"] for r in results["panel_reach"]] == [32, 64]
     for r in results["panel_reach"]:
         assert r["panel_kib"] == r["K"] * results["panel_rows"] * 4 / 1024
     text = (out / "RESULTS.md").read_text()
     assert results["command"] in text and "## Panel reach" in text
+
+
+def test_csr_profile_even_rows_keeps_the_count_spread_evenly():
+    from benchmarks.csr_profile import even_rows
+    gen = torch.Generator().manual_seed(3)
+    mask = even_rows(7, 40, 93, gen)
+    per_row = mask.sum(dim=1)
+    assert int(per_row.sum()) == 93 and set(per_row.tolist()) == {13, 14}
+    assert even_rows(5, 9, 0, gen).sum() == 0 and even_rows(5, 9, 45, gen).all()
