@@ -248,7 +248,7 @@ def test_csr_profile_splits_the_forward(tmp_path):
     for t in row["by_threads"].values():
         assert t["csr_ms"] > 0 and t["dense_ms"] > 0 and 0 < t["floor_share"]
         assert t["fraction"] == pytest.approx(t["dense_ms"] / t["csr_ms"] / 10)
-        assert t["ragged_share"] == pytest.approx(1 - t["even_rows_ms"] / t["csr_ms"])
+        assert t["even_rows_ms"] > 0 and t["even_rows_timing"]["rounds"] >= 1
         assert t["timing"]["rounds"] >= 1
     assert [r["K"] for r in results["panel_reach"]] == [32, 64]
     for r in results["panel_reach"]:
