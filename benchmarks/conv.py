@@ -23,7 +23,6 @@ every row measured so far.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import shlex
@@ -358,12 +357,8 @@ def evaluate_targets(rows, sparseprop_reason) -> list[dict]:
 
 def base_metadata(command: str, args, min_repeats: int = MIN_REPEATS) -> dict:
     """What any run of these benchmarks is: command, machine, ISA, versions, timing settings."""
-    return {"command": command, "python": sys.executable,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": report.cpu_description(), "isa": report.isa_description(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "git": report.git_revision(), "load_average_start": report.load_average(),
-            "dtype": "float32", "sparsities": list(args.sparsities),
+    return {**report.machine_facts(command), "dtype": "float32",
+            "sparsities": list(args.sparsities),
             "timing": {"warmup": args.warmup, "max_repeats": args.repeats,
                        "group_budget_s": args.group_budget, "seed": args.seed,
                        "min_repeats": min(min_repeats, args.repeats), "retries": args.retries,

@@ -23,7 +23,6 @@ Every figure is a median of interleaved rounds (sparsekern.timing.measure, dense
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import shlex
 import time
@@ -217,10 +216,8 @@ def main(argv: list[str]) -> int:
     select_isa(args.isa)
     gen = torch.Generator().manual_seed(0)
     plan = QUICK if args.quick else Plan()
-    results = {"command": shlex.join(["python", "-m", "benchmarks", "csr-profile", *argv]),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "machine": report.cpu_description(), "isa": report.isa_description(),
-               "torch": torch.__version__, "threads": args.threads, "git": report.git_revision(),
+    results = {**report.machine_facts(
+                   shlex.join(["python", "-m", "benchmarks", "csr-profile", *argv])),
                "warmup": args.warmup, "repeats": args.repeats,
                "reach": {"N": plan.reach_n, "M": plan.reach_m}, "panel_rows": panel_rows()}
     results["shapes"] = []

@@ -111,9 +111,10 @@ def git_revision() -> str:
     return head + (" + uncommitted changes in csrc/sparsekern" if dirty else "")
 
 
-def run_metadata(command: list[str], args, all_peers) -> dict:
+def machine_facts(command: str) -> dict:
+    """What any benchmark run is: its command, when, on which machine, ISA, torch and source."""
     return {
-        "command": shlex.join(command),
+        "command": command,
         "python": sys.executable,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": cpu_description(),
@@ -122,6 +123,12 @@ def run_metadata(command: list[str], args, all_peers) -> dict:
         "threads": torch.get_num_threads(),
         "git": git_revision(),
         "load_average_start": load_average(),
+    }
+
+
+def run_metadata(command: list[str], args, all_peers) -> dict:
+    return {
+        **machine_facts(shlex.join(command)),
         "dtype": "float32",
         "in_features": args.in_features, "out_features": args.out_features,
         **({"shapes": [list(shape) for shape in args.shapes]} if args.sweep_shapes else {}),
