@@ -70,8 +70,9 @@ def even_rows(N: int, K: int, kept: int, gen: torch.Generator) -> torch.Tensor:
     """`kept` entries over N rows, every row keeping kept // N or one more, columns uniform."""
     per_row = torch.full((N,), kept // N)
     per_row[torch.randperm(N, generator=gen)[:kept % N]] += 1
-    ranks = torch.rand(N, K, generator=gen).argsort(dim=1).argsort(dim=1)
-    return ranks < per_row[:, None]
+    order = torch.rand(N, K, generator=gen).argsort(dim=1)
+    return torch.zeros(N, K, dtype=torch.bool).scatter_(
+        1, order, torch.arange(K) < per_row[:, None])
 
 
 def timed(fns: dict, args) -> dict:
