@@ -13,6 +13,11 @@ the measured time, through the public op only, into:
   over the rows (each keeps nnz // N or one more, at uniformly random columns): the share of
   the time that comes from rows of unequal length (a uniform random mask's rows differ by
   ~sqrt(kept); magnitude pruning's by far more): the loop trip counts then vary row to row;
+- gathers: the same call on a weight whose rows keep as many entries as the mask's rows but in
+  its first columns (row r keeps columns 0 .. len_r - 1): every row then reads the same few
+  panel rows in order, from L1 or behind the hardware prefetcher, so `gather share` = 1 -
+  leading/full is what reading panel rows at random columns costs (they come from L2 once the
+  panel outgrows L1: 128 bytes a kept weight at AVX2's 32-row panels);
 - threads: the fraction with one thread beside the fraction with all of them;
 - panel reach: at one N and M, ns per (kept weight x batch row) and per core as K grows, so the
   panel (K x panel rows x 4 bytes: 128 bytes a column with AVX2's 32-row panels) outgrows L1,
@@ -75,18 +80,25 @@ def even_rows(N: int, K: int, kept: int, gen: torch.Generator) -> torch.Tensor:
         1, order, torch.arange(K) < per_row[:, None])
 
 
+def leading_columns(mask: torch.Tensor) -> torch.Tensor:
+    """Each row of `mask` keeps as many entries as before, in its first columns."""
+    return torch.arange(mask.shape[1]) < mask.sum(dim=1, keepdim=True)
+
+
 def timed(fns: dict, args) -> dict:
     m = measure(fns, warmup=args.warmup, max_rounds=args.repeats)
     return {"seconds": m.seconds, "timing": m.record()}
 
 
 def profile_shape(K: int, N: int, M: int, args, gen: torch.Generator) -> dict:
-    """Dense, full CSR and the one-entry-per-row floor in one group, dense and the even-rows
-    weight in another, at every thread count."""
+    """Dense, full CSR and the one-entry-per-row floor in one group; dense and the even-rows
+    weight in another, dense and the leading-columns weight in a third; at every thread
+    count."""
     mask = make_mask(None, N, K, SPARSITY, gen)
     dense_w, full = pruned(mask, gen)
     _, floor = pruned(one_per_row(N, K, gen), gen)
     _, even = pruned(even_rows(N, K, full.nnz, gen), gen)
+    _, leading = pruned(leading_columns(mask), gen)
     x = torch.randn(M, K, generator=gen)
     row = {"K": K, "N": N, "M": M, "nnz": full.nnz, "by_threads": {}}
     with torch.no_grad():
@@ -99,8 +111,11 @@ def profile_shape(K: int, N: int, M: int, args, gen: torch.Generator) -> dict:
             # same call later in the round, which would pass for a cost of ragged rows.
             t_even = timed({"dense": lambda: F.linear(x, dense_w),
                             "even_rows": lambda: sk.linear(x, even)}, args)
+            t_lead = timed({"dense": lambda: F.linear(x, dense_w),
+                            "leading_columns": lambda: sk.linear(x, leading)}, args)
             s = t["seconds"]
             s_even = t_even["seconds"]
+            s_lead = t_lead["seconds"]
             ideal = 1 / (1 - SPARSITY)
             row["by_threads"][threads] = {
                 **{f"{k}_ms": v * 1e3 for k, v in s.items()},
@@ -111,10 +126,14 @@ def profile_shape(K: int, N: int, M: int, args, gen: torch.Generator) -> dict:
                 # each against its own group's dense run
                 "ragged_share": 1 - (s_even["even_rows"] / s_even["dense"])
                                 / (s["csr"] / s["dense"]),
+                "leading_columns_ms": s_lead["leading_columns"] * 1e3,
+                "gather_share": 1 - (s_lead["leading_columns"] / s_lead["dense"])
+                                / (s["csr"] / s["dense"]),
                 # ns that one core spends per kept weight and batch row (the gather-FMA unit)
                 "ns_per_entry_row": s["csr"] * threads * 1e9 / (full.nnz * M),
                 "dense_ns_per_weight_row": s["dense"] * threads * 1e9 / (N * K * M),
-                "timing": t["timing"], "even_rows_timing": t_even["timing"]}
+                "timing": t["timing"], "even_rows_timing": t_even["timing"],
+                "leading_columns_timing": t_lead["timing"]}
     torch.set_num_threads(args.threads)
     return row
 
@@ -170,16 +189,20 @@ def markdown(results: dict) -> str:
              "is the same unit for the dense GEMM, so their ratio is the fraction. ragged share = "
              "1 - (time with the same number of entries spread evenly over the rows) / (csr "
              "time), each relative to the dense run of its own interleaved group: what the "
-             "random mask's unequal row lengths cost (negative: noise).", "",
+             "random mask's unequal row lengths cost (negative: noise). gather share = 1 - "
+             "(time when every row keeps its first columns, as many as the mask's row) / (csr "
+             "time), also against its own group's dense run: what reading the x panel at "
+             "random columns costs beside reading its first rows in order.", "",
              "## Split of the forward, every issue-8 shape", "",
              "| K | N | M | threads | dense ms | csr ms | fraction | floor share | kernel fraction "
-             "| ragged share | ns/entry-row | dense ns/weight-row |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| ragged share | gather share | ns/entry-row | dense ns/weight-row |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["shapes"]:
         for threads, t in sorted(r["by_threads"].items()):
             lines.append(f"| {r['K']} | {r['N']} | {r['M']} | {threads} | {t['dense_ms']:.2f} | "
                          f"{t['csr_ms']:.2f} | {t['fraction']:.2f} | {t['floor_share']:.0%} | "
                          f"{t['kernel_fraction']:.2f} | {t['ragged_share']:.0%} | "
+                         f"{t['gather_share']:.0%} | "
                          f"{t['ns_per_entry_row']:.3f} | "
                          f"{t['dense_ns_per_weight_row']:.4f} |")
     reach = results["reach"]
@@ -228,7 +251,7 @@ def main(argv: list[str]) -> int:
             t = row["by_threads"][args.threads]
             print(f"K={K} N={N} M={M}: fraction {t['fraction']:.2f}, floor "
                   f"{t['floor_share']:.0%}, kernel fraction {t['kernel_fraction']:.2f}, ragged "
-                  f"rows {t['ragged_share']:.0%}",
+                  f"rows {t['ragged_share']:.0%}, gathers {t['gather_share']:.0%}",
                   flush=True)
             results["shapes"].append(row)
     results["panel_reach"] = panel_reach(plan, args, gen)

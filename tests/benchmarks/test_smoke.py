@@ -235,8 +235,8 @@ def test_run_outside_the_repository_writes_beside_the_user(tmp_path):
 
 def test_csr_profile_splits_the_forward(tmp_path):
     """`python -m benchmarks csr-profile --quick`: every shape timed at 1 and the run's thread
-    count, the floor (one entry per row) below the full call, the even-rows comparison, the
-    panel reach over K."""
+    count, the floor (one entry per row) below the full call, the even-rows and
+    leading-columns comparisons, the panel reach over K."""
     out = tmp_path / "profile"
     cmd = [sys.executable, "-m", "benchmarks", "csr-profile", "--quick", "--threads", "2",
            "--repeats", "3", "--out", str(out)]
@@ -249,6 +249,7 @@ def test_csr_profile_splits_the_forward(tmp_path):
         assert t["csr_ms"] > 0 and t["dense_ms"] > 0 and 0 < t["floor_share"]
         assert t["fraction"] == pytest.approx(t["dense_ms"] / t["csr_ms"] / 10)
         assert t["even_rows_ms"] > 0 and t["even_rows_timing"]["rounds"] >= 1
+        assert t["leading_columns_ms"] > 0 and t["leading_columns_timing"]["rounds"] >= 1
         assert t["timing"]["rounds"] >= 1
     assert [r["K"] for r in results["panel_reach"]] == [32, 64]
     for r in results["panel_reach"]:
@@ -264,3 +265,14 @@ def test_csr_profile_even_rows_keeps_the_count_spread_evenly():
     per_row = mask.sum(dim=1)
     assert int(per_row.sum()) == 93 and set(per_row.tolist()) == {13, 14}
     assert even_rows(5, 9, 0, gen).sum() == 0 and even_rows(5, 9, 45, gen).all()
+
+
+def test_csr_profile_leading_columns_keep_each_rows_count_in_its_first_columns():
+    from benchmarks.csr_profile import leading_columns
+    mask = torch.rand(6, 20, generator=torch.Generator().manual_seed(4)) < 0.3
+    mask[0] = False
+    mask[1] = True
+    lead = leading_columns(mask)
+    assert torch.equal(lead.sum(dim=1), mask.sum(dim=1))
+    for row, n in zip(lead, mask.sum(dim=1).tolist()):
+        assert row[:n].all() and not row[n:].any()
