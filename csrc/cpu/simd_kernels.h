@@ -742,6 +742,12 @@ void csr_spmm(const sparsekern::cpu::CsrSpmmArgs<float>& a, int64_t r0, int64_t 
 }
 
 // dst[c][k][i] = src[(c*P + i) * ld + k] for chunks [c0, c1), zero past row M (kernels.h).
+// Eight source rows at a time over all of C, so consecutive 8x8 blocks read the two halves of
+// each 64-byte source line back to back. Sweeping all P rows per 8-column step instead read P
+// lines a row stride apart, which for strides a multiple of 4 KB share one L1 set: each line
+// was evicted before its second half was read, and P streams are more than the hardware
+// prefetcher follows. Measured on AVX2 (Zen 4, one thread, x of 1024x1024 and 256x3072):
+// 2.0-2.4x faster from L2/L3, 10-25% from DRAM.
 template <class V>
 void pack_panels(const float* src, int64_t M, int64_t C, int64_t ld, float* dst, int64_t c0,
                  int64_t c1) {
@@ -749,10 +755,10 @@ void pack_panels(const float* src, int64_t M, int64_t C, int64_t ld, float* dst,
   alignas(32) float zeros[8 * 8] = {};
   for (int64_t c = c0; c < c1; ++c) {
     float* panel = dst + c * C * P;
-    for (int64_t k = 0; k < C; k += 8) {
-      const int64_t cols = min64(8, C - k);
-      for (int64_t i = 0; i < P; i += 8) {
-        const int64_t m = c * P + i, rows = min64(8, M - m);
+    for (int64_t i = 0; i < P; i += 8) {
+      const int64_t m = c * P + i, rows = min64(8, M - m);
+      for (int64_t k = 0; k < C; k += 8) {
+        const int64_t cols = min64(8, C - k);
         if (rows <= 0) {
           transpose_block(zeros, 8, 8, cols, panel + k * P + i, P);
         } else if (rows == 8) {
