@@ -14,8 +14,9 @@ def _lazy(module):
     return run
 
 
-# Where the CSR forward's time goes (issue 8's reasons for its misses).
+# Where the forward's time goes (issue 8's reasons for its misses).
 BENCHMARKS["csr-profile"] = _lazy("csr_profile")
+BENCHMARKS["cache-profile"] = _lazy("cache_profile")
 # GPU path (sparsekern/triton): model and compile report need no GPU; gpu-bench needs CUDA.
 BENCHMARKS.update({"roofline": _lazy("roofline"), "triton-compile": _lazy("triton_compile"),
                    "gpu-bench": _lazy("gpu_bench")})

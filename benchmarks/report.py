@@ -126,6 +126,19 @@ def machine_facts(command: str) -> dict:
     }
 
 
+def facts_rows(results: dict) -> list[str]:
+    """The command, date, machine, ISA and torch rows of a RESULTS.md facts table, from
+    machine_facts (the profiles' tables; `linear` has its own with peers and shapes)."""
+    m, isa = results["machine"], results["isa"]
+    return [f"| command | `{results['command']}` |",
+            f"| date (UTC) | {results['date']} |",
+            f"| machine | {m['model_name']} (cpu family {m['cpu_family']}, model {m['model']}), "
+            f"{m['logical_cpus']} logical CPUs, flags: {' '.join(m['simd_flags'])} |",
+            f"| sparsekern ISA used | {isa['active']} (available: "
+            f"{', '.join(isa['available'])}) |",
+            f"| torch | {results['torch']} (dense = F.linear, MKL) |"]
+
+
 def run_metadata(command: list[str], args, all_peers) -> dict:
     return {
         **machine_facts(shlex.join(command)),
