@@ -27,20 +27,15 @@ Every figure is a median of interleaved rounds (sparsekern.timing.measure, dense
 """
 from __future__ import annotations
 
-import argparse
-import json
 import shlex
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import sparsekern as sk
-from benchmarks import report
-from benchmarks.conv import output_dir
-from benchmarks.linear import select_isa
+from benchmarks import profile_cli, report
 from benchmarks.masks import make_mask
 from sparsekern.timing import measure
 
@@ -49,7 +44,7 @@ SPARSITY = 0.9
 
 @dataclass(frozen=True)
 class Plan:
-    shapes: tuple = ((768, 3072), (3072, 768), (1024, 1024), (4096, 4096), (2048, 2048))  # (K, N)
+    shapes: tuple = report.FRACTION_SHAPES  # (K, N)
     batches: tuple = (256, 1024)
     reach_n: int = 2048
     reach_m: int = 256
@@ -209,28 +204,10 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks csr-profile", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--isa", help="pin the sparsekern ISA (e.g. avx2 on an AVX-512 machine)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=15, help="most timed rounds per group")
-    p.add_argument("--quick", action="store_true", help="one small shape, for a smoke run")
-    p.add_argument("--out", type=Path, help="folder of RESULTS.md and results.json "
-                   "(default ./benchmarks/csr_profile; with --quick a fresh temporary folder)")
-    args = p.parse_args(argv)
-    if args.threads < 1 or args.repeats < 1 or args.warmup < 0:
-        p.error("--threads and --repeats must be >= 1, --warmup >= 0")
-    return args
-
-
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+    args = profile_cli.parse_args(argv, "csr-profile", __doc__, "csr_profile")
     started = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    select_isa(args.isa)
-    gen = torch.Generator().manual_seed(0)
+    gen = profile_cli.start(args)
     plan = QUICK if args.quick else Plan()
     results = {**report.machine_facts(
                    shlex.join(["python", "-m", "benchmarks", "csr-profile", *argv])),
@@ -248,9 +225,5 @@ def main(argv: list[str]) -> int:
             results["shapes"].append(row)
     results["panel_reach"] = panel_reach(plan, args, gen)
     results["runtime_s"] = time.perf_counter() - started
-    out = output_dir(args, report.default_output_dir("csr_profile"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "RESULTS.md").write_text(markdown(results))
-    print(f"runtime {results['runtime_s']:.0f} s; wrote {out / 'RESULTS.md'}")
+    profile_cli.write(args, "csr_profile", results, markdown(results))
     return 0

@@ -46,6 +46,8 @@ FRACTION_TARGETS = (
     ("csr", "train", 0.90, 0.35),
 )
 FRACTION_MIN_BATCH = 128
+# ... and the (K, N) weights of its sweep (the profiles time all of them).
+FRACTION_SHAPES = ((768, 3072), (3072, 768), (1024, 1024), (4096, 4096), (2048, 2048))
 
 MODE_TITLES = {"forward": "Forward (y = x W^T)",
                "train": "Training step (forward + dX + dW; sparse dW at kept weights only)"}
