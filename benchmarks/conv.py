@@ -374,16 +374,10 @@ def metadata(command, args, sparseprop_version, sparseprop_reason) -> dict:
 
 
 def facts_table(results: dict, what: str) -> list[str]:
-    m, isa, t = results["machine"], results["isa"], results["timing"]
-    isa_text = isa["active"] + (f" (available: {', '.join(isa['available'])}; extension built "
-                                f"{isa['extension_built']})" if isa["extension_loaded"] else
-                                f" -- extension not loaded: {isa.get('load_error')}")
+    t = results["timing"]
     sp = results.get("sparseprop", {})
     facts = [
-        ("command", f"`{results['command']}`"), ("date (UTC)", results["date"]),
-        ("machine", f"{m['model_name']} (cpu family {m['cpu_family']}, model {m['model']}), "
-                    f"{m['logical_cpus']} logical CPUs, flags: {' '.join(m['simd_flags'])}"),
-        ("sparsekern ISA used", isa_text), ("torch", f"{results['torch']} ({what})"),
+        *report.machine_fact_pairs(results, what),
         ("threads", str(results["threads"])), ("dtype", results["dtype"]),
         ("timing", report.timing_text(t)),
         ("source", results["git"]), ("runtime", f"{results['runtime_s']:.0f} s"),
@@ -393,7 +387,7 @@ def facts_table(results: dict, what: str) -> list[str]:
     if sp:
         facts.insert(7, ("SparseProp", sp["version"] if sp["available"] else
                          f"column absent: {sp['reason_absent']}"))
-    return report._table(["", ""], [[k, v] for k, v in facts])
+    return report.facts_table(facts)
 
 
 def target_lines(targets: list[dict]) -> list[str]:
