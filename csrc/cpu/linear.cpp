@@ -173,21 +173,38 @@ Tensor bsr_linear_grad_weight(const Tensor& grad_out, const Tensor& x,
 // ---- CSR -----------------------------------------------------------------------------------
 
 // out[M, R] = dense[M, C] S^T (+ bias) for the CSR matrix S [R, C] given by (row_ptr, col_idx, vals).
+//
+// Whole batch chunks per thread when they divide evenly among the threads: each thread packs
+// one chunk's panel into its own buffer just before every row sweeps it, so the gathers find
+// the panel in the L2 of the core that wrote it. Packing all chunks first (to_panels) and
+// splitting rows between threads left each panel in L3 by the time its rows ran (M = 256,
+// K = 3072: 3 MB of panels against 1 MB of L2) and made both threads read every panel.
+// Measured on AVX2 (Zen 4, 2 threads, 90%, forward fraction of the dense FLOP rate, three
+// alternations): 1024x1024 M=1024 0.36 -> 0.42, 2048x2048 M=1024 0.41 -> 0.45, 3072x768 M=256
+// 0.34 -> 0.37. Fewer chunks than threads, or an uneven count, keep the row split.
 template <class T>
 void csr_spmm_into(const Tensor& dense, const int32_t* row_ptr, const int32_t* col_idx,
                    const T* vals, const T* bias, int64_t R, Tensor& out) {
   const KernelTable<T>* k = kernels_for<T>();
-  const Tensor panels = k->panel > 0 ? to_panels(k, dense) : Tensor();
-  const CsrSpmmArgs<T> args{dense.size(0),
-                            dense.size(1),
-                            row_ptr,
-                            col_idx,
-                            vals,
-                            dense.data_ptr<T>(),
-                            k->panel > 0 ? panels.data_ptr<T>() : nullptr,
-                            bias,
-                            out.data_ptr<T>(),
-                            out.size(1)};
+  const int64_t M = dense.size(0), C = dense.size(1), P = k->panel, ldo = out.size(1);
+  const int64_t chunks = P > 0 ? ceil_div(M, P) : 0, threads = at::get_num_threads();
+  const Tensor src = dense.contiguous();
+  if (chunks > 0 && chunks % threads == 0) {
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      const Tensor panel = panel_scratch(kOperandSlot, {C, P}, dense.options());
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t m0 = c * P, rows = std::min(P, M - m0);
+        k->pack_panels(src.data_ptr<T>() + m0 * C, rows, C, C, panel.data_ptr<T>(), 0, 1);
+        const CsrSpmmArgs<T> args{rows, C, row_ptr, col_idx, vals, nullptr,
+                                  panel.data_ptr<T>(), bias, out.data_ptr<T>() + m0 * ldo, ldo};
+        k->csr_spmm(args, 0, R);
+      }
+    });
+    return;
+  }
+  const Tensor panels = P > 0 ? to_panels(k, src) : Tensor();
+  const CsrSpmmArgs<T> args{M, C, row_ptr, col_idx, vals, src.data_ptr<T>(),
+                            P > 0 ? panels.data_ptr<T>() : nullptr, bias, out.data_ptr<T>(), ldo};
   parallel_ranges(row_ptr, R, 4, [&](int64_t r0, int64_t r1) { k->csr_spmm(args, r0, r1); });
 }
 

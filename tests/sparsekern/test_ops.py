@@ -71,7 +71,9 @@ def test_csr_batch_tails(m, dtype):
 @pytest.mark.parametrize("fmt", ["bsr", "csr"])
 def test_thread_partitioning(fmt, threads, isa):
     """at::parallel_for splits block rows x batch-row chunks by the thread count: every split
-    must give the same (reference) answer."""
+    must give the same (reference) answer. CSR takes whole batch chunks per thread when their
+    count divides by the threads (100 rows: 4 chunks of 32, 2 of 64) and splits rows otherwise
+    (75 rows on 2 threads, 100 on 3)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
