@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -143,6 +144,15 @@ inline Tensor to_panels(const KernelTable<T>* k, const Tensor& t) {
     k->pack_panels(src.data_ptr<T>(), M, C, C, panels.data_ptr<T>(), c0, c1);
   });
   return panels;
+}
+
+// This core's L2 in bytes (512 KB, Zen 3's, where the C library cannot tell).
+inline int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return reported > 0 ? int64_t(reported) : int64_t(512) * 1024;
+  }();
+  return bytes;
 }
 
 // Splits [0, units) into `pieces` consecutive ranges of near-equal cost, cost(u) = ptr[u+1] -

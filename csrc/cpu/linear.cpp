@@ -174,14 +174,17 @@ Tensor bsr_linear_grad_weight(const Tensor& grad_out, const Tensor& x,
 
 // out[M, R] = dense[M, C] S^T (+ bias) for the CSR matrix S [R, C] given by (row_ptr, col_idx, vals).
 //
-// Whole batch chunks per thread when they divide evenly among the threads: each thread packs
-// one chunk's panel into its own buffer just before every row sweeps it, so the gathers find
-// the panel in the L2 of the core that wrote it. Packing all chunks first (to_panels) and
-// splitting rows between threads left each panel in L3 by the time its rows ran (M = 256,
-// K = 3072: 3 MB of panels against 1 MB of L2) and made both threads read every panel.
-// Measured on AVX2 (Zen 4, 2 threads, 90%, forward fraction of the dense FLOP rate, three
-// alternations): 1024x1024 M=1024 0.36 -> 0.42, 2048x2048 M=1024 0.41 -> 0.45, 3072x768 M=256
-// 0.34 -> 0.37. Fewer chunks than threads, or an uneven count, keep the row split.
+// Whole batch chunks per thread when they divide evenly among the threads and a chunk's panel
+// fits in three quarters of L2 beside the weight stream: each thread packs one chunk's panel
+// into its own buffer just before every row sweeps it, so the gathers find the panel in the L2
+// of the core that wrote it. Packing all chunks first (to_panels) and splitting rows between
+// threads left each panel in L3 by the time its rows ran (M = 256, K = 3072: 3 MB of panels
+// against 1 MB of L2) and made both threads read every panel. Measured on Zen 4 (1 MB L2,
+// 2 threads, 90%, forward fraction of the dense FLOP rate, three alternations): AVX2 1024x1024
+// M=1024 0.36 -> 0.42, 2048x2048 M=1024 0.41 -> 0.45, 3072x768 M=256 0.34 -> 0.37; AVX-512
+// 3072x768 M=256 (768 KB panels) 0.36 -> 0.41. Where the panel would fill L2 (AVX-512,
+// K = 4096: 1 MB) the weight stream would evict it: 4096x4096 M=1024 measured 0.38-0.45 either
+// way, so it keeps the row split, as do fewer chunks than threads and uneven counts.
 template <class T>
 void csr_spmm_into(const Tensor& dense, const int32_t* row_ptr, const int32_t* col_idx,
                    const T* vals, const T* bias, int64_t R, Tensor& out) {
@@ -189,7 +192,8 @@ void csr_spmm_into(const Tensor& dense, const int32_t* row_ptr, const int32_t* c
   const int64_t M = dense.size(0), C = dense.size(1), P = k->panel, ldo = out.size(1);
   const int64_t chunks = P > 0 ? ceil_div(M, P) : 0, threads = at::get_num_threads();
   const Tensor src = dense.contiguous();
-  if (chunks > 0 && chunks % threads == 0) {
+  const int64_t panel_bytes = C * P * int64_t(sizeof(T));
+  if (chunks > 0 && chunks % threads == 0 && 4 * panel_bytes <= 3 * l2_bytes()) {
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       const Tensor panel = panel_scratch(kOperandSlot, {C, P}, dense.options());
       for (int64_t c = c0; c < c1; ++c) {
