@@ -155,6 +155,12 @@ inline int64_t l2_bytes() {
   return bytes;
 }
 
+// Whether a thread's own [C][P] batch panel can stay in its L2 while a sparse matrix streams
+// past it: at most three quarters of L2.
+inline bool panel_stays_in_l2(int64_t C, int64_t P, size_t element_bytes) {
+  return 4 * C * P * int64_t(element_bytes) <= 3 * l2_bytes();
+}
+
 // Splits [0, units) into `pieces` consecutive ranges of near-equal cost, cost(u) = ptr[u+1] -
 // ptr[u] + base_cost: pruned rows vary a lot in how much they kept (magnitude pruning leaves
 // some neurons dense), so equal unit counts would leave threads idle.

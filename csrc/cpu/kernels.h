@@ -61,6 +61,7 @@ struct CsrSddmmArgs {
   const T* dy;                // row-major [M, R] or panels [.][R][panel]
   const T* x;                 // row-major [M, C] or panels [.][C][panel]
   T* out;                     // [nnz]: out[j] = sum_m dy[m, row(j)] * x[m, col(j)]
+  bool accumulate = false;    // out[j] += the sum instead (batch chunks after the first)
 };
 template <class T>
 using csr_sddmm_fn = void (*)(const CsrSddmmArgs<T>&, int64_t r0, int64_t r1);

@@ -65,7 +65,7 @@ void csr_sddmm(const CsrSddmmArgs<T>& a, int64_t r0, int64_t r1) {
     for (int64_t j = a.row_ptr[r]; j < a.row_ptr[r + 1]; ++j) {
       T acc = 0;
       for (int64_t m = 0; m < a.M; ++m) acc += a.dy[m * a.R + r] * a.x[m * a.C + a.col_idx[j]];
-      a.out[j] = acc;
+      a.out[j] = a.accumulate ? a.out[j] + acc : acc;
     }
 }
 

@@ -934,7 +934,7 @@ void csr_sddmm(const sparsekern::cpu::CsrSddmmArgs<float>& a, int64_t r0, int64_
   for (int64_t c = 0; c * MB < a.M; ++c) {
     const float* dy_panel = a.dy + c * a.R * MB;
     const float* x_panel = a.x + c * a.C * MB;
-    const bool first = c == 0;
+    const bool first = c == 0 && !a.accumulate;
     for (int64_t r = r0; r < r1; ++r) {
       typename V::reg d[4];
 #pragma GCC unroll 16

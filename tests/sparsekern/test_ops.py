@@ -73,7 +73,8 @@ def test_thread_partitioning(fmt, threads, isa):
     """at::parallel_for splits block rows x batch-row chunks by the thread count: every split
     must give the same (reference) answer. CSR takes whole batch chunks per thread when their
     count divides by the threads (100 rows: 4 chunks of 32, 2 of 64) and splits rows otherwise
-    (75 rows on 2 threads, 100 on 3)."""
+    (75 rows on 2 threads, 100 on 3); its dW packs chunk by chunk, adding into dW after the
+    first, where rows are many (150 here, 16 not)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
