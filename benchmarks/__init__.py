@@ -24,5 +24,5 @@ Modules: `linear` (the sweep and its CLI), `masks` (exact-count random masks), `
 and SparseProp implementations), `memory` (parameter + optimizer-state bytes), `report` (machine
 facts, issue targets, RESULTS.md / results.json), `csr_profile` (where the CSR forward's time
 goes), `cache_profile` (the forward right after the dense GEMM against the same call warm),
-`profile_cli` (the two profiles' options and output folder).
+`profile_cli` (the two profiles' options, start and output folder).
 """

@@ -19,8 +19,6 @@ Every figure is a median of interleaved rounds (sparsekern.timing.measure).
 """
 from __future__ import annotations
 
-import shlex
-import time
 from dataclasses import dataclass
 
 import torch
@@ -104,13 +102,10 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    args = profile_cli.parse_args(argv, "cache-profile", __doc__, "cache_profile")
-    started = time.perf_counter()
-    gen = profile_cli.start(args)
+    run = profile_cli.start(argv, "cache-profile", __doc__, "cache_profile")
+    args, gen, results = run.args, run.gen, run.results
     plan = QUICK if args.quick else Plan()
-    results = {**report.machine_facts(
-                   shlex.join(["python", "-m", "benchmarks", "cache-profile", *argv])),
-               "warmup": args.warmup, "repeats": args.repeats, "rows": []}
+    results["rows"] = []
     for K, N in plan.shapes:
         for M in plan.batches:
             for fmt in TARGETS:
@@ -119,6 +114,5 @@ def main(argv: list[str]) -> int:
                       f"{row['warm_fraction']:.2f}, cold share {row['cold_share']:.0%}: "
                       f"{verdict(row)}", flush=True)
                 results["rows"].append(row)
-    results["runtime_s"] = time.perf_counter() - started
-    profile_cli.write(args, "cache_profile", results, markdown(results))
+    run.finish(markdown)
     return 0

@@ -27,8 +27,6 @@ Every figure is a median of interleaved rounds (sparsekern.timing.measure, dense
 """
 from __future__ import annotations
 
-import shlex
-import time
 from dataclasses import dataclass
 
 import torch
@@ -205,15 +203,11 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    args = profile_cli.parse_args(argv, "csr-profile", __doc__, "csr_profile")
-    started = time.perf_counter()
-    gen = profile_cli.start(args)
+    run = profile_cli.start(argv, "csr-profile", __doc__, "csr_profile")
+    args, gen, results = run.args, run.gen, run.results
     plan = QUICK if args.quick else Plan()
-    results = {**report.machine_facts(
-                   shlex.join(["python", "-m", "benchmarks", "csr-profile", *argv])),
-               "warmup": args.warmup, "repeats": args.repeats,
-               "reach": {"N": plan.reach_n, "M": plan.reach_m}, "panel_rows": panel_rows()}
-    results["shapes"] = []
+    results.update(reach={"N": plan.reach_n, "M": plan.reach_m}, panel_rows=panel_rows(),
+                   shapes=[])
     for K, N in plan.shapes:
         for M in plan.batches:
             row = profile_shape(K, N, M, args, gen)
@@ -224,6 +218,5 @@ def main(argv: list[str]) -> int:
                   flush=True)
             results["shapes"].append(row)
     results["panel_reach"] = panel_reach(plan, args, gen)
-    results["runtime_s"] = time.perf_counter() - started
-    profile_cli.write(args, "csr_profile", results, markdown(results))
+    run.finish(markdown)
     return 0

@@ -1,11 +1,15 @@
 """The command line and the output folder of the profile benchmarks (`csr-profile`,
-`cache-profile`): the same options, the same start (threads, ISA, seed) and the same
-results.json + RESULTS.md at the end."""
+`cache-profile`): the same options, the same start (threads, ISA, seed, machine facts) and the
+same results.json + RESULTS.md at the end."""
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -30,16 +34,31 @@ def parse_args(argv: list[str], name: str, description: str, suite: str) -> argp
     return args
 
 
-def start(args: argparse.Namespace) -> torch.Generator:
-    """Applies --threads and --isa; the generator every profile draws its data from."""
+@dataclass
+class Run:
+    """One profile run: its options, the generator its data comes from, and the results dict it
+    fills (machine facts and timing settings already in), written out by finish()."""
+    args: argparse.Namespace
+    suite: str
+    gen: torch.Generator
+    results: dict
+    started: float  # time.perf_counter() at the start
+
+    def finish(self, markdown: Callable[[dict], str]) -> None:
+        self.results["runtime_s"] = time.perf_counter() - self.started
+        out = output_dir(self.args, report.default_output_dir(self.suite))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(self.results, indent=1) + "\n")
+        (out / "RESULTS.md").write_text(markdown(self.results))
+        print(f"runtime {self.results['runtime_s']:.0f} s; wrote {out / 'RESULTS.md'}")
+
+
+def start(argv: list[str], name: str, description: str, suite: str) -> Run:
+    """Parses the options, applies --threads and --isa, and opens the run's results."""
+    args = parse_args(argv, name, description, suite)
+    started = time.perf_counter()
     torch.set_num_threads(args.threads)
     select_isa(args.isa)
-    return torch.Generator().manual_seed(0)
-
-
-def write(args: argparse.Namespace, suite: str, results: dict, markdown: str) -> None:
-    out = output_dir(args, report.default_output_dir(suite))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "RESULTS.md").write_text(markdown)
-    print(f"runtime {results['runtime_s']:.0f} s; wrote {out / 'RESULTS.md'}")
+    results = {**report.machine_facts(shlex.join(["python", "-m", "benchmarks", name, *argv])),
+               "warmup": args.warmup, "repeats": args.repeats}
+    return Run(args, suite, torch.Generator().manual_seed(0), results, started)
