@@ -202,8 +202,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", default="cuda", choices=["cuda"])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--rows", type=int, nargs="+", default=[8192])
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--blocks", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES),
+                   help="linear weight shapes (none: no linear cases)")
+    p.add_argument("--blocks", type=int, nargs="*", default=[16, 32, 64],
+                   help="square block sizes of the BSR cases (none: CSR only)")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     p.add_argument("--conv", nargs="*", default=list(CONV_SHAPES), choices=list(CONV_SHAPES),
                    help="ResNet-50 3x3 conv shapes (none: skip conv)")
@@ -213,6 +215,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--conv-csr", action=argparse.BooleanOptionalAction, default=True,
                    help="also the unstructured (CSR) conv at each sparsity")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/gpu)")
+    p.add_argument("--append", action="store_true",
+                   help="add these rows to the folder's cuda.json (replacing rows of the same "
+                        "case, block, sparsity, mode and dtype) instead of rewriting it")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu-bench: no CUDA device on this machine; nothing measured (the roofline and "
@@ -264,8 +269,10 @@ def main(argv: list[str]) -> int:
                     print(f"{r['case']} b{block} {s:.0%} {r['mode']}: cuDNN "
                           f"{r['dense_ms']:.3f} ms, sparse {r['sparse_ms']:.3f} ms "
                           f"({r['speedup']:.2f}x)", flush=True)
+    for r in rows:
+        r["dtype"] = a.dtype
     paths = gpu_report.save_section("cuda", ["python", "-m", "benchmarks", "gpu-bench", *argv],
-                                    {"rows": rows, "dtype": a.dtype}, a.out)
+                                    {"rows": rows}, a.out, append=a.append)
     print("wrote", *paths)
     return 0
 

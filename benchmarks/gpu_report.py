@@ -6,6 +6,9 @@
 
 Each command rewrites its own JSON and then RESULTS.md from every JSON present, so the sections
 can be produced on different machines; each section states its command, machine and date.
+`gpu-bench --append` adds its rows to cuda.json instead (a row of the same case, block,
+sparsity, mode and dtype is replaced), so a GPU lease can measure in several short commands
+and a command cut off by the lease loses only its own rows.
 """
 from __future__ import annotations
 
@@ -66,11 +69,27 @@ def _meta(command):
             "git": report.git_revision()}
 
 
-def save_section(name, command, data, out=None):
+def row_key(row):
+    return row["case"], str(row["block"]), row["sparsity"], row["mode"], row["dtype"]
+
+
+def merged_rows(previous, data):
+    """data with the rows of the earlier section `previous` that it does not measure again;
+    the meta command lists every command that contributed, oldest first."""
+    fresh = {row_key(r) for r in data["rows"]}
+    kept = [r for r in previous["rows"] if row_key(r) not in fresh]
+    return {**data, "rows": kept + data["rows"]}, previous["meta"]["command"]
+
+
+def save_section(name, command, data, out=None, append=False):
     out = Path(out) if out else report.default_output_dir("gpu")
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    path.write_text(json.dumps({"meta": _meta(command), **data}, indent=1))
+    meta = _meta(command)
+    if append and path.exists():
+        data, earlier = merged_rows(json.loads(path.read_text()), data)
+        meta["command"] = f"{earlier}; then {meta['command']}"
+    path.write_text(json.dumps({"meta": meta, **data}, indent=1))
     md = out / "RESULTS.md"
     md.write_text(markdown(out))
     return [path, md]
@@ -194,7 +213,8 @@ def _cuda_cpp_md(cuda_cpp):
 def _cuda_md(data):
     lines = ["## Measured on a GPU (triton.testing.do_bench, median)", ""] + \
         _meta_lines(data["meta"])
-    rows = [[r["case"], r["block"], f"{r['sparsity']:.0%}", r["mode"], f"{r['dense_ms']:.3f}",
+    rows = [[r["case"], r["dtype"], r["block"], f"{r['sparsity']:.0%}", r["mode"],
+             f"{r['dense_ms']:.3f}",
              f"{r['sparse_ms']:.3f}", f"{r['speedup']:.2f}x",
              (r.get("peer") or "-") if r.get("peer_ms") is None
              else f"{r['peer_ms']:.3f} ({r['peer']})",
@@ -203,7 +223,7 @@ def _cuda_md(data):
             for r in data["rows"]]
     lines += ["sparsekern ms: the default dispatch (Triton). CSR rows also time the opt-in CUDA "
               "C++ kernels (csrc/cuda/csr_spmm.cu, forward and dX; dW on Triton).", ""]
-    lines += _table(["shape", "block", "sparsity", "mode", "dense ms (cuBLAS/cuDNN)",
+    lines += _table(["shape", "dtype", "block", "sparsity", "mode", "dense ms (cuBLAS/cuDNN)",
                      "sparsekern ms",
                      "speedup", "torch peer ms", "CUDA C++ CSR ms (speedup)"], rows)
     return lines + [""]

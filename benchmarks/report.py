@@ -95,8 +95,13 @@ def default_output_dir(suite: str = "") -> Path:
 
 def git_revision() -> str:
     """The code the numbers belong to: git HEAD (flagged when the kernels differ from it) when
-    the harness runs from a checkout, else the installed distribution's version."""
+    the harness runs from a checkout, else the commit that $SPARSEKERN_SOURCE names (a copy of
+    a checkout without its .git, e.g. the working tree sent to a lent GPU by .ci/gpu-session),
+    else the installed distribution's version."""
     if not (REPO_ROOT / ".git").exists():  # installed: site-packages is no checkout
+        named = os.environ.get("SPARSEKERN_SOURCE")
+        if named:
+            return f"{named} (named by SPARSEKERN_SOURCE: a copy without .git)"
         try:
             return f"installed sparsekern {importlib.metadata.version('sparsekern')}"
         except importlib.metadata.PackageNotFoundError:

@@ -2,6 +2,7 @@
 end on CPU tensors through the Triton interpreter (a plain wall-clock timer stands in for
 triton.testing.do_bench, which needs CUDA), and the roofline's counts follow from the kernels'
 loop structure (FLOPs, compulsory bytes, index traffic)."""
+import json
 import time
 
 import pytest
@@ -44,6 +45,37 @@ def test_gpu_bench_cases_run_on_the_interpreter(triton_backend):
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
     # torch's bsr_dense_mm peer is timed or reported n/a with torch's reason, never crashes
     assert rows[0]["peer_ms"] is not None or rows[0]["peer"].startswith("n/a")
+
+
+def _row(case, block, sparsity, mode, dtype, sparse_ms):
+    return dict(case=case, block=block, sparsity=sparsity, mode=mode, dtype=dtype,
+                dense_ms=1.0, sparse_ms=sparse_ms, speedup=1.0 / sparse_ms, peer=None,
+                peer_ms=None, cuda_cpp_ms=None)
+
+
+def test_gpu_bench_append_replaces_only_the_rows_it_measures_again(tmp_path):
+    """A lease measures in several short commands (.ci/gpu-session): each --append keeps the
+    earlier rows it does not measure again and replaces those it does."""
+    first = [_row("4096x4096 M=8192", 64, 0.9, "forward", "bfloat16", 0.2),
+             _row("4096x4096 M=8192", 64, 0.9, "train", "bfloat16", 0.6),
+             _row("res4_3x3 N=32", "csr", 0.9, "forward", "bfloat16", 0.5)]
+    gpu_report.save_section("cuda", ["gpu-bench", "first"], {"rows": first}, tmp_path)
+    again = [_row("4096x4096 M=8192", 64, 0.9, "forward", "bfloat16", 0.15),
+             _row("4096x4096 M=8192", 64, 0.9, "forward", "float16", 0.18)]
+    gpu_report.save_section("cuda", ["gpu-bench", "second"], {"rows": again}, tmp_path,
+                            append=True)
+    saved = json.loads((tmp_path / "cuda.json").read_text())
+    by_key = {gpu_report.row_key(r): r["sparse_ms"] for r in saved["rows"]}
+    assert len(saved["rows"]) == 4
+    assert by_key[("4096x4096 M=8192", "64", 0.9, "forward", "bfloat16")] == 0.15
+    assert by_key[("4096x4096 M=8192", "64", 0.9, "train", "bfloat16")] == 0.6
+    assert by_key[("res4_3x3 N=32", "csr", 0.9, "forward", "bfloat16")] == 0.5
+    assert saved["meta"]["command"] == "gpu-bench first; then gpu-bench second"
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| 4096x4096 M=8192 | float16 | 64 | 90% | forward |" in text
+    # without --append the section is rewritten
+    gpu_report.save_section("cuda", ["gpu-bench", "third"], {"rows": again[:1]}, tmp_path)
+    assert len(json.loads((tmp_path / "cuda.json").read_text())["rows"]) == 1
 
 
 FACTS = {"regs": 128, "smem": 49152, "wgmma": True}
