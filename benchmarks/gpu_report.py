@@ -73,12 +73,10 @@ def row_key(row):
     return row["case"], str(row["block"]), row["sparsity"], row["mode"], row["dtype"]
 
 
-def merged_rows(previous, data):
-    """data with the rows of the earlier section `previous` that it does not measure again;
-    the meta command lists every command that contributed, oldest first."""
-    fresh = {row_key(r) for r in data["rows"]}
-    kept = [r for r in previous["rows"] if row_key(r) not in fresh]
-    return {**data, "rows": kept + data["rows"]}, previous["meta"]["command"]
+def merged_rows(earlier, fresh):
+    """The earlier rows that `fresh` does not measure again, then `fresh`."""
+    measured = {row_key(r) for r in fresh}
+    return [r for r in earlier if row_key(r) not in measured] + fresh
 
 
 def save_section(name, command, data, out=None, append=False):
@@ -86,9 +84,10 @@ def save_section(name, command, data, out=None, append=False):
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     meta = _meta(command)
-    if append and path.exists():
-        data, earlier = merged_rows(json.loads(path.read_text()), data)
-        meta["command"] = f"{earlier}; then {meta['command']}"
+    if append and path.exists():  # every command that contributed, oldest first
+        earlier = json.loads(path.read_text())
+        data = {**data, "rows": merged_rows(earlier["rows"], data["rows"])}
+        meta["command"] = f"{earlier['meta']['command']}; then {meta['command']}"
     path.write_text(json.dumps({"meta": meta, **data}, indent=1))
     md = out / "RESULTS.md"
     md.write_text(markdown(out))
