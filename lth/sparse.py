@@ -52,7 +52,7 @@ def zero_pruned(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, m in masks.items():
-            params[n].mul_(m.to(params[n].device))
+            params[n].masked_fill_(~m.to(params[n].device), 0.0)  # not mul_: inf * 0 is NaN
 
 
 def sparsify_model(model: nn.Module, masks: dict[str, torch.Tensor], format: str = "auto",

@@ -7,11 +7,12 @@ buffers. MaskedLinear and MaskedConv2d are the dense-kernel counterparts (fixed 
 
 A mask given by the user is the mask that trains. BSR stores whole blocks; when the mask is not
 made of whole blocks (format="bsr" forced with a scattered mask), the module also holds a bool
-`value_mask` buffer shaped like `values` and multiplies it in, so the weights inside a kept
-block but outside the mask get no gradient and stay exactly zero under SGD (momentum, weight
-decay), Adam and AdamW. format="auto" never needs it: BSR only for block-aligned masks, else CSR.
+`value_mask` buffer shaped like `values` and selects through it (`torch.where`, not a product:
+an inf in x makes a pruned weight's gradient inf, and inf * 0 is NaN), so the weights inside a
+kept block but outside the mask get no gradient and stay exactly zero under SGD (momentum,
+weight decay), Adam and AdamW. format="auto" never needs it: BSR only for block-aligned masks, else CSR.
 An N:M weight (format="nm") marks the free slots of groups that keep fewer than N in its own
-`kept` buffer and multiplies that in the same way; format="auto" picks it for a mask that keeps
+`kept` buffer and selects through it in the same way; format="auto" picks it for a mask that keeps
 exactly N of every M inputs (2:4, 1:4 or 4:8) and is not made of whole blocks.
 
 A sparsified model's state_dict is enough to rebuild it: `load_sparse(skeleton, state_dict)`
@@ -44,6 +45,13 @@ def as_mask(mask, who: str = "mask") -> torch.Tensor | None:
         raise ValueError(f"{who}: a non-bool mask must hold only 0 and 1, got dtype "
                          f"{mask.dtype} with other values")
     return mask != 0
+
+
+def pruned_to_zero(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`weight` with the positions outside the bool `mask` exactly zero, and no gradient there.
+    A select, not `weight * mask`: an inf or NaN at a pruned position (one inf in x makes its
+    gradient inf) times 0 is NaN, which would then stay in the pruned weight for good."""
+    return torch.where(mask, weight, 0.0)
 
 
 def _channel_view(mask: torch.Tensor) -> torch.Tensor | None:
@@ -221,7 +229,7 @@ class _PackedWeight(nn.Module):
         self.register_buffer("value_mask", None if value_mask is None else value_mask.clone())
         if value_mask is not None:
             with torch.no_grad():  # outside the mask: exact zeros, and they stay so
-                self.values.mul_(self.value_mask)
+                self.values.copy_(pruned_to_zero(self.values, self.value_mask))
         out = self.weight_shape[0]
         if bias is not None and tuple(bias.shape) != (out,):
             raise ValueError(f"{who}: bias must have shape ({out},), got {tuple(bias.shape)}")
@@ -367,8 +375,8 @@ class _PackedWeight(nn.Module):
         """The values the kernels use: pruned positions inside kept blocks (or an N:M group's
         free slots) forced to zero, so they get no gradient, when there are any."""
         if self.value_mask is not None:
-            return self.values * self.value_mask
-        return self.values * self.kept if self.nm_padded else self.values
+            return pruned_to_zero(self.values, self.value_mask)
+        return pruned_to_zero(self.values, self.kept) if self.nm_padded else self.values
 
     def _format(self, values) -> BlockSparse | CSR | NM:
         """The format over this layer's buffers, validated when they were built or loaded."""
@@ -528,18 +536,18 @@ class MaskedLinear(nn.Linear):
                          device=linear.weight.device, dtype=linear.weight.dtype)
         self.register_buffer("weight_mask", as_mask(mask).clone())
         with torch.no_grad():
-            self.weight.copy_(linear.weight * self.weight_mask)
+            self.weight.copy_(pruned_to_zero(linear.weight, self.weight_mask))
             if linear.bias is not None:
                 self.bias.copy_(linear.bias)
 
     def forward(self, x):
-        return F.linear(x, self.weight * self.weight_mask, self.bias)
+        return F.linear(x, pruned_to_zero(self.weight, self.weight_mask), self.bias)
 
     def mask(self) -> torch.Tensor:
         return self.weight_mask
 
     def to_linear(self) -> nn.Linear:
-        return _linear_like(self, self.weight.detach() * self.weight_mask, self.bias)
+        return _linear_like(self, pruned_to_zero(self.weight.detach(), self.weight_mask), self.bias)
 
 
 class MaskedConv2d(nn.Conv2d):
@@ -552,18 +560,18 @@ class MaskedConv2d(nn.Conv2d):
                          conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
         self.register_buffer("weight_mask", as_mask(mask).clone())
         with torch.no_grad():
-            self.weight.copy_(conv.weight * self.weight_mask)
+            self.weight.copy_(pruned_to_zero(conv.weight, self.weight_mask))
             if conv.bias is not None:
                 self.bias.copy_(conv.bias)
 
     def forward(self, x):
-        return self._conv_forward(x, self.weight * self.weight_mask, self.bias)
+        return self._conv_forward(x, pruned_to_zero(self.weight, self.weight_mask), self.bias)
 
     def mask(self) -> torch.Tensor:
         return self.weight_mask
 
     def to_conv(self) -> nn.Conv2d:
-        return _conv_like(self, self.weight.detach() * self.weight_mask, self.bias)
+        return _conv_like(self, pruned_to_zero(self.weight.detach(), self.weight_mask), self.bias)
 
 
 def _linear_like(module, weight, bias) -> nn.Linear:

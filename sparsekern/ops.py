@@ -281,6 +281,8 @@ def _(x, values, meta, row_ptr, col_idx, bias):
 
 @semi_structured_linear.register_fake
 def _(x, values, meta, row_ptr, col_idx, bias):
+    check_one_device("semi_structured_linear", x=x, values=values, meta=meta, row_ptr=row_ptr,
+                     col_idx=col_idx, bias=bias)
     return x.new_empty(x.shape[0], values.shape[0])
 
 
@@ -342,6 +344,18 @@ def _widened_half(x, values, bias, who: str) -> bool:
         raise ValueError(f"{who}: x, values and bias must share a dtype, got "
                          + ", ".join(f"{name} {dtype}" for name, dtype in dtypes.items()))
     return True
+
+
+def check_one_device(who: str, **tensors) -> None:
+    """All tensors of a call on one device, checked in the fake kernels: a meta tensor among CPU
+    ones sends an eager call to them (the device kernels check devices themselves), and
+    without this they would return uninitialised memory on x's device."""
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        first, device = next(iter(devices.items()))
+        others = ", ".join(f"{name} is on {d}" for name, d in devices.items() if d != device)
+        raise ValueError(f"{who}: all tensors must be on one device: {first} is on {device}, "
+                         f"but {others}")
 
 
 def _float(t):
@@ -512,25 +526,37 @@ if _HAVE_OPS:
     @torch.library.register_fake("sparsekern::bsr_linear")
     def _(x, values, block_row_ptr, block_col_idx, block_col_ptr, block_row_idx, block_perm,
           bias, out_features):
+        check_one_device("bsr_linear", x=x, values=values, block_row_ptr=block_row_ptr,
+                         block_col_idx=block_col_idx, block_col_ptr=block_col_ptr,
+                         block_row_idx=block_row_idx, block_perm=block_perm, bias=bias)
         torch._check(x.dim() == 2, lambda: "bsr_linear: x must be 2-D")
         return x.new_empty(x.shape[0], out_features)
 
     @torch.library.register_fake("sparsekern::bsr_linear_grad_input")
     def _(grad_out, values, block_col_ptr, block_row_idx, block_perm, in_features):
+        check_one_device("bsr_linear_grad_input", grad_out=grad_out, values=values,
+                         block_col_ptr=block_col_ptr, block_row_idx=block_row_idx,
+                         block_perm=block_perm)
         return grad_out.new_empty(grad_out.shape[0], in_features)
 
     @torch.library.register_fake("sparsekern::bsr_linear_grad_weight")
     def _(grad_out, x, block_row_ptr, block_col_idx, block_n, block_k):
+        check_one_device("bsr_linear_grad_weight", grad_out=grad_out, x=x,
+                         block_row_ptr=block_row_ptr, block_col_idx=block_col_idx)
         return x.new_empty(block_col_idx.shape[0], block_k, block_n)
 
     def csr_linear_fakes(op):  # csr_linear and its CUDA C++ twin take the same arguments
         @torch.library.register_fake(f"sparsekern::{op}")
         def _(x, values, row_ptr, col_idx, col_ptr, row_idx, perm, bias, out_features):
+            check_one_device(op, x=x, values=values, row_ptr=row_ptr, col_idx=col_idx,
+                             col_ptr=col_ptr, row_idx=row_idx, perm=perm, bias=bias)
             torch._check(x.dim() == 2, lambda: f"{op}: x must be 2-D")
             return x.new_empty(x.shape[0], out_features)
 
         @torch.library.register_fake(f"sparsekern::{op.replace('linear', 'linear_grad_input')}")
         def _(grad_out, values, col_ptr, row_idx, perm, in_features):
+            check_one_device(f"{op}_grad_input", grad_out=grad_out, values=values,
+                             col_ptr=col_ptr, row_idx=row_idx, perm=perm)
             return grad_out.new_empty(grad_out.shape[0], in_features)
 
     csr_linear_fakes("csr_linear")
@@ -538,6 +564,8 @@ if _HAVE_OPS:
 
     @torch.library.register_fake("sparsekern::csr_linear_grad_weight")
     def _(grad_out, x, row_ptr, col_idx):
+        check_one_device("csr_linear_grad_weight", grad_out=grad_out, x=x, row_ptr=row_ptr,
+                         col_idx=col_idx)
         return x.new_empty(col_idx.shape[0])
 
     def _channels_last(like, *size):
@@ -546,6 +574,9 @@ if _HAVE_OPS:
     @torch.library.register_fake("sparsekern::bsr_conv2d")
     def _(x, values, block_row_ptr, block_col_idx, block_col_ptr, block_row_idx, block_perm,
           bias, out_channels, stride, padding, dilation):
+        check_one_device("bsr_conv2d", x=x, values=values, block_row_ptr=block_row_ptr,
+                         block_col_idx=block_col_idx, block_col_ptr=block_col_ptr,
+                         block_row_idx=block_row_idx, block_perm=block_perm, bias=bias)
         torch._check(x.dim() == 4, lambda: "bsr_conv2d: x must be 4-D")
         oh, ow = _conv_out_shape(x, values.shape[1:3], stride, padding, dilation)
         return _channels_last(x, x.shape[0], out_channels, oh, ow)
@@ -553,16 +584,23 @@ if _HAVE_OPS:
     @torch.library.register_fake("sparsekern::bsr_conv2d_grad_input")
     def _(grad_out, values, block_col_ptr, block_row_idx, block_perm, input_size, stride,
           padding, dilation):
+        check_one_device("bsr_conv2d_grad_input", grad_out=grad_out, values=values,
+                         block_col_ptr=block_col_ptr, block_row_idx=block_row_idx,
+                         block_perm=block_perm)
         return _channels_last(grad_out, *input_size)
 
     @torch.library.register_fake("sparsekern::bsr_conv2d_grad_weight")
     def _(grad_out, x, block_row_ptr, block_col_idx, kernel_size, block_n, block_k, stride,
           padding, dilation):
+        check_one_device("bsr_conv2d_grad_weight", grad_out=grad_out, x=x,
+                         block_row_ptr=block_row_ptr, block_col_idx=block_col_idx)
         return x.new_empty(block_col_idx.shape[0], *kernel_size, block_k, block_n)
 
     @torch.library.register_fake("sparsekern::csr_conv2d")
     def _(x, values, row_ptr, col_idx, col_ptr, row_idx, perm, bias, out_channels, kernel_size,
           stride, padding, dilation):
+        check_one_device("csr_conv2d", x=x, values=values, row_ptr=row_ptr, col_idx=col_idx,
+                         col_ptr=col_ptr, row_idx=row_idx, perm=perm, bias=bias)
         torch._check(x.dim() == 4, lambda: "csr_conv2d: x must be 4-D")
         oh, ow = _conv_out_shape(x, kernel_size, stride, padding, dilation)
         return _channels_last(x, x.shape[0], out_channels, oh, ow)
@@ -570,10 +608,14 @@ if _HAVE_OPS:
     @torch.library.register_fake("sparsekern::csr_conv2d_grad_input")
     def _(grad_out, values, col_ptr, row_idx, perm, input_size, kernel_size, stride, padding,
           dilation):
+        check_one_device("csr_conv2d_grad_input", grad_out=grad_out, values=values,
+                         col_ptr=col_ptr, row_idx=row_idx, perm=perm)
         return _channels_last(grad_out, *input_size)
 
     @torch.library.register_fake("sparsekern::csr_conv2d_grad_weight")
     def _(grad_out, x, row_ptr, col_idx, kernel_size, stride, padding, dilation):
+        check_one_device("csr_conv2d_grad_weight", grad_out=grad_out, x=x, row_ptr=row_ptr,
+                         col_idx=col_idx)
         return x.new_empty(col_idx.shape[0])
 
 

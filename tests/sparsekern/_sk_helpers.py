@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import pytest
 import torch
 
 import sparsekern as sk
@@ -218,6 +219,19 @@ def to_float64(args):
 
 def run_op(name: str, args):
     return getattr(torch.ops.sparsekern, name)(*args)
+
+
+def assert_refuses_a_meta_tensor(name: str, args) -> None:
+    """One meta argument (the first or the last tensor) among CPU ones sends the call to the
+    op's fake kernel (the dispatcher picks it for any meta input): it must refuse the mix, not
+    return uninitialised memory on the CPU."""
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    for pos in (tensors[0], tensors[-1]):
+        bad = list(args)
+        bad[pos] = bad[pos].to("meta")
+        with pytest.raises(ValueError, match=f"{name}: all tensors must be on one device: "
+                                             r".* is on (cpu|meta), but .* is on (meta|cpu)"):
+            run_op(name, bad)
 
 
 def reference_op(name: str, args):

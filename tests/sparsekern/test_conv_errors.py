@@ -6,8 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparsekern as sk
-from _sk_helpers import (CONV_OPS, conv_op_args, conv_problem, random_problem, reference_op,
-                         run_op)
+from _sk_helpers import (CONV_OPS, assert_refuses_a_meta_tensor, conv_op_args, conv_problem,
+                         random_problem, reference_op, run_op)
 
 I32 = torch.int32
 
@@ -297,6 +297,11 @@ def test_conv_op_schema_rejects_wrong_list_lengths(op):
         bad[pos + i] = [1, 1, 1]
         with pytest.raises(RuntimeError, match="(stride|padding|dilation)|int\\[2\\]|expected"):
             run_op(op, bad)
+
+
+@pytest.mark.parametrize("op", CONV_OPS)
+def test_conv_op_rejects_a_meta_tensor_among_cpu_ones(op):
+    assert_refuses_a_meta_tensor(op, _valid(op)[1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

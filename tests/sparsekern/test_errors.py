@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sparsekern as sk
-from _sk_helpers import (OPS, block_mask, op_args, random_problem, reference_op, run_op,
-                         unstructured_mask)
+from _sk_helpers import (OPS, assert_refuses_a_meta_tensor, block_mask, op_args,
+                         random_problem, reference_op, run_op, unstructured_mask)
 
 I32 = torch.int32
 
@@ -264,6 +264,11 @@ def test_op_rejects_mixed_devices(op):
     args[1] = args[1].cuda()
     with pytest.raises((RuntimeError, NotImplementedError), match="(?i)cuda|device"):
         run_op(op, args)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_op_rejects_a_meta_tensor_among_cpu_ones(op):
+    assert_refuses_a_meta_tensor(op, _valid(op)[1])
 
 
 @settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])

@@ -190,6 +190,32 @@ def test_bsr_unaligned_mask_trains_only_the_mask(optimizer):
     assert sk.SparseLinear.from_dense(linear, mask).format == "csr"
 
 
+@pytest.mark.parametrize("kind", ["bsr_value_mask", "csr", "masked_linear", "masked_conv"])
+def test_an_inf_in_x_leaves_pruned_weights_exactly_zero(kind):
+    """One inf in the input makes a pruned weight's gradient inf; a mask applied as a product
+    (inf * 0 = NaN) would put NaN into the pruned weight for good. Kept weights may go
+    non-finite (that is the divergence the trainer reports), pruned ones stay exact zeros."""
+    if kind == "masked_conv":
+        conv = nn.Conv2d(4, 6, 3, padding=1)
+        mask = unstructured_mask(6, 36, 0.5).view(6, 4, 3, 3)
+        layer, x = sk.MaskedConv2d(conv, mask), torch.randn(2, 4, 5, 5)
+        x[0, 1, 2, 3] = float("inf")
+    else:
+        mask = unstructured_mask(16, 24, 0.5)
+        linear = nn.Linear(24, 16)
+        layer = (sk.MaskedLinear(linear, mask) if kind == "masked_linear" else
+                 sk.SparseLinear.from_dense(linear, mask, format=kind.split("_")[0], block=BLOCK))
+        x = torch.randn(4, 24)
+        x[0, 3] = float("inf")
+    if kind == "bsr_value_mask":
+        assert layer.value_mask is not None
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    layer(x).sum().backward()
+    opt.step()
+    weight = layer.weight if kind.startswith("masked") else layer.dense_weight()
+    assert bool((weight[~mask] == 0).all()), "a pruned weight is no longer an exact zero"
+
+
 def test_float_masks_are_accepted():
     """A float 0/1 mask (torch.nn.utils.prune's weight_mask) is converted; other values are
     refused with the argument named."""
