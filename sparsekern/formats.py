@@ -48,10 +48,30 @@ they are not given they build.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
 BLOCK_SIZES = (8, 16, 32, 64)
+
+
+def _check_shape(shape, who: str) -> tuple[int, ...]:
+    """(out, in) or (C_out, C_in, kh, kw) of integers >= 0 (operator.index: 16.7 is refused,
+    not truncated)."""
+    try:
+        dims = tuple(operator.index(d) for d in shape)
+    except TypeError:
+        dims = None
+    if dims is None or len(dims) not in (2, 4) or min(dims) < 0:
+        raise ValueError(f"{who}: shape must be (out, in) or (C_out, C_in, kh, kw) of integers "
+                         f">= 0, got {shape!r}")
+    return dims
+
+
+def _check_values(values, who: str, layout: str) -> None:
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+        raise ValueError(f"{who}: values must be a floating-point {layout} tensor, got "
+                         f"{getattr(values, 'dtype', type(values).__name__)}")
 
 
 def _check_weight_and_mask(weight: torch.Tensor, mask: torch.Tensor | None, who: str):
@@ -167,10 +187,8 @@ class BlockSparse(_Format):
 
     def __init__(self, values, block_row_ptr, block_col_idx, shape, block_col_ptr=None,
                  block_row_idx=None, block_perm=None):
-        shape = tuple(int(s) for s in shape)
-        if len(shape) not in (2, 4):
-            raise ValueError(f"BlockSparse: shape must be (out, in) or (C_out, C_in, kh, kw), "
-                             f"got {shape}")
+        shape = _check_shape(shape, "BlockSparse")
+        _check_values(values, "BlockSparse", "[nnz_blocks, (kh, kw,) bk, bn]")
         want = 3 + len(shape[2:])
         if values.dim() != want:
             layout = "[nnz_blocks, kh, kw, bk, bn]" if len(shape) == 4 else "[nnz_blocks, bk, bn]"
@@ -287,11 +305,10 @@ class CSR(_Format):
     _tensor_names = ("values", "row_ptr", "col_idx", "col_ptr", "row_idx", "perm")
 
     def __init__(self, values, row_ptr, col_idx, shape, col_ptr=None, row_idx=None, perm=None):
+        _check_values(values, "CSR", "1-D [nnz]")
         if values.dim() != 1:
             raise ValueError(f"CSR: values must be 1-D [nnz], got {tuple(values.shape)}")
-        shape = tuple(int(s) for s in shape)
-        if len(shape) not in (2, 4):
-            raise ValueError(f"CSR: shape must be (out, in) or (C_out, C_in, kh, kw), got {shape}")
+        shape = _check_shape(shape, "CSR")
         self.values = values
         self.shape = shape
         self.row_ptr, self.col_idx = row_ptr, col_idx
@@ -314,7 +331,8 @@ class CSR(_Format):
         """Packs the kept scalars of a linear [out, in] or conv [C_out, C_in, kh, kw] weight
         (a conv over its (C_out, C_in * kh * kw) view)."""
         weight, mask = _check_weight_and_mask(weight, mask, "CSR.from_dense")
-        matrix, kept = weight.reshape(weight.shape[0], -1), mask.reshape(mask.shape[0], -1)
+        rows, cols = weight.shape[0], math.prod(weight.shape[1:])  # not -1: rows may be 0
+        matrix, kept = weight.reshape(rows, cols), mask.reshape(rows, cols)
         rows, cols = kept.nonzero(as_tuple=True)
         return cls(matrix[rows, cols].contiguous(), _ptr(kept.sum(1)), cols.to(torch.int32),
                    tuple(weight.shape))
@@ -402,9 +420,7 @@ class NM(_Format):
         """`row_ptr`, `col_ptr`, `row_idx`, `perm` and `semi_structured_meta` are derived from
         `col_idx`: pass them only as this class derived them (modules hold them as buffers);
         None derives them."""
-        shape = tuple(int(s) for s in shape)
-        if len(shape) not in (2, 4):
-            raise ValueError(f"NM: shape must be (out, in) or (C_out, C_in, kh, kw), got {shape}")
+        shape = _check_shape(shape, "NM")
         try:
             n, m = nm
         except (TypeError, ValueError):
@@ -566,7 +582,7 @@ class NM(_Format):
 
 def _check_block(block) -> tuple[int, int]:
     try:
-        bn, bk = (int(b) for b in block)
+        bn, bk = (operator.index(b) for b in block)
     except (TypeError, ValueError):
         raise ValueError(f"block must be a pair (bn, bk), got {block!r}") from None
     if bn not in BLOCK_SIZES or bk not in BLOCK_SIZES:

@@ -54,6 +54,7 @@ def test_from_dense_rejects(fmt, case):
     ((8, 8, 8), "block must be a pair"),
     ("ab", "block must be a pair"),
     (8, "block must be a pair"),
+    ((8.5, 8), r"block must be a pair \(bn, bk\), got \(8.5, 8\)"),  # refused, not truncated
 ])
 def test_from_dense_rejects_block(block, match):
     with pytest.raises(ValueError, match=match):
@@ -90,6 +91,12 @@ BSR_CTOR_CASES = {
     "idx_range": (dict(block_col_idx=_i32(0, 2, 1)),
                   r"block_col_idx entries must lie in \[0, 2\), got \[0, 2\]"),
     "idx_negative": (dict(block_col_idx=_i32(0, -1, 1)), r"must lie in \[0, 2\), got \[-1, 1\]"),
+    "values_int": (dict(values=torch.ones(3, 8, 8, dtype=torch.int32)),
+                   "values must be a floating-point .* tensor, got torch.int32"),
+    "values_complex": (dict(values=torch.ones(3, 8, 8, dtype=torch.complex64)),
+                       "values must be a floating-point"),
+    "shape_negative": (dict(shape=(-3, 16)), r"shape must be .* of integers >= 0, got \(-3, 16\)"),
+    "shape_float": (dict(shape=(16.7, 16)), r"of integers >= 0, got \(16.7, 16\)"),
 }
 
 
@@ -126,6 +133,11 @@ CSR_CTOR_CASES = {
     "idx_length": (dict(col_idx=_i32(0, 3, 1)), "col_idx must have 4 entries"),
     "idx_range": (dict(col_idx=_i32(0, 4, 1, 2)), r"col_idx entries must lie in \[0, 4\)"),
     "idx_negative": (dict(col_idx=_i32(0, 3, -7, 2)), r"got \[-7, 3\]"),
+    "values_int": (dict(values=torch.ones(4, dtype=torch.int64)),
+                   r"values must be a floating-point 1-D \[nnz\] tensor, got torch.int64"),
+    "values_bool": (dict(values=torch.ones(4, dtype=torch.bool)), "values must be a floating"),
+    "shape_negative": (dict(shape=(-1, 4)), r"shape must be .* of integers >= 0, got \(-1, 4\)"),
+    "shape_float": (dict(shape=(3, 4.0)), r"of integers >= 0, got \(3, 4.0\)"),
 }
 
 

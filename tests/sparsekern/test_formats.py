@@ -169,6 +169,16 @@ def test_extreme_sparsities(fmt, sparsity):
     assert torch.equal(W.to_dense(), expected)
 
 
+@pytest.mark.parametrize("fmt", ["bsr", "csr"])
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0, 0), (0, 3, 3, 3), (4, 0, 3, 3)], ids=str)
+def test_weights_with_no_rows_or_columns_pack(fmt, shape):
+    """An empty dimension is a weight too (an nn.Linear(5, 0)): it packs to no entries."""
+    weight = torch.randn(shape)
+    W = _make(fmt, weight, torch.ones(shape, dtype=torch.bool))
+    assert W.nnz == 0 and W.shape == shape
+    assert torch.equal(W.to_dense(), weight) and W.mask().shape == shape
+
+
 def _assert_same(a, b):
     assert type(a) is type(b) and a.shape == b.shape
     ta, tb = a.tensors(), b.tensors()
