@@ -242,7 +242,7 @@ class BlockSparse(_Format):
         effective mask of a block format is the block closure of `mask`, see `mask()`.
         """
         weight, mask = _check_weight_and_mask(weight, mask, "BlockSparse.from_dense")
-        bn, bk = _check_block(block)
+        bn, bk = check_block(block)
         n, k, taps = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
         nb, kb = math.ceil(n / bn), math.ceil(k / bk)
         padded = weight.new_zeros(nb * bn, kb * bk, *taps)
@@ -580,7 +580,7 @@ class NM(_Format):
                 f"sparsity={self.sparsity:.3f}, dtype={self.dtype}, device={self.device})")
 
 
-def _check_block(block) -> tuple[int, int]:
+def check_block(block) -> tuple[int, int]:
     try:
         bn, bk = (operator.index(b) for b in block)
     except (TypeError, ValueError):

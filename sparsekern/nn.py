@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekern.formats import BLOCK_SIZES, CSR, NM, BlockSparse, check_nm, nm_group_counts
+from sparsekern.formats import (BLOCK_SIZES, CSR, NM, BlockSparse, check_block, check_nm,
+                                nm_group_counts)
 from sparsekern.ops import sparse_conv2d, sparse_linear
 from sparsekern.timing import measure
 
@@ -126,7 +127,8 @@ def pack(weight: torch.Tensor, mask: torch.Tensor | None, format: str = "auto",
     2:4, 1:4 or 4:8), else CSR. format="bsr": `block`, else the largest fitting block, else
     (32, 32); the stored pattern is then the block closure of the mask (see `value_mask`).
     format="nm": `nm`, else the first of 2:4, 1:4, 4:8 that the mask follows exactly, else the
-    first it fits (at most N per group); a mask that fits none is an error."""
+    first it fits (at most N per group); a mask that fits none is an error. `block` goes with
+    "bsr" / "auto" only, `nm` with "nm" / "auto": either given to another format is an error."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if nm is not None:
@@ -137,8 +139,13 @@ def pack(weight: torch.Tensor, mask: torch.Tensor | None, format: str = "auto",
         except (TypeError, ValueError):
             raise ValueError(f"nm must be a pair (n, m), got {nm!r}") from None
         nm = check_nm(*nm, "nm")
-    if format == "nm" and block is not None:
-        raise ValueError(f"block={block!r} applies to format='bsr', not 'nm'")
+    # An argument the chosen format would ignore is an error, not a silent no-op.
+    if block is not None:
+        if format not in ("auto", "bsr"):
+            raise ValueError(f"block={block!r} applies to format='bsr' or 'auto', not {format!r}")
+        block = check_block(block)
+    if nm is not None and format not in ("auto", "nm"):
+        raise ValueError(f"nm={nm!r} applies to format='nm' or 'auto', not {format!r}")
     mask = weight.detach() != 0 if mask is None else as_mask(mask)
     same_shape = isinstance(mask, torch.Tensor) and mask.shape == weight.shape
     candidates = NM_PATTERNS if nm is None else (nm,)

@@ -119,7 +119,7 @@ def _setup(granularity, policy, kind):
         for n in names:
             params[n].mul_(masks[n])
     fmt = "bsr" if granularity == "block" else "csr"
-    sparsify_model(model, masks, format=fmt, policy=policy, block=block)
+    sparsify_model(model, masks, format=fmt, policy=policy, block=block if fmt == "bsr" else None)
     opt = _optimizer(kind, model.parameters())
     return model, opt, masks, names, block
 

@@ -221,6 +221,11 @@ def run_op(name: str, args):
     return getattr(torch.ops.sparsekern, name)(*args)
 
 
+def block_for(fmt: str, block=(8, 8)):
+    """The `block` argument of from_dense for format `fmt`: only BSR takes one."""
+    return block if fmt == "bsr" else None
+
+
 def assert_refuses_a_meta_tensor(name: str, args) -> None:
     """One meta argument (the first or the last tensor) among CPU ones sends the call to the
     op's fake kernel (the dispatcher picks it for any meta input): it must refuse the mix, not

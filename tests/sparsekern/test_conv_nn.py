@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekern as sk
-from _sk_helpers import assert_close, unstructured_mask
+from _sk_helpers import assert_close, block_for, unstructured_mask
 from lth import pruning
 from lth.hparams import ModelHparams
 from lth.models import build_model
@@ -58,7 +58,7 @@ def _masked_conv(conv, mask):
 def test_sparse_conv_matches_masked_dense(fmt, geometry):
     conv = nn.Conv2d(20, 24, dtype=torch.float64, **geometry)  # 20, 24: ragged for 8x8 blocks
     mask = _conv_mask(fmt, conv.weight.shape)
-    layer = sk.SparseConv2d.from_dense(conv, mask, format=fmt, block=(8, 8))
+    layer = sk.SparseConv2d.from_dense(conv, mask, format=fmt, block=block_for(fmt))
     ref = _masked_conv(conv, mask)
     assert layer.format == fmt and torch.equal(layer.mask(), mask)
     assert (layer.stride, layer.padding, layer.dilation) == (conv.stride, conv.padding,
@@ -85,7 +85,7 @@ def test_sparse_conv_matches_masked_dense(fmt, geometry):
 def test_sparse_conv_parameters_are_kept_weights_only(fmt):
     conv = nn.Conv2d(16, 32, 3, padding=1)
     mask = _conv_mask(fmt, conv.weight.shape)
-    layer = sk.SparseConv2d.from_dense(conv, mask, format=fmt, block=(8, 8))
+    layer = sk.SparseConv2d.from_dense(conv, mask, format=fmt, block=block_for(fmt))
     params = dict(layer.named_parameters())
     assert set(params) == {"values", "bias"}
     assert params["values"].numel() == int(mask.sum())
@@ -215,7 +215,8 @@ def test_pruned_weights_stay_zero_through_sgd_with_momentum_and_weight_decay(fmt
     with torch.no_grad():
         for n, m in masks.items():
             dense.get_parameter(n).mul_(m)
-    model = sk.sparsify(copy.deepcopy(dense), masks, format=fmt, policy="sparse", block=(8, 8))
+    model = sk.sparsify(copy.deepcopy(dense), masks, format=fmt, policy="sparse",
+                        block=block_for(fmt))
     x, y = torch.randn(3, 8, 5, 5, dtype=torch.float64), torch.randint(0, 5, (3,))
     opt_s = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-3)
     opt_d = torch.optim.SGD(dense.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-3)

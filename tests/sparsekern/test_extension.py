@@ -134,7 +134,8 @@ FALLBACK_SCRIPT = textwrap.dedent("""
 
         fmt = "bsr" if isinstance(W, sk.BlockSparse) else "csr"
         layer = sk.SparseLinear.from_dense(torch.nn.Linear(45, 37, dtype=torch.float64), mask,
-                                           format=fmt, block=(8, 8))
+                                           format=fmt,
+                                           block=(8, 8) if fmt == "bsr" else None)
         xs = torch.randn(4, 45, dtype=torch.float64)
         layer(xs).sum().backward()
         expected = F.linear(xs, layer.dense_weight(), layer.bias)

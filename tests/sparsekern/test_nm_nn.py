@@ -101,8 +101,18 @@ def test_format_nm_finds_the_pattern_or_says_why():
         sk.SparseLinear.from_dense(layer, dense, format="nm")
     with pytest.raises(ValueError, match=r"mask keeps 3 of the inputs 0\.\.3 of row 0"):
         sk.SparseLinear.from_dense(layer, random_nm_mask(16, 24, 3, 4), format="nm", nm=(2, 4))
-    with pytest.raises(ValueError, match=r"block=\(8, 8\) applies to format='bsr', not 'nm'"):
+    with pytest.raises(ValueError, match=r"block=\(8, 8\) applies to format='bsr' or 'auto', "
+                                         r"not 'nm'"):
         sk.SparseLinear.from_dense(layer, fewer, format="nm", block=(8, 8))
+    # an argument the chosen format would ignore, or a bad block under "auto", is an error
+    with pytest.raises(ValueError, match=r"block='x' applies to format='bsr' or 'auto', not 'csr'"):
+        sk.SparseLinear.from_dense(layer, fewer, format="csr", block="x")
+    for fmt in ("csr", "bsr"):
+        with pytest.raises(ValueError, match=f"nm=\\(2, 4\\) applies to format='nm' or 'auto', "
+                                             f"not '{fmt}'"):
+            sk.SparseLinear.from_dense(layer, fewer, format=fmt, nm=(2, 4))
+    with pytest.raises(ValueError, match=r"block=\(3, 3\): each dim must be one of"):
+        sk.SparseLinear.from_dense(layer, fewer, format="auto", block=(3, 3))
     with pytest.raises(ValueError, match=r"nm: need 0 < n < m"):
         sk.SparseLinear.from_dense(layer, fewer, format="nm", nm=(4, 2))
     with pytest.raises(ValueError, match=r"nm must be a pair \(n, m\), got 4"):

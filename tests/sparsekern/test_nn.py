@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekern as sk
-from _sk_helpers import TOL, assert_close, block_mask, rebuild, unstructured_mask
+from _sk_helpers import TOL, assert_close, block_for, block_mask, rebuild, unstructured_mask
 
 BLOCK = (8, 8)
 
@@ -48,7 +48,7 @@ def _masked_reference(linear, mask):
 def test_sparse_linear_matches_masked_dense(fmt, with_bias, dtype):
     linear = nn.Linear(45, 37, bias=with_bias, dtype=dtype)  # ragged for (8, 8) blocks
     mask = _mask_for(fmt, 37, 45)
-    layer = sk.SparseLinear.from_dense(linear, mask, format=fmt, block=BLOCK)
+    layer = sk.SparseLinear.from_dense(linear, mask, format=fmt, block=block_for(fmt, BLOCK))
     dense = _masked_reference(linear, mask)
     assert layer.format == fmt and torch.equal(layer.mask(), mask)
 
@@ -73,7 +73,7 @@ def test_sparse_linear_parameters_are_kept_weights_only(fmt):
     optimizer state exist for kept weights only; index tensors are int32 buffers."""
     linear = nn.Linear(64, 48)  # block-aligned: BSR stores no padding
     mask = _mask_for(fmt, 48, 64)
-    layer = sk.SparseLinear.from_dense(linear, mask, format=fmt, block=BLOCK)
+    layer = sk.SparseLinear.from_dense(linear, mask, format=fmt, block=block_for(fmt, BLOCK))
     params = dict(layer.named_parameters())
     assert set(params) == {"values", "bias"}
     assert params["values"].numel() == int(mask.sum()) == layer.weight_format().nnz
@@ -142,8 +142,8 @@ def test_training_matches_dense_masked_training(fmt):
                                 nn.Linear(48, 24, dtype=dtype))
     masks = [_mask_for(fmt, 48, 40, 0.5), _mask_for(fmt, 24, 48, 0.7)]
     sparse_model = nn.Sequential(
-        sk.SparseLinear.from_dense(dense_model[0], masks[0], format=fmt, block=BLOCK), nn.Tanh(),
-        sk.SparseLinear.from_dense(dense_model[2], masks[1], format=fmt, block=BLOCK))
+        sk.SparseLinear.from_dense(dense_model[0], masks[0], format=fmt, block=block_for(fmt, BLOCK)), nn.Tanh(),
+        sk.SparseLinear.from_dense(dense_model[2], masks[1], format=fmt, block=block_for(fmt, BLOCK)))
     assert all(torch.equal(sparse_model[i].mask(), m) for i, m in zip((0, 2), masks))
     x = torch.randn(64, 40, dtype=dtype)
     target = torch.randn(64, 24, dtype=dtype)
@@ -204,7 +204,8 @@ def test_an_inf_in_x_leaves_pruned_weights_exactly_zero(kind):
         mask = unstructured_mask(16, 24, 0.5)
         linear = nn.Linear(24, 16)
         layer = (sk.MaskedLinear(linear, mask) if kind == "masked_linear" else
-                 sk.SparseLinear.from_dense(linear, mask, format=kind.split("_")[0], block=BLOCK))
+                 sk.SparseLinear.from_dense(linear, mask, format=kind.split("_")[0],
+                                                   block=block_for(kind.split("_")[0], BLOCK)))
         x = torch.randn(4, 24)
         x[0, 3] = float("inf")
     if kind == "bsr_value_mask":
@@ -231,12 +232,12 @@ def test_float_masks_are_accepted():
 def test_sparse_linear_state_dict_round_trip(fmt, tmp_path):
     linear = nn.Linear(45, 37)
     mask = _mask_for(fmt, 37, 45)
-    layer = sk.SparseLinear.from_dense(linear, mask, format=fmt, block=BLOCK)
+    layer = sk.SparseLinear.from_dense(linear, mask, format=fmt, block=block_for(fmt, BLOCK))
     with torch.no_grad():
         layer.values.add_(torch.randn_like(layer.values))  # differs from a fresh packing
     path = tmp_path / "layer.pt"
     torch.save(layer.state_dict(), path)
-    fresh = sk.SparseLinear.from_dense(nn.Linear(45, 37), mask, format=fmt, block=BLOCK)
+    fresh = sk.SparseLinear.from_dense(nn.Linear(45, 37), mask, format=fmt, block=block_for(fmt, BLOCK))
     fresh.load_state_dict(torch.load(path, weights_only=True))
     x = torch.randn(5, 45)
     assert torch.equal(fresh(x), layer(x))
