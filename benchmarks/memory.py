@@ -51,7 +51,7 @@ def measure(in_features: int, out_features: int, sparsity: float,
     for label, fmt, block in SPARSE_LAYERS:
         mask = make_mask(block, out_features, in_features, sparsity, gen)
         layers[label] = sk.SparseLinear.from_dense(dense, mask, format=fmt,
-                                                   block=(block or 32, block or 32))
+                                                   block=(block, block) if block else None)
     rows = []
     for opt_name, make_optimizer in OPTIMIZERS.items():
         base = None

@@ -21,6 +21,7 @@ turns the layers the state holds packed into the SparseLinear / SparseConv2d it 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -714,6 +715,9 @@ def _targets(model: nn.Module, masks) -> dict[str, torch.Tensor]:
                 if not bool(mask.all()):
                     targets[name] = mask
         return targets
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a dict {{'<layer>.weight': bool mask}} (or None), got "
+                        f"{type(masks).__name__}")
     known = {f"{n}.weight" for n, m in modules.items() if _kind(m)}
     unknown = sorted(set(masks) - known)
     if unknown:

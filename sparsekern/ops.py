@@ -346,6 +346,13 @@ def _widened_half(x, values, bias, who: str) -> bool:
     return True
 
 
+def _check_tensors(who: str, **args) -> None:
+    for name, value in args.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{who}: {name} must be a tensor{' or None' if name != 'x' else ''}, "
+                            f"got {type(value).__name__}")
+
+
 def check_one_device(who: str, **tensors) -> None:
     """All tensors of a call on one device, checked in the fake kernels: a meta tensor among CPU
     ones sends an eager call to them (the device kernels check devices themselves), and
@@ -377,6 +384,7 @@ def sparse_linear(x: torch.Tensor, values: torch.Tensor, index: dict, shape, bia
     """The dispatch behind `linear` and the modules: `index` holds a format's index tensors;
     nm = (n, m) for an NM weight."""
     out_features, in_features = shape
+    _check_tensors("linear", x=x, bias=bias)
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"linear: x must end in in_features={in_features}, got shape "
                          f"{tuple(x.shape)}")
@@ -438,15 +446,16 @@ def csr_conv2d_grad_weight(grad_out, x, row_ptr, col_idx, kernel_size, stride, p
 
 
 def _pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value, value
+    """(h, w) of ints in the kernels' int32 range (beyond it the geometry overflows)."""
     try:
-        a, b = value
+        a, b = (value, value) if isinstance(value, int) else value
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (a, b)):
             raise TypeError
-        return a, b
     except (TypeError, ValueError):
         raise ValueError(f"conv2d: {name} must be an int or a pair of ints, got {value!r}") from None
+    if max(abs(a), abs(b)) >= 2**31:
+        raise ValueError(f"conv2d: {name} must be below 2**31, got {value!r}")
+    return a, b
 
 
 def conv_padding(padding, kernel_size, stride, dilation):
@@ -485,6 +494,7 @@ def sparse_conv2d(x: torch.Tensor, values: torch.Tensor, index: dict, shape, bia
     """The dispatch behind `conv2d` and SparseConv2d: `index` holds a format's index tensors,
     shape = (C_out, C_in, kh, kw); nm = (n, m) for an NM weight (run on the CSR conv ops)."""
     out_channels, in_channels, kh, kw = shape
+    _check_tensors("conv2d", x=x, bias=bias)
     if x.dim() not in (3, 4) or x.shape[-3] != in_channels:
         raise ValueError(f"conv2d: x must be [N, {in_channels}, H, W] (or unbatched "
                          f"[{in_channels}, H, W]), got shape {tuple(x.shape)}")

@@ -41,6 +41,8 @@ PUBLIC_CASES = {
     "stride_bool": (dict(stride=True), ValueError, "stride must be an int or a pair"),
     "dilation_0": (dict(dilation=0), ValueError, r"dilation=\(0, 0\)"),
     "dilation_str": (dict(dilation="2"), ValueError, "dilation must be an int or a pair"),
+    "dilation_huge": (dict(dilation=2**62), ValueError, r"dilation must be below 2\*\*31"),
+    "padding_huge": (dict(padding=(0, 2**40)), ValueError, r"padding must be below 2\*\*31"),
     "padding_negative": (dict(padding=-1), ValueError, "padding must be >= 0, got -1"),
     "padding_pair_negative": (dict(padding=(0, -2)), ValueError, r"padding must be >= 0"),
     "padding_string": (dict(padding="full"), ValueError,

@@ -339,6 +339,14 @@ def test_linear_rejects_dtype_mismatch(fmt):
         sk.linear(x.double(), W)
 
 
+def test_linear_rejects_arguments_that_are_not_tensors():
+    W, x, _, _ = random_problem("csr", 3, 24, 20)
+    with pytest.raises(TypeError, match="linear: bias must be a tensor or None, got list"):
+        sk.linear(x, W, [0.0] * 24)
+    with pytest.raises(TypeError, match="linear: x must be a tensor, got list"):
+        sk.linear(x.tolist(), W)
+
+
 def test_sparse_linear_rejects():
     W, _, _, _ = random_problem("csr", 1, 24, 20)
     with pytest.raises(ValueError, match=r"bias must have shape \(24,\), got \(3,\)"):

@@ -385,6 +385,12 @@ def test_sparsify_rejects_bad_options(kwargs, match):
         sk.sparsify(_model(), masks=_masks(), **kwargs)
 
 
+def test_sparsify_rejects_masks_that_are_not_a_dict():
+    with pytest.raises(TypeError, match=r"masks must be a dict \{'<layer>.weight': bool mask\} "
+                                        r"\(or None\), got list"):
+        sk.sparsify(_model(), list(_masks().values()))
+
+
 def test_sparsify_root_linear_is_refused():
     linear = nn.Linear(8, 8)
     with torch.no_grad():
