@@ -100,8 +100,14 @@ def expand_ptr(ptr: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=ptr.device), counts)
 
 
-def _ptr(counts: torch.Tensor) -> torch.Tensor:
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+def compressed_ptr(counts: torch.Tensor) -> torch.Tensor:
+    """Entries per row -> the int32 row pointer; more than an int32 can index is refused, as
+    the cast would wrap the pointer around instead."""
+    ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    if int(ptr[-1]) >= 2**31:
+        raise ValueError(f"{int(ptr[-1])} stored entries exceed the int32 index range of the "
+                         f"formats; split the layer")
+    return ptr.to(torch.int32)
 
 
 def _transposed_index(present: torch.Tensor):
@@ -111,7 +117,7 @@ def _transposed_index(present: torch.Tensor):
     position[rows, cols] = torch.arange(rows.numel(), device=present.device)
     cols_t, rows_t = present.t().nonzero(as_tuple=True)
     perm = position[rows_t, cols_t]
-    return _ptr(present.sum(0)), rows_t.to(torch.int32), perm.to(torch.int32)
+    return compressed_ptr(present.sum(0)), rows_t.to(torch.int32), perm.to(torch.int32)
 
 
 class _Format:
@@ -255,7 +261,7 @@ class BlockSparse(_Format):
         # [Nb, bn, Kb, bk, *taps] -> [Nb, Kb, *taps, bk, bn]
         blocks = padded.view(nb, bn, kb, bk, *taps).permute(0, 2, *tap_dims, 3, 1)
         values = blocks[rows, cols].contiguous()
-        return cls(values, _ptr(present.sum(1)), cols.to(torch.int32), weight.shape)
+        return cls(values, compressed_ptr(present.sum(1)), cols.to(torch.int32), weight.shape)
 
     def block_pattern(self) -> torch.Tensor:
         """[Nb, Kb] bool: which blocks are stored."""
@@ -334,8 +340,8 @@ class CSR(_Format):
         rows, cols = weight.shape[0], math.prod(weight.shape[1:])  # not -1: rows may be 0
         matrix, kept = weight.reshape(rows, cols), mask.reshape(rows, cols)
         rows, cols = kept.nonzero(as_tuple=True)
-        return cls(matrix[rows, cols].contiguous(), _ptr(kept.sum(1)), cols.to(torch.int32),
-                   tuple(weight.shape))
+        return cls(matrix[rows, cols].contiguous(), compressed_ptr(kept.sum(1)),
+                   cols.to(torch.int32), tuple(weight.shape))
 
     def to_dense(self) -> torch.Tensor:
         dense = self.values.new_zeros(self.matrix_shape)

@@ -10,10 +10,10 @@ made of whole blocks (format="bsr" forced with a scattered mask), the module als
 `value_mask` buffer shaped like `values` and selects through it (`torch.where`, not a product:
 an inf in x makes a pruned weight's gradient inf, and inf * 0 is NaN), so the weights inside a
 kept block but outside the mask get no gradient and stay exactly zero under SGD (momentum,
-weight decay), Adam and AdamW. format="auto" never needs it: BSR only for block-aligned masks, else CSR.
-An N:M weight (format="nm") marks the free slots of groups that keep fewer than N in its own
-`kept` buffer and selects through it in the same way; format="auto" picks it for a mask that keeps
-exactly N of every M inputs (2:4, 1:4 or 4:8) and is not made of whole blocks.
+weight decay), Adam and AdamW. format="auto" never needs it: BSR only for block-aligned masks,
+else CSR. An N:M weight (format="nm") marks the free slots of groups that keep fewer than N in
+its own `kept` buffer and selects through it in the same way; format="auto" picks it for a mask
+that keeps exactly N of every M inputs (2:4, 1:4 or 4:8) and is not made of whole blocks.
 
 A sparsified model's state_dict is enough to rebuild it: `load_sparse(skeleton, state_dict)`
 turns the layers the state holds packed into the SparseLinear / SparseConv2d it describes.

@@ -4,6 +4,12 @@ The schemas live in csrc/ops.cpp, the autograd formulas in csrc/autograd.cpp (C+
 formula cost ~130 us per training step of a layer, see there). When the extension is not loaded every wrapper runs the
 matching function of reference.py instead, so callers never need to care.
 
+The ops check every index they read for dtype, size, order and range, so no index makes them
+read out of bounds; they do not check that a transposed index (col_ptr, row_idx, perm) is the
+same pattern as the forward one: dX receives only the transposed one, and the check is O(nnz).
+The format constructors and load_state_dict check it once, so the formats and modules are safe;
+an inconsistent index handed to torch.ops.sparsekern.* directly gives a wrong dX.
+
 N:M weights (formats.NM) run on the CSR ops (their values viewed flat: no copy), except a 2:4
 linear on CUDA in float16/bfloat16 whose shape fits CUTLASS's tile: that one runs
 `semi_structured_linear` below, torch's semi-structured sparse matmul (sparse tensor cores).

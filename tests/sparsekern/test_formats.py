@@ -179,6 +179,15 @@ def test_weights_with_no_rows_or_columns_pack(fmt, shape):
     assert torch.equal(W.to_dense(), weight) and W.mask().shape == shape
 
 
+def test_more_entries_than_int32_indexes_are_refused():
+    """The row pointer of 2**31 entries would wrap around in int32 (the counts alone are enough
+    to show it: a real layer that size needs 8 GB of values)."""
+    from sparsekern.formats import compressed_ptr
+    assert compressed_ptr(torch.tensor([2, 0, 3])).tolist() == [0, 2, 2, 5]
+    with pytest.raises(ValueError, match="2147483648 stored entries exceed the int32 index range"):
+        compressed_ptr(torch.tensor([2**30, 2**30]))
+
+
 def _assert_same(a, b):
     assert type(a) is type(b) and a.shape == b.shape
     ta, tb = a.tensors(), b.tensors()
