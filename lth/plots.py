@@ -84,7 +84,6 @@ def plot_comparison(rows: list[dict], path: str) -> str | None:
     plt = _pyplot()
     if plt is None or not rows:
         return None
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     lines: dict[str, list[dict]] = {}
     for r in rows:
         lines.setdefault(f"{r['config']}: {r['line']}", []).append(r)
@@ -104,6 +103,8 @@ def _save(fig, ax, path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    # The folder may not exist yet: lth.report --time on a run killed before its plots.
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     _pyplot().close(fig)
     return path

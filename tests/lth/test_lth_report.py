@@ -2,6 +2,7 @@
 dense gap and the margin over the best random baseline both shown."""
 import json
 import os
+import shutil
 
 import pytest
 
@@ -113,6 +114,7 @@ def test_time_retimes_every_round_in_one_process(tmp_path, capsys):
             "--no-progress", "--threads", "1"]
     run = run_inprocess(args, tmp_path)
     capsys.readouterr()
+    shutil.rmtree(os.path.join(run, "plots"))  # as a run killed before it plotted leaves it
     assert report.main(["--time", run]) == 0
     out = capsys.readouterr().out
     assert "re-timed in one process, interleaved: median of 2 rounds (at most 2" in out
