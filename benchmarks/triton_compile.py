@@ -13,13 +13,49 @@ import argparse
 import sys
 
 from benchmarks import cuda_compile, gpu_report
+from sparsekern.formats import BLOCK_SIZES
+from sparsekern.triton.aot import DTYPES
+
+DTYPE_ALIASES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "tf32": "tfloat32"}
+
+
+def _arch(text: str) -> str:
+    """80, sm_80 or sm80 -> "80"."""
+    digits = text.lower().removeprefix("sm").removeprefix("_")
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a compute capability like 90 or sm_90, got "
+                                         f"{text!r}")
+    return digits
+
+
+def _dtype(text: str) -> str:
+    name = DTYPE_ALIASES.get(text.lower(), text.lower())
+    if name not in DTYPES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(DTYPES)} (or "
+                                         f"{', '.join(DTYPE_ALIASES)}), got {text!r}")
+    return name
+
+
+def _block(text: str) -> str:
+    """BKxBN, or one size for a square block: 32 -> "32x32"."""
+    dims = text.lower().split("x")
+    if len(dims) == 1:
+        dims = dims * 2
+    if len(dims) != 2 or not all(d.isdigit() and int(d) in BLOCK_SIZES for d in dims):
+        raise argparse.ArgumentTypeError(f"expected BKxBN or one size, each of {BLOCK_SIZES}, "
+                                         f"got {text!r}")
+    return "x".join(dims)
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks triton-compile", description=__doc__)
-    p.add_argument("--arch", nargs="+", default=["80", "90"])
-    p.add_argument("--dtype", nargs="+", default=["bfloat16", "float16", "float32", "tfloat32"])
-    p.add_argument("--block", nargs="+", default=["16x16", "32x32", "64x64"])
+    p.add_argument("--arch", nargs="+", type=_arch, default=["80", "90"],
+                   help="compute capabilities: 80 or sm_80, ... (default 80 90)")
+    p.add_argument("--dtype", nargs="+", type=_dtype,
+                   default=["bfloat16", "float16", "float32", "tfloat32"],
+                   help=f"{', '.join(DTYPES)} or {', '.join(DTYPE_ALIASES)} (default: all)")
+    p.add_argument("--block", nargs="+", type=_block, default=["16x16", "32x32", "64x64"],
+                   help="BKxBN, or one size for a square block (default 16x16 32x32 64x64)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/gpu)")
     a = p.parse_args(argv)
     rows = gpu_report.aot_rows(a.arch, a.dtype, a.block)

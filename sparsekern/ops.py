@@ -375,12 +375,17 @@ def _float(t):
     return None if t is None else t.float()
 
 
+def _described(weight) -> str:
+    shape = getattr(weight, "shape", None)
+    return type(weight).__name__ + ("" if shape is None else f" of shape {tuple(shape)}")
+
+
 def linear(x: torch.Tensor, weight: BlockSparse | CSR | NM,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T + bias with a sparse W; x may have any leading batch dims. Autograd-aware."""
-    if not isinstance(weight, (BlockSparse, CSR, NM)):
-        raise TypeError(f"linear: weight must be a sparsekern.BlockSparse, CSR or NM, got "
-                        f"{type(weight).__name__}")
+    if not isinstance(weight, (BlockSparse, CSR, NM)) or len(weight.shape) != 2:
+        raise TypeError(f"linear: weight must be a sparsekern.BlockSparse, CSR or NM made from "
+                        f"a 2-D linear weight, got {_described(weight)}")
     return sparse_linear(x, weight.values, weight.tensors(), weight.shape, bias,
                          getattr(weight, "nm", None))
 
@@ -490,7 +495,7 @@ def conv2d(x: torch.Tensor, weight: BlockSparse | CSR | NM, bias: torch.Tensor |
     or unbatched [C_in, H, W]. The output is channels_last (the layout the kernels compute in)."""
     if not isinstance(weight, (BlockSparse, CSR, NM)) or len(weight.shape) != 4:
         raise TypeError(f"conv2d: weight must be a sparsekern.BlockSparse, CSR or NM made from "
-                        f"a 4-D conv weight, got {weight!r}")
+                        f"a 4-D conv weight, got {_described(weight)}")
     return sparse_conv2d(x, weight.values, weight.tensors(), weight.shape, bias, stride,
                          padding, dilation, getattr(weight, "nm", None))
 

@@ -4,6 +4,7 @@ pytest's addopts carry --benchmark-disable, so the `benchmark` fixture calls eac
 as a plain test; `pytest --benchmark-enable tests/benchmarks` times them. No timing assertions
 (DESIGN.md: speed is proven by `python -m benchmarks`, never by tests).
 """
+import argparse
 import json
 import os
 import subprocess
@@ -199,6 +200,19 @@ def test_bad_arguments_are_rejected(capsys):
     assert args.shapes == ((768, 3072), (2048, 2048))
     assert (args.in_features, args.out_features) == report.TARGET_SHAPE  # targets, memory
     assert linear.parse_args([]).shapes == ((2048, 2048),)
+
+
+def test_triton_compile_takes_the_names_its_help_uses():
+    """sm_90, fp16 and a square block size are what a user types; bad ones are one-line errors."""
+    from benchmarks import triton_compile
+    assert [triton_compile._arch(a) for a in ("90", "sm_90", "SM80")] == ["90", "90", "80"]
+    assert [triton_compile._dtype(d) for d in ("fp16", "bfloat16", "TF32")] == [
+        "float16", "bfloat16", "tfloat32"]
+    assert [triton_compile._block(b) for b in ("32", "16x64")] == ["32x32", "16x64"]
+    for parse, bad in ((triton_compile._arch, "hopper"), (triton_compile._dtype, "int8"),
+                       (triton_compile._block, "12"), (triton_compile._block, "16x16x16")):
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(bad)):
+            parse(bad)
 
 
 def test_targets_cover_the_issue():

@@ -211,8 +211,12 @@ def test_linear_needs_input_grad_subsets():
 
 
 def test_linear_rejects_non_format_weight():
-    with pytest.raises(TypeError, match="weight must be a sparsekern.BlockSparse, CSR or NM"):
+    with pytest.raises(TypeError, match="weight must be a sparsekern.BlockSparse, CSR or NM "
+                                        r"made from a 2-D linear weight, got Tensor of shape \(4, 3\)"):
         sk.linear(torch.randn(2, 3), torch.randn(4, 3))
+    conv_weight = sk.CSR.from_dense(torch.randn(8, 4, 3, 3))  # a conv format is not a linear one
+    with pytest.raises(TypeError, match=r"2-D linear weight, got CSR of shape \(8, 4, 3, 3\)"):
+        sk.linear(torch.randn(2, 36), conv_weight)
 
 
 @pytest.mark.parametrize("fmt", ["bsr", "csr"])
