@@ -134,6 +134,12 @@ def check_pruned_zero(state: dict[str, torch.Tensor], masks: dict[str, torch.Ten
             raise RuntimeError(f"mask invariant broken: {bad} pruned weights of {n} are nonzero")
 
 
+def runs_sparse_kernels(model: nn.Module) -> bool:
+    """Whether some layer of `model` runs sparsekern's kernels; else it is masked-dense, the
+    same computation as masked_dense_copy of it."""
+    return any(isinstance(m, (sk.SparseLinear, sk.SparseConv2d)) for m in model.modules())
+
+
 def masked_dense_copy(dense_model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
     """A copy of a plain dense model where every pruned layer runs masked-dense."""
     m = copy.deepcopy(dense_model)

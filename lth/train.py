@@ -49,8 +49,8 @@ from lth.precision import Autocast, autocast_context
 from lth.requirements import lth_extra_problem
 from lth.results import format_table, write_summary
 from lth.sparse import (check_pruned_zero, cross_entropy, current_masks, dense_state_dict,
-                        masked_dense_copy, sparse_block, sparse_kernels_run_on,
-                        sparsify_model, time_train_steps, zero_pruned)
+                        masked_dense_copy, runs_sparse_kernels, sparse_block,
+                        sparse_kernels_run_on, sparsify_model, time_train_steps, zero_pruned)
 
 CHECKPOINT_FORMAT = 1
 EVAL_BATCH = 512
@@ -352,13 +352,14 @@ class Experiment:
         models = {}
         if masks:  # dense-masked first: the baseline of the ratios that must settle
             models["dense"] = masked_dense_copy(dense, masks)
-            models["sparse"] = copy.deepcopy(trained)
+            if runs_sparse_kernels(trained):  # else it is the dense-masked model: 1.00x
+                models["sparse"] = copy.deepcopy(trained)
         models["unmasked"] = copy.deepcopy(dense)
         models = {k: Autocast(m, self.autocast) for k, m in models.items()}
         times, how = time_train_steps(models, lambda p: make_optimizer(self.c.training, p),
                                       batch, self.loss_fn, s.timing_warmup, s.timing_repeats)
         times.setdefault("dense", times["unmasked"])
-        times.setdefault("sparse", times["unmasked"])
+        times.setdefault("sparse", times["dense"])
         return {"step_ms_dense": times["dense"], "step_ms_sparse": times["sparse"],
                 "step_ms_unmasked": times["unmasked"], "timing_batch": len(batch[1]),
                 "timing_threads": torch.get_num_threads(), "timing_rounds": how["rounds"],
@@ -379,9 +380,13 @@ class Experiment:
             models.setdefault("unmasked", copy.deepcopy(dense))
             if ckpt["masks"]:
                 masks = {n: m.to(self.device) for n, m in ckpt["masks"].items()}
-                keys[phase.key] = (f"{phase.key}:dense", f"{phase.key}:sparse")
-                models[keys[phase.key][0]] = masked_dense_copy(dense, masks)
-                models[keys[phase.key][1]] = self.trained_model(phase)
+                trained, dense_key = self.trained_model(phase), f"{phase.key}:dense"
+                models[dense_key] = masked_dense_copy(dense, masks)
+                if runs_sparse_kernels(trained):
+                    models[f"{phase.key}:sparse"] = trained
+                    keys[phase.key] = (dense_key, f"{phase.key}:sparse")
+                else:  # masked-dense as trained: the same model, timed once
+                    keys[phase.key] = (dense_key, dense_key)
             else:
                 keys[phase.key] = ("unmasked", "unmasked")
         s = self.c.sparse

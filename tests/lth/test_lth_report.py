@@ -107,6 +107,24 @@ def test_a_run_without_a_dense_round_zero_is_judged_on_its_baselines():
     assert "no dense round 0 in this run" in text
 
 
+def test_a_round_without_sparse_layers_reports_no_speedup(tmp_path, capsys):
+    """With no layer on the sparse kernels the round trains masked-dense: the same model as the
+    dense baseline, timed once, so its speedup is 1.00x and not the noise of two timings."""
+    args = ["--widths", "32,32", "--epochs", "1", "--rounds", "2", "--batch-size", "128",
+            "--rewind", "init", "--sparse-policy", "dense", "--timing-repeats", "2",
+            "--timing-warmup", "1",
+            "--no-progress", "--threads", "1"]
+    run = run_inprocess(args, tmp_path)
+    entries = json.load(open(os.path.join(run, "summary.json")))
+    assert len(entries) >= 2 and all(e["sparse_layers"].startswith("0/") for e in entries)
+    assert all(e["step_ms_sparse"] == e["step_ms_dense"] and e["speedup"] == 1.0
+               for e in entries)
+    capsys.readouterr()
+    assert report.main(["--time", run]) == 0
+    rows = json.load(open(os.path.join(run, "timing.json")))["rows"]
+    assert rows and all(r["step_ms_sparse"] == r["step_ms_dense"] for r in rows)
+
+
 def test_time_retimes_every_round_in_one_process(tmp_path, capsys):
     args = ["--widths", "32,32", "--epochs", "1", "--rounds", "2", "--batch-size", "128",
             "--branches", "random_reinit", "--rewind", "init", "--timing-repeats", "2",
