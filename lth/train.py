@@ -702,6 +702,11 @@ def main(argv: list[str] | None = None) -> int:
         if dist.main:
             print(f"python -m lth.train: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was saved stays; a traceback would say nothing
+        if dist.main:
+            print("python -m lth.train: interrupted; rerun the same command to resume after the "
+                  "last finished epoch", file=sys.stderr)
+        return 130
     finally:
         distributed.cleanup()
     return 0

@@ -91,3 +91,24 @@ def test_sigkill_mid_round_then_rerun_resumes_to_the_same_ticket(tmp_path):
     assert done.returncode == 0
     assert "run already finished" in done.stdout and "round  branch" in done.stdout
     assert {p: os.path.getmtime(os.path.join(run, p, "checkpoint.pt")) for p in PHASES} == before
+
+
+def test_ctrl_c_says_how_to_resume_in_one_line(tmp_path):
+    run = run_dir_of(KILL, tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "lth.train", *KILL, "--runs-dir",
+                             str(tmp_path)], cwd=ROOT, env=lth_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and not _metrics(run):  # training, past its setup
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "python -m lth.train: interrupted; rerun the same command to resume after the last "
+        "finished epoch")
