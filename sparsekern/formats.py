@@ -81,6 +81,9 @@ def _check_weight_and_mask(weight: torch.Tensor, mask: torch.Tensor | None, who:
                          f"{tuple(getattr(weight, 'shape', ())) or type(weight).__name__}")
     if not weight.is_floating_point():
         raise ValueError(f"{who}: weight must be floating point, got dtype {weight.dtype}")
+    if weight.is_meta:  # which weights are kept depends on values a meta tensor does not have
+        raise ValueError(f"{who}: weight is on the meta device: packing needs its values; pack "
+                         f"on a real device, then .to('meta')")
     if mask is None:
         return weight.detach(), weight.detach() != 0
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:

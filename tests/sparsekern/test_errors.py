@@ -31,6 +31,8 @@ FROM_DENSE_CASES = {
     "weight_int": (dict(weight=torch.ones(3, 4, dtype=torch.int64)),
                    "weight must be floating point, got dtype torch.int64"),
     "weight_not_tensor": (dict(weight=[[1.0, 2.0]]), "weight must be a 2-D linear weight .* or a 4-D conv weight"),
+    "weight_meta": (dict(weight=torch.randn(3, 4, device="meta")),
+                    "weight is on the meta device: packing needs its values"),
 }
 
 
