@@ -702,15 +702,16 @@ def main(argv: list[str] | None = None) -> int:
         if dist.main:
             print(f"python -m lth.train: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: what was saved stays; a traceback would say nothing
-        if dist.main:
-            print("python -m lth.train: interrupted; rerun the same command to resume after the "
-                  "last finished epoch", file=sys.stderr)
-        return 130
     finally:
         distributed.cleanup()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: what was saved stays; a traceback would say nothing
+        if os.environ.get("RANK", "0") == "0":
+            print("python -m lth.train: interrupted; rerun the same command to resume after the "
+                  "last finished epoch", file=sys.stderr)
+        sys.exit(130)
