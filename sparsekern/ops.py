@@ -30,6 +30,8 @@ float16 as it is.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
 import warnings
@@ -542,101 +544,87 @@ def _conv_out_shape(x, kernel_size, stride, padding, dilation):
             // stride[i] + 1 for i in range(2)]
 
 
+def _checked_fake(op: str):
+    """torch.library.register_fake for sparsekern::`op`, its tensor arguments checked to be on
+    one device first (check_one_device, by the fake's parameter names)."""
+    def register(fake):
+        names = list(inspect.signature(fake).parameters)
+
+        @functools.wraps(fake)
+        def checked(*args, **kwargs):
+            check_one_device(op, **dict(zip(names, args)), **kwargs)
+            return fake(*args, **kwargs)
+        return torch.library.register_fake(f"sparsekern::{op}")(checked)
+    return register
+
+
 if _HAVE_OPS:
 
-    @torch.library.register_fake("sparsekern::bsr_linear")
+    @_checked_fake("bsr_linear")
     def _(x, values, block_row_ptr, block_col_idx, block_col_ptr, block_row_idx, block_perm,
           bias, out_features):
-        check_one_device("bsr_linear", x=x, values=values, block_row_ptr=block_row_ptr,
-                         block_col_idx=block_col_idx, block_col_ptr=block_col_ptr,
-                         block_row_idx=block_row_idx, block_perm=block_perm, bias=bias)
         torch._check(x.dim() == 2, lambda: "bsr_linear: x must be 2-D")
         return x.new_empty(x.shape[0], out_features)
 
-    @torch.library.register_fake("sparsekern::bsr_linear_grad_input")
+    @_checked_fake("bsr_linear_grad_input")
     def _(grad_out, values, block_col_ptr, block_row_idx, block_perm, in_features):
-        check_one_device("bsr_linear_grad_input", grad_out=grad_out, values=values,
-                         block_col_ptr=block_col_ptr, block_row_idx=block_row_idx,
-                         block_perm=block_perm)
         return grad_out.new_empty(grad_out.shape[0], in_features)
 
-    @torch.library.register_fake("sparsekern::bsr_linear_grad_weight")
+    @_checked_fake("bsr_linear_grad_weight")
     def _(grad_out, x, block_row_ptr, block_col_idx, block_n, block_k):
-        check_one_device("bsr_linear_grad_weight", grad_out=grad_out, x=x,
-                         block_row_ptr=block_row_ptr, block_col_idx=block_col_idx)
         return x.new_empty(block_col_idx.shape[0], block_k, block_n)
 
     def csr_linear_fakes(op):  # csr_linear and its CUDA C++ twin take the same arguments
-        @torch.library.register_fake(f"sparsekern::{op}")
+        @_checked_fake(op)
         def _(x, values, row_ptr, col_idx, col_ptr, row_idx, perm, bias, out_features):
-            check_one_device(op, x=x, values=values, row_ptr=row_ptr, col_idx=col_idx,
-                             col_ptr=col_ptr, row_idx=row_idx, perm=perm, bias=bias)
             torch._check(x.dim() == 2, lambda: f"{op}: x must be 2-D")
             return x.new_empty(x.shape[0], out_features)
 
-        @torch.library.register_fake(f"sparsekern::{op.replace('linear', 'linear_grad_input')}")
+        @_checked_fake(op.replace("linear", "linear_grad_input"))
         def _(grad_out, values, col_ptr, row_idx, perm, in_features):
-            check_one_device(f"{op}_grad_input", grad_out=grad_out, values=values,
-                             col_ptr=col_ptr, row_idx=row_idx, perm=perm)
             return grad_out.new_empty(grad_out.shape[0], in_features)
 
     csr_linear_fakes("csr_linear")
     csr_linear_fakes("csr_linear_cuda")
 
-    @torch.library.register_fake("sparsekern::csr_linear_grad_weight")
+    @_checked_fake("csr_linear_grad_weight")
     def _(grad_out, x, row_ptr, col_idx):
-        check_one_device("csr_linear_grad_weight", grad_out=grad_out, x=x, row_ptr=row_ptr,
-                         col_idx=col_idx)
         return x.new_empty(col_idx.shape[0])
 
     def _channels_last(like, *size):
         return like.new_empty(size).contiguous(memory_format=torch.channels_last)
 
-    @torch.library.register_fake("sparsekern::bsr_conv2d")
+    @_checked_fake("bsr_conv2d")
     def _(x, values, block_row_ptr, block_col_idx, block_col_ptr, block_row_idx, block_perm,
           bias, out_channels, stride, padding, dilation):
-        check_one_device("bsr_conv2d", x=x, values=values, block_row_ptr=block_row_ptr,
-                         block_col_idx=block_col_idx, block_col_ptr=block_col_ptr,
-                         block_row_idx=block_row_idx, block_perm=block_perm, bias=bias)
         torch._check(x.dim() == 4, lambda: "bsr_conv2d: x must be 4-D")
         oh, ow = _conv_out_shape(x, values.shape[1:3], stride, padding, dilation)
         return _channels_last(x, x.shape[0], out_channels, oh, ow)
 
-    @torch.library.register_fake("sparsekern::bsr_conv2d_grad_input")
+    @_checked_fake("bsr_conv2d_grad_input")
     def _(grad_out, values, block_col_ptr, block_row_idx, block_perm, input_size, stride,
           padding, dilation):
-        check_one_device("bsr_conv2d_grad_input", grad_out=grad_out, values=values,
-                         block_col_ptr=block_col_ptr, block_row_idx=block_row_idx,
-                         block_perm=block_perm)
         return _channels_last(grad_out, *input_size)
 
-    @torch.library.register_fake("sparsekern::bsr_conv2d_grad_weight")
+    @_checked_fake("bsr_conv2d_grad_weight")
     def _(grad_out, x, block_row_ptr, block_col_idx, kernel_size, block_n, block_k, stride,
           padding, dilation):
-        check_one_device("bsr_conv2d_grad_weight", grad_out=grad_out, x=x,
-                         block_row_ptr=block_row_ptr, block_col_idx=block_col_idx)
         return x.new_empty(block_col_idx.shape[0], *kernel_size, block_k, block_n)
 
-    @torch.library.register_fake("sparsekern::csr_conv2d")
+    @_checked_fake("csr_conv2d")
     def _(x, values, row_ptr, col_idx, col_ptr, row_idx, perm, bias, out_channels, kernel_size,
           stride, padding, dilation):
-        check_one_device("csr_conv2d", x=x, values=values, row_ptr=row_ptr, col_idx=col_idx,
-                         col_ptr=col_ptr, row_idx=row_idx, perm=perm, bias=bias)
         torch._check(x.dim() == 4, lambda: "csr_conv2d: x must be 4-D")
         oh, ow = _conv_out_shape(x, kernel_size, stride, padding, dilation)
         return _channels_last(x, x.shape[0], out_channels, oh, ow)
 
-    @torch.library.register_fake("sparsekern::csr_conv2d_grad_input")
+    @_checked_fake("csr_conv2d_grad_input")
     def _(grad_out, values, col_ptr, row_idx, perm, input_size, kernel_size, stride, padding,
           dilation):
-        check_one_device("csr_conv2d_grad_input", grad_out=grad_out, values=values,
-                         col_ptr=col_ptr, row_idx=row_idx, perm=perm)
         return _channels_last(grad_out, *input_size)
 
-    @torch.library.register_fake("sparsekern::csr_conv2d_grad_weight")
+    @_checked_fake("csr_conv2d_grad_weight")
     def _(grad_out, x, row_ptr, col_idx, kernel_size, stride, padding, dilation):
-        check_one_device("csr_conv2d_grad_weight", grad_out=grad_out, x=x, row_ptr=row_ptr,
-                         col_idx=col_idx)
         return x.new_empty(col_idx.shape[0])
 
 
