@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekern as sk
-from _sk_helpers import conv_problem, random_problem, rebuild, rel_err
+from _sk_helpers import block_for, conv_problem, random_problem, rebuild, rel_err
 from test_nm_format import random_nm_mask
 
 F16 = torch.float16
@@ -154,7 +154,7 @@ def test_float16_is_the_same_answer_without_the_extension(tmp_path):
     layers = {}
     for fmt in ("bsr", "csr"):
         layers[fmt] = sk.SparseLinear.from_dense(nn.Linear(72, 40), mask, format=fmt,
-                                                 block=(8, 8) if fmt == "bsr" else None)
+                                                 block=block_for(fmt))
         data[fmt + ".values"] = layers[fmt].values.detach()
     torch.save(data, tmp_path / "in.pt")
     result = subprocess.run([sys.executable, "-c", NO_EXTENSION_SCRIPT, str(tmp_path / "in.pt"),
