@@ -50,8 +50,10 @@ def test_kd_loss_is_zero_soft_term_when_student_equals_teacher():
 
 
 def test_alpha_zero_is_exactly_imp_and_alpha_point_nine_is_not(tmp_path):
-    imp = load(os.path.join(run_inprocess(ARGS, tmp_path), "round_01", "checkpoint.pt"))
-    kd0 = run_inprocess(ARGS + ["--method", "kd", "--kd-alpha", "0"], tmp_path)
+    # policy sparse: runs compared bit for bit must not time their way to different kernels
+    pinned = ARGS + ["--sparse-policy", "sparse"]
+    imp = load(os.path.join(run_inprocess(pinned, tmp_path), "round_01", "checkpoint.pt"))
+    kd0 = run_inprocess(pinned + ["--method", "kd", "--kd-alpha", "0"], tmp_path)
     kd = run_inprocess(ARGS + ["--method", "kd"], tmp_path)
     a = load(os.path.join(kd0, "round_01", "checkpoint.pt"))
     b = load(os.path.join(kd, "round_01", "checkpoint.pt"))
