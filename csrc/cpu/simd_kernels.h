@@ -223,7 +223,8 @@ SK_INLINE void prefetch_rows(const float* p, int64_t ld, int64_t len) {
 }
 
 // Tile rows for the rank-1 form: as many as the register file holds next to NV operand vectors.
-// NV = 4 (AVX2 only, bsr_forward): 3 x 4 tiles in 12 accumulators, 3 broadcasts and 1 B vector.
+// NV = 4 (AVX2 only, bsr_forward and bsr_grad_weight): 3 x 4 tiles in 12 accumulators, 3
+// broadcasts and 1 B vector.
 template <class V, int NV>
 constexpr int rank1_rows() {
   static_assert(NV == 1 || NV == 2 || (NV == 4 && V::L == 8), "no register tile for this NV");
@@ -445,6 +446,11 @@ template <class Vw>
 void bsr_grad_weight(const sparsekern::cpu::BsrArgs<float>& a, const float* dy, int64_t lddy,
                      const float* x, int64_t x_rs, int64_t x_cs, float* dw, int64_t i0,
                      int64_t i1) {
+  // The 3 x 32 AVX2 tiles of bsr_forward: 3-8% faster here too in the same A/B (Zen 3).
+  if constexpr (Vw::L == 8) {
+    if (a.bn % 32 == 0)
+      return GradWeightFn<V8, 4>::run(a, dy, lddy, x, x_rs, x_cs, dw, i0, i1);
+  }
   by_width<Vw, GradWeightFn>(a.bn, a, dy, lddy, x, x_rs, x_cs, dw, i0, i1);
 }
 
