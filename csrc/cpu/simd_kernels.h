@@ -223,7 +223,7 @@ SK_INLINE void prefetch_rows(const float* p, int64_t ld, int64_t len) {
 }
 
 // Tile rows for the rank-1 form: as many as the register file holds next to NV operand vectors.
-// NV = 4 (AVX2 only, bsr_forward and bsr_grad_weight): 3 x 4 tiles in 12 accumulators, 3
+// NV = 4 (AVX2 only, the linear kernels; see by_width): 3 x 4 tiles in 12 accumulators, 3
 // broadcasts and 1 B vector.
 template <class V, int NV>
 constexpr int rank1_rows() {
@@ -407,8 +407,15 @@ void bsr_grad_weight_impl(const sparsekern::cpu::BsrArgs<float>& a, const float*
 }
 
 // Widest vector type whose lane count divides `width` gets the work; 8 always does (bn, bk >= 8).
-template <class Vw, template <class, int> class Fn, class... Args>
+// kWideAvx2 (the linear kernels, on rank1_update_x4, which has a 3 x 4 form): AVX2 takes 3 x 32
+// tiles wherever 32 divides `width`, so each block row is one column pass, not two of 6 x 16,
+// at 7 loads per 12 FMAs instead of 8. In-process A/Bs on Zen 3: forward and dX 6-18% faster at
+// every issue-8 shape, dW 3-8%.
+template <class Vw, template <class, int> class Fn, bool kWideAvx2 = false, class... Args>
 SK_INLINE void by_width(int64_t width, Args... args) {
+  if constexpr (kWideAvx2 && Vw::L == 8) {
+    if (width % 32 == 0) return Fn<V8, 4>::run(args...);
+  }
   if (width % (2 * Vw::L) == 0) {
     Fn<Vw, 2>::run(args...);
   } else if (width % Vw::L == 0) {
@@ -433,25 +440,14 @@ template <class Vw>
 void bsr_forward(const sparsekern::cpu::BsrArgs<float>& a, const float* x, int64_t ldx,
                  const float* bias, float* y, int64_t ldy, int64_t i0, int64_t i1, int64_t m0,
                  int64_t m1) {
-  // AVX2, blocks 32 (or a multiple) wide: 3 x 32 tiles, each block row's x blocks read in one
-  // column pass, not two of 6 x 16, with 7 loads per 12 FMAs instead of 8. In an in-process A/B
-  // on Zen 3 this forward (and dX, which runs on it) was 6-15% faster at every issue-8 shape.
-  if constexpr (Vw::L == 8) {
-    if (a.bn % 32 == 0) return ForwardFn<V8, 4>::run(a, x, ldx, bias, y, ldy, i0, i1, m0, m1);
-  }
-  by_width<Vw, ForwardFn>(a.bn, a, x, ldx, bias, y, ldy, i0, i1, m0, m1);
+  by_width<Vw, ForwardFn, true>(a.bn, a, x, ldx, bias, y, ldy, i0, i1, m0, m1);
 }
 
 template <class Vw>
 void bsr_grad_weight(const sparsekern::cpu::BsrArgs<float>& a, const float* dy, int64_t lddy,
                      const float* x, int64_t x_rs, int64_t x_cs, float* dw, int64_t i0,
                      int64_t i1) {
-  // The 3 x 32 AVX2 tiles of bsr_forward: 3-8% faster here too in the same A/B (Zen 3).
-  if constexpr (Vw::L == 8) {
-    if (a.bn % 32 == 0)
-      return GradWeightFn<V8, 4>::run(a, dy, lddy, x, x_rs, x_cs, dw, i0, i1);
-  }
-  by_width<Vw, GradWeightFn>(a.bn, a, dy, lddy, x, x_rs, x_cs, dw, i0, i1);
+  by_width<Vw, GradWeightFn, true>(a.bn, a, dy, lddy, x, x_rs, x_cs, dw, i0, i1);
 }
 
 // out[q] = values[perm[q]] transposed ([bk][bn] -> [bn][bk]) for q in [q0, q1): W^T in block
