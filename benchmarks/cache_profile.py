@@ -1,4 +1,4 @@
-"""`python -m benchmarks cache-profile`: how much of a sparse forward is waiting on memory.
+"""`python -m benchmarks cache-profile`: how much of a sparse forward the calls before it cost.
 
 The `linear` harness times each sparse call right after the dense GEMM of its group, which has
 just streamed its own weight (megabytes) through every cache: the sparse call then reads x and
@@ -9,16 +9,21 @@ one interleaved group per format times:
 
 - dense: F.linear on the masked dense weight (the baseline of every ratio);
 - cold: the sparse forward right after dense, as `linear` measures it;
-- warm: the same call again right after itself, its operands in L2/L3 as the first left them.
+- warm: the same call again right after itself, its operands in L2/L3 as the first left them;
+- idle: the same call after a pause as long as the dense call (time.sleep), which moves no
+  memory: its operands stay where warm found them, only time passes.
 
-`cold share` = 1 - warm/cold is the part of the measured time that cold caches cost; `warm
-fraction` is what the kernel sustains when memory is not in the way. A miss whose warm fraction
-passes is a memory miss (latency or bandwidth of x and W from L3/DRAM), not one of the
-kernel's arithmetic.
+`cold share` = 1 - warm/cold is the part of the measured time that the dense call before it
+costs; `idle share` = 1 - warm/idle the part that the pause alone costs. `warm fraction` is what
+the kernel sustains when nothing came between. A miss whose warm fraction passes is a cold miss,
+and the idle call says of what kind: where the pause alone makes it miss, the cost is the time
+since the last call (what that time does to a core on this host: its clock, its caches, a
+neighbour's work), not the dense GEMM's memory traffic.
 Every figure is a median of interleaved rounds (sparsekern.timing.measure).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -51,16 +56,21 @@ def profile_case(fmt: str, K: int, N: int, M: int, args, gen: torch.Generator) -
     forward, _ = sparsekern_prepare(PrunedWeight(fmt, block, SPARSITY, mask, dense), train=False)
     x = torch.randn(M, K, generator=gen)
     with torch.no_grad():
+        pause_s = measure({"dense": lambda: F.linear(x, dense)}, warmup=1, max_rounds=3,
+                          min_rounds=3).seconds["dense"]
+        # "pause" only puts the idle call after a pause: timed, as every candidate, not reported
         m = measure({"dense": lambda: F.linear(x, dense), "cold": lambda: forward(x),
-                     "warm": lambda: forward(x)},
+                     "warm": lambda: forward(x), "pause": lambda: time.sleep(pause_s),
+                     "idle": lambda: forward(x)},
                     warmup=args.warmup, max_rounds=args.repeats)
     s = m.seconds
     ideal = 1 / (1 - SPARSITY)
     return {"format": fmt, "K": K, "N": N, "M": M,
-            **{f"{k}_ms": v * 1e3 for k, v in s.items()},
-            "cold_fraction": s["dense"] / s["cold"] / ideal,
-            "warm_fraction": s["dense"] / s["warm"] / ideal,
+            **{f"{k}_ms": v * 1e3 for k, v in s.items() if k != "pause"},
+            "pause_ms": pause_s * 1e3,
+            **{f"{k}_fraction": s["dense"] / s[k] / ideal for k in ("cold", "warm", "idle")},
             "cold_share": 1 - s["warm"] / s["cold"],
+            "idle_share": 1 - s["warm"] / s["idle"],
             "timing": m.record()}
 
 
@@ -70,7 +80,9 @@ def verdict(row: dict) -> str:
     target = TARGETS[row["format"]]
     if row["cold_fraction"] >= target:
         return "pass"
-    return "memory miss" if row["warm_fraction"] >= target else "miss warm too"
+    if row["warm_fraction"] < target:
+        return "miss warm too"
+    return "time miss" if row["idle_fraction"] < target else "memory miss"
 
 
 def markdown(results: dict) -> str:
@@ -80,24 +92,29 @@ def markdown(results: dict) -> str:
              "", *report.facts_table([
                  *report.machine_fact_pairs(results, "dense = F.linear, MKL"),
                  ("threads", str(results["threads"])),
-                 ("timing", f"interleaved rounds (sparsekern.timing.measure): dense, cold, warm; "
+                 ("timing", f"interleaved rounds (sparsekern.timing.measure): dense, cold, warm, "
+                            "pause, idle; "
                             f"warm-up {results['warmup']}, at most {results['repeats']} rounds, "
                             "median"),
                  ("source", results["git"]), ("runtime", f"{results['runtime_s']:.0f} s")]), "",
              f"Forward at {SPARSITY:.0%}, float32. cold = the sparse call right after the dense "
              "GEMM (as `python -m benchmarks linear` times it); warm = the same call again right "
-             "after itself. fraction = (dense ms / sparse ms) / ideal. cold share = 1 - warm / "
-             f"cold. verdict against issue 8's forward target ({targets}, M >= "
-             f"{report.FRACTION_MIN_BATCH}): "
-             "memory miss = the cold call misses and the warm one passes; miss warm too = "
-             "both miss.", "",
-             "| format | K | N | M | dense ms | cold ms | warm ms | cold fraction "
-             "| warm fraction | cold share | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "after itself; idle = the same call after a pause as long as the dense call "
+             "(time.sleep: no memory traffic). fraction = (dense ms / sparse ms) / ideal. cold "
+             "share = 1 - warm / cold, idle share = 1 - warm / idle. verdict against issue 8's "
+             f"forward target ({targets}, M >= {report.FRACTION_MIN_BATCH}): miss warm too = "
+             "the warm call misses; time miss = the warm call passes and the idle one misses "
+             "(the time since the last call costs it the target, not memory traffic); memory "
+             "miss = warm and idle pass, cold misses.", "",
+             "| format | K | N | M | dense ms | cold ms | warm ms | idle ms | cold fraction "
+             "| warm fraction | idle fraction | cold share | idle share | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         lines.append(f"| {r['format']} | {r['K']} | {r['N']} | {r['M']} | {r['dense_ms']:.2f} | "
-                     f"{r['cold_ms']:.3f} | {r['warm_ms']:.3f} | {r['cold_fraction']:.2f} | "
-                     f"{r['warm_fraction']:.2f} | {r['cold_share']:.0%} | {verdict(r)} |")
+                     f"{r['cold_ms']:.3f} | {r['warm_ms']:.3f} | {r['idle_ms']:.3f} | "
+                     f"{r['cold_fraction']:.2f} | {r['warm_fraction']:.2f} | "
+                     f"{r['idle_fraction']:.2f} | {r['cold_share']:.0%} | {r['idle_share']:.0%} | "
+                     f"{verdict(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -111,7 +128,8 @@ def main(argv: list[str]) -> int:
             for fmt in TARGETS:
                 row = profile_case(fmt, K, N, M, args, gen)
                 print(f"{fmt} K={K} N={N} M={M}: cold {row['cold_fraction']:.2f}, warm "
-                      f"{row['warm_fraction']:.2f}, cold share {row['cold_share']:.0%}: "
+                      f"{row['warm_fraction']:.2f}, idle {row['idle_fraction']:.2f}, cold share "
+                      f"{row['cold_share']:.0%}, idle share {row['idle_share']:.0%}: "
                       f"{verdict(row)}", flush=True)
                 results["rows"].append(row)
     run.finish(markdown)

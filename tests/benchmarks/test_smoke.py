@@ -293,8 +293,8 @@ def test_csr_profile_leading_columns_keep_each_rows_count_in_its_first_columns()
 
 
 def test_cache_profile_times_each_format_cold_and_warm(tmp_path):
-    """`python -m benchmarks cache-profile --quick`: both formats at the quick shape, the cold
-    and warm calls in one group with dense, the fractions and the verdict in RESULTS.md."""
+    """`python -m benchmarks cache-profile --quick`: both formats at the quick shape, the cold,
+    warm and idle calls in one group with dense, the fractions and the verdict in RESULTS.md."""
     out = tmp_path / "cache"
     cmd = [sys.executable, "-m", "benchmarks", "cache-profile", "--quick", "--repeats", "3",
            "--out", str(out)]
@@ -303,19 +303,27 @@ def test_cache_profile_times_each_format_cold_and_warm(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert [r["format"] for r in results["rows"]] == ["bsr32", "csr"]
     for r in results["rows"]:
-        assert r["cold_ms"] > 0 and r["warm_ms"] > 0 and r["dense_ms"] > 0
-        assert r["cold_fraction"] == pytest.approx(r["dense_ms"] / r["cold_ms"] / 10)
+        assert r["cold_ms"] > 0 and r["warm_ms"] > 0 and r["idle_ms"] > 0 and r["dense_ms"] > 0
+        assert r["pause_ms"] > 0 and "pause_fraction" not in r
+        for call in ("cold", "warm", "idle"):
+            assert r[f"{call}_fraction"] == pytest.approx(r["dense_ms"] / r[f"{call}_ms"] / 10)
         assert r["cold_share"] == pytest.approx(1 - r["warm_ms"] / r["cold_ms"])
+        assert r["idle_share"] == pytest.approx(1 - r["warm_ms"] / r["idle_ms"])
         assert r["timing"]["rounds"] >= 1
     text = (out / "RESULTS.md").read_text()
     assert results["command"] in text and "no target (M < 128)" in text
 
 
-def test_cache_profile_verdict_separates_memory_from_kernel_misses():
+def test_cache_profile_verdict_separates_time_memory_and_kernel_misses():
     from benchmarks.cache_profile import verdict
     row = {"format": "bsr32", "M": 256}
-    assert verdict({**row, "cold_fraction": 0.85, "warm_fraction": 0.9}) == "pass"
-    assert verdict({**row, "cold_fraction": 0.7, "warm_fraction": 0.9}) == "memory miss"
-    assert verdict({**row, "cold_fraction": 0.7, "warm_fraction": 0.75}) == "miss warm too"
-    assert verdict({**row, "M": 64, "cold_fraction": 0.1, "warm_fraction": 0.1}).startswith(
-        "no target")
+    assert verdict({**row, "cold_fraction": 0.85, "warm_fraction": 0.9,
+                    "idle_fraction": 0.7}) == "pass"
+    assert verdict({**row, "cold_fraction": 0.7, "warm_fraction": 0.9,
+                    "idle_fraction": 0.85}) == "memory miss"
+    assert verdict({**row, "cold_fraction": 0.7, "warm_fraction": 0.9,
+                    "idle_fraction": 0.75}) == "time miss"
+    assert verdict({**row, "cold_fraction": 0.7, "warm_fraction": 0.75,
+                    "idle_fraction": 0.9}) == "miss warm too"
+    assert verdict({**row, "M": 64, "cold_fraction": 0.1, "warm_fraction": 0.1,
+                    "idle_fraction": 0.1}).startswith("no target")
