@@ -343,10 +343,12 @@ def _nm_linear(x2, values, index, out_features, bias, nm):
 def _widened_half(x, values, bias, who: str) -> bool:
     """Whether this call is float16 on the CPU kernels, which run it widened to float32 (see
     the module docstring); float16 mixed with another dtype is an error naming them."""
+    half = torch.float16
+    if x.dtype != half and values.dtype != half and (bias is None or bias.dtype != half):
+        return False  # the usual call, decided without building the dicts below
     operands = {"x": x, "values": values, "bias": bias}
     dtypes = {name: t.dtype for name, t in operands.items() if t is not None}
-    if torch.float16 not in dtypes.values() or x.device.type != "cpu" \
-            or get_backend() == "triton":
+    if x.device.type != "cpu" or get_backend() == "triton":
         return False
     if len(set(dtypes.values())) > 1:
         raise ValueError(f"{who}: x, values and bias must share a dtype, got "
@@ -404,7 +406,8 @@ def sparse_linear(x: torch.Tensor, values: torch.Tensor, index: dict, shape, bia
     if _widened_half(x, values, bias, "linear"):
         return sparse_linear(x.float(), values.float(), index, shape, _float(bias),
                              nm).to(torch.float16)
-    x2 = x.reshape(math.prod(x.shape[:-1]), in_features)  # not -1: in_features may be 0
+    flat = x.dim() == 2
+    x2 = x if flat else x.reshape(math.prod(x.shape[:-1]), in_features)  # not -1: may be 0
     if nm is not None:
         y = _nm_linear(x2, values, index, out_features, bias, nm)
     elif "block_row_ptr" in index:
@@ -414,7 +417,7 @@ def sparse_linear(x: torch.Tensor, values: torch.Tensor, index: dict, shape, bia
     else:
         y = csr_linear(x2, values, index["row_ptr"], index["col_idx"], index["col_ptr"],
                        index["row_idx"], index["perm"], bias, out_features)
-    return y.reshape(*x.shape[:-1], out_features)
+    return y if flat else y.reshape(*x.shape[:-1], out_features)
 
 
 def bsr_conv2d(x, values, block_row_ptr, block_col_idx, block_col_ptr, block_row_idx,
