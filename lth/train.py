@@ -698,6 +698,10 @@ def main(argv: list[str] | None = None) -> int:
     dist = distributed.setup(device.type)
     try:
         Experiment(config, dist, argv).run()
+        # Every rank reaches the end before any tears gloo down: rank 0 writes the run's last
+        # files alone, and a rank that destroyed its group meanwhile was seen to abort in
+        # gloo's teardown ("terminate called without an active exception", SIGABRT).
+        dist.barrier()
     except UsageError as e:
         if dist.main:
             print(f"python -m lth.train: error: {e}", file=sys.stderr)

@@ -21,6 +21,7 @@ turns the layers the state holds packed into the SparseLinear / SparseConv2d it 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -29,7 +30,7 @@ from torch import nn
 
 from sparsekern.formats import (BLOCK_SIZES, CSR, NM, BlockSparse, check_block, check_nm,
                                 nm_group_counts)
-from sparsekern.ops import sparse_conv2d, sparse_linear
+from sparsekern.ops import conv_geometry, sparse_conv2d, sparse_linear
 from sparsekern.timing import measure
 
 FORMATS = ("auto", "bsr", "csr", "nm")
@@ -54,6 +55,23 @@ def pruned_to_zero(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     A select, not `weight * mask`: an inf or NaN at a pruned position (one inf in x makes its
     gradient inf) times 0 is NaN, which would then stay in the pruned weight for good."""
     return torch.where(mask, weight, 0.0)
+
+def _layer_mask(mask, layer: nn.Module, who: str) -> torch.Tensor:
+    """A masked layer's bool mask, shaped like its weight (never broadcast into it)."""
+    mask = as_mask(mask, f"{who}: mask")
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(layer.weight.shape):
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{who}: mask must be a tensor shaped like the weight "
+                         f"{tuple(layer.weight.shape)}, got {got}")
+    return mask.to(layer.weight.device).clone()
+
+
+def keep_frozen(weight: nn.Parameter, bias: nn.Parameter | None, layer: nn.Module) -> None:
+    """The parameters standing for `layer`'s train only where its own did: a frozen weight or
+    bias (requires_grad=False) stays frozen through sparsify and from_dense."""
+    weight.requires_grad_(layer.weight.requires_grad)
+    if bias is not None and layer.bias is not None:
+        bias.requires_grad_(layer.bias.requires_grad)
 
 
 def _channel_view(mask: torch.Tensor) -> torch.Tensor | None:
@@ -252,7 +270,8 @@ class _PackedWeight(nn.Module):
         """What rebuilding this layer needs besides its tensors; plain types only, so that
         torch.load(..., weights_only=True) reads it back."""
         return {"version": 1, "format": self.format, "weight_shape": list(self.weight_shape),
-                "nm": None if self.nm is None else list(self.nm)}
+                "nm": None if self.nm is None else list(self.nm),
+                "value_mask": self.value_mask is not None}
 
     def get_extra_state(self) -> dict:
         return self._metadata()
@@ -263,6 +282,9 @@ class _PackedWeight(nn.Module):
         tensor is copied (_load_from_state_dict calls this first)."""
         mine = self._metadata()
         theirs = {k: _plain_value(v) for k, v in state.items()} if isinstance(state, dict) else {}
+        if isinstance(state, dict) and "value_mask" not in state:
+            del mine["value_mask"]  # saved before the metadata recorded it (load_state_dict's
+            # own missing / unexpected keys then tell whether the value_mask buffers agree)
         differing = sorted((k for k in mine.keys() | theirs.keys()
                             if theirs.get(k) != mine.get(k)), key=str)
         if differing:
@@ -325,8 +347,16 @@ class _PackedWeight(nn.Module):
         meta = state_dict.get(prefix + "_extra_state")
         if meta is None:
             meta = cls._metadata_of_layer(state_dict, prefix, layer, who)
+        elif not isinstance(meta, dict):
+            raise ValueError(f"{who}: {prefix}_extra_state must be the metadata dict a "
+                             f"{cls.__name__} saves, got {type(meta).__name__} {meta!r}")
         elif layer is not None:
             cls._check_layer(meta, layer, who)
+        saved_with = meta.get("value_mask")  # None: saved before the metadata recorded it
+        if saved_with is not None and bool(saved_with) != (prefix + "value_mask" in state_dict):
+            raise ValueError(f"{who}: the layer was saved {'with' if saved_with else 'without'} a "
+                             f"value_mask (the mask inside its stored blocks or groups), but the "
+                             f"state {'lacks' if saved_with else 'holds'} {prefix}value_mask")
         if layer is not None and (layer.bias is not None) != (prefix + "bias" in state_dict):
             raise ValueError(f"{who}: the model's layer {'has' if layer.bias is not None else 'has no'}"
                              f" bias, the state {'lacks' if layer.bias is not None else 'holds'} "
@@ -442,8 +472,10 @@ class SparseLinear(_PackedWeight):
                             f"{type(linear).__name__}")
         mask = as_mask(mask)
         packed = pack(linear.weight, mask, format, block, nm)
-        return cls(packed, linear.bias,
-                   value_mask(packed, mask if mask is not None else linear.weight.detach() != 0))
+        layer = cls(packed, linear.bias,
+                    value_mask(packed, mask if mask is not None else linear.weight.detach() != 0))
+        keep_frozen(layer.values, layer.bias, linear)
+        return layer
 
     @classmethod
     def _from_packed(cls, weight, bias, value_mask, meta) -> "SparseLinear":
@@ -491,6 +523,10 @@ class SparseConv2d(_PackedWeight):
                              f"[C_out, C_in, kh, kw], got shape {self.weight_shape}")
         self.out_channels, self.in_channels, kh, kw = self.weight_shape
         self.kernel_size = (kh, kw)
+        try:  # checked here, not first at the forward: a state_dict's geometry too
+            conv_geometry(stride, padding, dilation, self.kernel_size)
+        except ValueError as exc:
+            raise ValueError(f"SparseConv2d: {exc}") from None
         self.stride, self.padding, self.dilation = stride, padding, dilation
 
     @classmethod
@@ -505,8 +541,10 @@ class SparseConv2d(_PackedWeight):
         _check_conv(conv, "SparseConv2d.from_dense")
         mask = as_mask(mask)
         packed = pack(conv.weight, mask, format, block, nm)
-        return cls(packed, conv.bias, conv.stride, conv.padding, conv.dilation,
-                   value_mask(packed, mask if mask is not None else conv.weight.detach() != 0))
+        layer = cls(packed, conv.bias, conv.stride, conv.padding, conv.dilation,
+                    value_mask(packed, mask if mask is not None else conv.weight.detach() != 0))
+        keep_frozen(layer.values, layer.bias, conv)
+        return layer
 
     def _metadata(self) -> dict:
         return {**super()._metadata(), "stride": _plain_value(self.stride),
@@ -542,11 +580,12 @@ class MaskedLinear(nn.Linear):
     def __init__(self, linear: nn.Linear, mask: torch.Tensor):
         super().__init__(linear.in_features, linear.out_features, linear.bias is not None,
                          device=linear.weight.device, dtype=linear.weight.dtype)
-        self.register_buffer("weight_mask", as_mask(mask).clone())
+        self.register_buffer("weight_mask", _layer_mask(mask, linear, "MaskedLinear"))
         with torch.no_grad():
             self.weight.copy_(pruned_to_zero(linear.weight, self.weight_mask))
             if linear.bias is not None:
                 self.bias.copy_(linear.bias)
+        keep_frozen(self.weight, self.bias, linear)
 
     def forward(self, x):
         return F.linear(x, pruned_to_zero(self.weight, self.weight_mask), self.bias)
@@ -566,11 +605,12 @@ class MaskedConv2d(nn.Conv2d):
         super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                          conv.padding, conv.dilation, conv.groups, conv.bias is not None,
                          conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
-        self.register_buffer("weight_mask", as_mask(mask).clone())
+        self.register_buffer("weight_mask", _layer_mask(mask, conv, "MaskedConv2d"))
         with torch.no_grad():
             self.weight.copy_(pruned_to_zero(conv.weight, self.weight_mask))
             if conv.bias is not None:
                 self.bias.copy_(conv.bias)
+        keep_frozen(self.weight, self.bias, conv)
 
     def forward(self, x):
         return self._conv_forward(x, pruned_to_zero(self.weight, self.weight_mask), self.bias)
@@ -708,12 +748,21 @@ def _targets(model: nn.Module, masks) -> dict[str, torch.Tensor]:
     """{layer name: bool mask} of the layers to convert, checked against the model."""
     modules = dict(model.named_modules())
     if masks is None:
-        targets = {}
+        targets, subclassed = {}, []
         for name, module in modules.items():
-            if type(module) in (nn.Linear, nn.Conv2d):
+            if type(module) in (nn.Linear, nn.Conv2d) or (isinstance(module, (nn.Linear, nn.Conv2d))
+                                                          and _kind(module) is None):
                 mask = module.weight.detach() != 0
-                if not bool(mask.all()):
+                if bool(mask.all()):
+                    continue
+                if type(module) in (nn.Linear, nn.Conv2d):
                     targets[name] = mask
+                else:
+                    subclassed.append(f"{name} ({type(module).__name__})")
+        if subclassed:
+            warnings.warn(f"sparsify: not converted, as subclasses of nn.Linear / nn.Conv2d: "
+                          f"{', '.join(subclassed)}; they hold zeros but stay as they are "
+                          f"(naming one in masks= is an error)", UserWarning, stacklevel=3)
         return targets
     if not isinstance(masks, Mapping):
         raise TypeError(f"masks must be a dict {{'<layer>.weight': bool mask}} (or None), got "
@@ -758,8 +807,9 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None,
 
     masks: {"<layer>.weight": bool tensor like the weight}; layers not named stay as they are
     (BatchNorm and everything else is never touched). A layer that an earlier call converted is
-    converted again with the new mask. None: every Linear / Conv2d with zeros in its weight is
-    pruned where it is zero. format and block (and nm, for N:M) as in `pack`: format="auto"
+    converted again with the new mask. None: every plain nn.Linear / nn.Conv2d with zeros in
+    its weight is pruned where it is zero (subclasses stay as they are, with a warning naming
+    them). format and block (and nm, for N:M) as in `pack`: format="auto"
     packs each layer as BSR, NM or CSR by its mask. policy="auto" times a training step of each
     layer both ways, interleaved until the dense/sparse ratio settles (5 to `repeats` rounds;
     the decision's `timing` says how many, and whether the machine was busy), and keeps the

@@ -474,6 +474,15 @@ def _pair(value, name: str) -> tuple[int, int]:
     return a, b
 
 
+def conv_geometry(stride, padding, dilation, kernel_size):
+    """stride, dilation (pairs), then conv_padding's two pairs; every value checked."""
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1:
+        raise ValueError(f"conv2d: stride and dilation must be >= 1, got stride={stride}, "
+                         f"dilation={dilation}")
+    return (stride, dilation, *conv_padding(padding, kernel_size, stride, dilation))
+
+
 def conv_padding(padding, kernel_size, stride, dilation):
     """Resolves conv2d's padding (int, pair, "same", "valid") into symmetric (ph, pw) plus the
     extra (right, bottom) that an even kernel with "same" needs: (ph, pw), (extra_w, extra_h)."""
@@ -526,11 +535,12 @@ def sparse_conv2d(x: torch.Tensor, values: torch.Tensor, index: dict, shape, bia
                        f"kernels, not the 2:4 sparse tensor cores (torch's semi-structured "
                        f"matmul is linear-only)")
         values = values.reshape(-1)
-    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
-    if min(stride) < 1 or min(dilation) < 1:
-        raise ValueError(f"conv2d: stride and dilation must be >= 1, got stride={stride}, "
-                         f"dilation={dilation}")
-    pad, (extra_w, extra_h) = conv_padding(padding, (kh, kw), stride, dilation)
+    stride, dilation, pad, (extra_w, extra_h) = conv_geometry(stride, padding, dilation,
+                                                              (kh, kw))
+    padded = (x.shape[-2] + 2 * pad[0] + extra_h, x.shape[-1] + 2 * pad[1] + extra_w)
+    if max(padded) >= 2**31:
+        raise ValueError(f"conv2d: padding={padding!r} makes the padded input {padded[0]} x "
+                         f"{padded[1]}, beyond the kernels' int32 range (2**31)")
     if extra_w or extra_h:  # "same" with an even kernel: torch pads the far side one more
         x = F.pad(x, (0, extra_w, 0, extra_h))
     if "block_row_ptr" in index:

@@ -43,6 +43,9 @@ PUBLIC_CASES = {
     "dilation_str": (dict(dilation="2"), ValueError, "dilation must be an int or a pair"),
     "dilation_huge": (dict(dilation=2**62), ValueError, r"dilation must be below 2\*\*31"),
     "padding_huge": (dict(padding=(0, 2**40)), ValueError, r"padding must be below 2\*\*31"),
+    "padding_past_int32": (dict(padding=2**30), ValueError,
+                           r"padding=1073741824 makes the padded input 2147483\d+ x 2147483\d+, "
+                           r"beyond the kernels' int32 range"),
     "padding_negative": (dict(padding=-1), ValueError, "padding must be >= 0, got -1"),
     "padding_pair_negative": (dict(padding=(0, -2)), ValueError, r"padding must be >= 0"),
     "padding_string": (dict(padding="full"), ValueError,

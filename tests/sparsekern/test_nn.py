@@ -414,3 +414,37 @@ def test_sparsify_example_input_times_what_each_layer_receives():
         detour.forward = lambda x: detour["used"](x)
         sk.sparsify(detour, {"unused.weight": unstructured_mask(4, 4, 0.5)},
                     example_input=torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("policy", ["sparse", "dense"])
+def test_sparsify_keeps_frozen_layers_frozen(policy):
+    model = _model()
+    model.fc1.requires_grad_(False)
+    model.block.fc2.bias.requires_grad_(False)
+    sk.sparsify(model, masks=_masks(), policy=policy)
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    weight = "values" if policy == "sparse" else "weight"
+    assert trainable[f"fc1.{weight}"] is False and trainable["fc1.bias"] is False
+    assert trainable[f"block.fc2.{weight}"] is True and trainable["block.fc2.bias"] is False
+    assert trainable["fc3.weight"] is True
+
+
+@pytest.mark.parametrize("make", [lambda m: sk.MaskedLinear(nn.Linear(8, 4), m),
+                                  lambda m: sk.MaskedConv2d(nn.Conv2d(2, 4, 3), m)])
+def test_masked_layers_refuse_a_mask_not_shaped_like_the_weight(make):
+    for bad in (torch.ones(8, dtype=torch.bool), torch.ones(3, 3, dtype=torch.bool), None):
+        with pytest.raises(ValueError, match="mask must be a tensor shaped like the weight"):
+            make(bad)
+
+
+def test_sparsify_without_masks_names_the_subclassed_layers_it_leaves():
+    class Scaled(nn.Linear):
+        pass
+
+    model = nn.Sequential(OrderedDict(fc=nn.Linear(8, 8), sub=Scaled(8, 8)))
+    with torch.no_grad():
+        model.fc.weight[0] = 0
+        model.sub.weight[0] = 0
+    with pytest.warns(UserWarning, match=r"subclasses of nn.Linear / nn.Conv2d: sub \(Scaled\)"):
+        sk.sparsify(model, policy="sparse", format="csr")
+    assert type(model.fc) is sk.SparseLinear and type(model.sub) is Scaled

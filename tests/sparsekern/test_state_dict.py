@@ -280,3 +280,51 @@ def test_from_state_dict_of_a_conv_layer_alone():
     assert torch.equal(again(x), layer(x))
     with pytest.raises(ValueError, match="must be the metadata of a 2-D SparseLinear weight"):
         sk.SparseLinear.from_state_dict(layer.state_dict())
+
+
+def test_load_sparse_refuses_a_state_that_dropped_or_added_a_value_mask():
+    """The metadata records whether the layer kept a value_mask: without this check a state
+    whose value_mask was lost rebuilt a layer that trains the pruned weights inside its blocks."""
+    mask = block_mask(16, 24, (8, 8), 0.5) & (torch.rand(16, 24) < 0.6)  # scattered in blocks
+    net = sk.sparsify(nn.Sequential(nn.Linear(24, 16)), masks={"0.weight": mask}, format="bsr",
+                      block=(8, 8), policy="sparse")
+    state = net.state_dict()
+    assert net[0].value_mask is not None and state["0._extra_state"]["value_mask"] is True
+    dropped = {k: v for k, v in state.items() if k != "0.value_mask"}
+    with pytest.raises(ValueError, match="saved with a value_mask .*lacks 0.value_mask"):
+        sk.load_sparse(nn.Sequential(nn.Linear(24, 16)), dropped)
+    aligned = sk.sparsify(nn.Sequential(nn.Linear(24, 16)),
+                          masks={"0.weight": block_mask(16, 24, (8, 8), 0.5)}, format="bsr",
+                          block=(8, 8), policy="sparse").state_dict()
+    with pytest.raises(ValueError, match="saved without a value_mask .*holds 0.value_mask"):
+        sk.load_sparse(nn.Sequential(nn.Linear(24, 16)),
+                       aligned | {"0.value_mask": state["0.value_mask"]})
+    rebuilt = sk.load_sparse(nn.Sequential(nn.Linear(24, 16)), state)
+    assert torch.equal(rebuilt[0].value_mask, net[0].value_mask)
+    # a state saved before the metadata recorded it still loads, both ways
+    old_meta = {k: v for k, v in state["0._extra_state"].items() if k != "value_mask"}
+    old = state | {"0._extra_state": old_meta}
+    assert torch.equal(sk.load_sparse(nn.Sequential(nn.Linear(24, 16)), old)[0].value_mask,
+                       net[0].value_mask)
+    net.load_state_dict(old)
+
+
+def test_a_non_dict_extra_state_is_refused_naming_it():
+    state = sk.sparsify(nn.Sequential(nn.Linear(24, 16)),
+                        masks={"0.weight": torch.rand(16, 24) > 0.5}, policy="sparse").state_dict()
+    with pytest.raises(ValueError, match="0._extra_state must be the metadata dict a "
+                                         "SparseLinear saves, got str 'garbage'"):
+        sk.load_sparse(nn.Sequential(nn.Linear(24, 16)), state | {"0._extra_state": "garbage"})
+
+
+@pytest.mark.parametrize("geometry, match", [({"padding": "bogus"}, "padding must be"),
+                                             ({"stride": [0, 0]}, "stride and dilation must be"),
+                                             ({"dilation": [1, -1]}, "stride and dilation")])
+def test_a_conv_state_with_a_bad_geometry_is_refused_at_load(geometry, match):
+    net = sk.sparsify(nn.Sequential(nn.Conv2d(4, 8, 3)),
+                      masks={"0.weight": torch.rand(8, 4, 3, 3) > 0.5}, format="csr",
+                      policy="sparse")
+    state = net.state_dict()
+    state["0._extra_state"] = state["0._extra_state"] | geometry
+    with pytest.raises(ValueError, match=f"SparseConv2d.from_state_dict \\('0'\\): .*{match}"):
+        sk.SparseConv2d.from_state_dict(state, "0.")
