@@ -25,14 +25,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
 
+from lth import run_files
 from lth.checkpoint import read_json, write_json, write_text
 
 TOLERANCE = 0.01
 MARGIN = 0.005
+
+
+class RunFileError(Exception):
+    """A run folder's file this report cannot use; one line says which and what to do."""
+
+
+def read_run_json(path: str, check):
+    """A run folder's JSON file, its content checked (lth.run_files). A file that is missing,
+    unreadable or holds something else is a RunFileError: rerunning the run's own command
+    writes summary.json and config.json again."""
+    try:
+        obj = read_json(path)
+        check(obj)
+        return obj
+    except Exception as e:  # a truncated file, bad bytes or JSON, or the wrong content
+        why = (str(e).strip().splitlines() or [""])[0][:120]
+        raise RunFileError(f"{path} is unreadable ({type(e).__name__}{': ' + why if why else ''}"
+                           f"): rerun the run's python -m lth.train command, which writes it "
+                           f"again") from None
 
 
 def verdicts(entries: list[dict], tolerance: float = TOLERANCE, margin: float = MARGIN,
@@ -107,7 +128,8 @@ def _configurations(run_dirs: list[str]) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     names: dict[str, str] = {}
     for run in run_dirs:
-        info = read_json(os.path.join(run, "config.json"))
+        info = read_run_json(os.path.join(run, "config.json"), lambda c: run_files.check_config(
+            c, {"name": str, "non_default": dict}))
         key = json.dumps({k: v for k, v in info["non_default"].items()
                           if k != "training.seed"}, sort_keys=True)
         if key not in names:
@@ -124,7 +146,9 @@ def compare(run_dirs: list[str]) -> list[dict]:
     for label, runs in _configurations(run_dirs).items():
         cells: dict[tuple, list[dict]] = {}
         for run in runs:
-            for e in read_json(os.path.join(run, "summary.json")):
+            step_ms = {"step_ms_sparse": run_files.NUMBER, "step_ms_dense": run_files.NUMBER}
+            for e in read_run_json(os.path.join(run, "summary.json"), lambda s: run_files.
+                                   check_summary(s, run_files.SUMMARY_FIELDS | step_ms)):
                 cells.setdefault((e["round"], e["branch"]), []).append(e)
         for (rnd, branch), es in sorted(cells.items(),  # each round: ticket, then branches
                                         key=lambda kv: (kv[0][0], kv[0][1] != "ticket",
@@ -157,9 +181,10 @@ def time_run(run_dir: str) -> dict:
     """The one-process timing pass of a run folder (see the module docstring)."""
     from lth.hparams import Config
     from lth.train import Experiment
-    info = read_json(os.path.join(run_dir, "config.json"))
+    info = read_run_json(os.path.join(run_dir, "config.json"), lambda c: run_files.check_config(
+        c, {"config": dict, "command": list}))
     return Experiment(Config.from_dict(info["config"]), argv=info["command"][3:],
-                      run_dir=run_dir).retime()
+                      run_dir=run_dir, read_only=True).retime()
 
 
 def timing_text(timing: dict) -> str:
@@ -187,7 +212,7 @@ def _time_main(run_dir: str) -> int:
     from lth.train import UsageError
     try:
         timing = time_run(run_dir)
-    except UsageError as e:
+    except (UsageError, RunFileError) as e:
         print(f"python -m lth.report: error: {e}", file=sys.stderr)
         return 2
     text = timing_text(timing)
@@ -224,10 +249,20 @@ def main(argv=None) -> int:
                         "this one process and write timing.txt / timing.json there")
     args = parser.parse_args(argv)
     for run in args.run_dirs:
-        for name in ("summary.json", "config.json"):
-            path = os.path.join(run, name)
-            if not os.path.isfile(path):
-                parser.error(f"{path} not found: is {run} a run folder of python -m lth.train?")
+        if not os.path.isfile(os.path.join(run, "config.json")):
+            parser.error(f"{os.path.join(run, 'config.json')} not found: is {run} a run folder "
+                         f"of python -m lth.train?")
+        if not os.path.isfile(os.path.join(run, "summary.json")) and not args.time:
+            parser.error(f"{run} has no finished phase yet (no summary.json): rerun its "
+                         f"python -m lth.train command to finish it")
+    try:
+        return _main(parser, args)
+    except RunFileError as e:
+        print(f"python -m lth.report: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(parser, args) -> int:
     if args.time:
         if len(args.run_dirs) > 1:
             parser.error("--time takes one RUN_DIR")
@@ -236,9 +271,16 @@ def main(argv=None) -> int:
         return _compare_main(args.run_dirs, args.out)
     args.run_dir = args.run_dirs[0]
     path = os.path.join(args.run_dir, "summary.json")
-    if args.tolerance < 0 or args.margin < 0:
-        parser.error("--tolerance and --margin must be >= 0")
-    rows = verdicts(read_json(path), args.tolerance, args.margin, args.metric)
+    if not all(math.isfinite(v) and v >= 0 for v in (args.tolerance, args.margin)):
+        parser.error(f"--tolerance and --margin must be finite and >= 0, got "
+                     f"{args.tolerance} and {args.margin}")
+    entries = read_run_json(path, lambda s: run_files.check_summary(
+        s, run_files.SUMMARY_FIELDS | {args.metric: run_files.NUMBER}))
+    try:
+        rows = verdicts(entries, args.tolerance, args.margin, args.metric)
+    except ValueError as e:  # a summary without its dense round
+        raise RunFileError(f"{path}: {e}: rerun the run's python -m lth.train command, which "
+                           f"writes it again") from None
     text = report_text(rows)
     print(text)
     write_text(text + "\n", os.path.join(args.run_dir, "report.txt"))

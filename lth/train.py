@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lth import checkpoint, distributed, pruning
+from lth import checkpoint, distributed, pruning, run_files
 from lth.cli import parse_config
 from lth.datasets import DataError, load_dataset
 from lth.datasets.loader import epoch_order, iterate, num_batches
@@ -70,10 +70,14 @@ class UnreadableFile(UsageError):
                          f"{': ' + why[:120] if why else ''})")
 
 
-def _read(load, path: str):
-    """load(path) of a run file that exists; any failure to read it is UnreadableFile."""
+def _read(load, path: str, check=None):
+    """load(path) of a run file that exists; any failure to read it, or content that `check`
+    (lth.run_files) refuses, is UnreadableFile."""
     try:
-        return load(path)
+        obj = load(path)
+        if check is not None:
+            check(obj)
+        return obj
     except Exception as e:  # a truncated zip, bad pickle or JSON: whatever the reader raises
         raise UnreadableFile(path, e) from None
 
@@ -99,8 +103,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 class Experiment:
     def __init__(self, config: Config, dist: distributed.Dist | None = None, argv=None,
-                 run_dir: str | None = None):
+                 run_dir: str | None = None, read_only: bool = False):
+        """read_only (lth.report): an unreadable result.json is left out, never removed."""
         self.c = c = config
+        self.read_only = read_only
+        self._states_like: dict[str, dict] = {}
         self.dist = dist or distributed.Dist()
         self.argv = list(sys.argv[1:] if argv is None else argv)
         self.device = resolve_device(c.run.device, self.dist.local_rank)
@@ -134,7 +141,10 @@ class Experiment:
             config=c, device=self.device, steps_per_epoch=self.steps_per_epoch,
             prunable=self.prunable, template=self.template, fresh_model=self.fresh_model,
             phase_masks=self.final_masks, final_state=self.final_state,
-            rewind_state=lambda: self.finished_file(Phase(0), "rewind.pt"),
+            rewind_state=lambda: self.finished_file(
+                Phase(0), "rewind.pt",
+                lambda state: run_files.check_state(state, self.state_like(Phase(0)),
+                                                    "the rewind point")),
             trained_model=self.trained_model,
             cross_entropy=cross_entropy(c.training.label_smoothing), log=self.log)
         self.hooks = providers(self.ctx)
@@ -198,9 +208,13 @@ class Experiment:
         if not os.path.isfile(path):
             return None
         try:
-            return _read(checkpoint.read_json, path)
+            return _read(checkpoint.read_json, path,
+                         lambda r: run_files.check_result(r, phase.round, phase.branch))
         except UnreadableFile as e:
-            if self.dist.main:
+            if self.read_only:
+                self.log(f"{e}: left out (rerun the run's python -m lth.train command to redo "
+                         f"{phase.key})")
+            elif self.dist.main:
                 self.log(f"{e}: removed; {phase.key} is redone (from its checkpoint where that "
                          f"is readable)")
                 os.remove(path)
@@ -210,6 +224,7 @@ class Experiment:
     def run(self) -> list[dict]:
         finished = all(self.done(p) for p in self.phases)
         if finished:
+            self.prepare_run_dir(finished=True)  # an unreadable config.json is written again
             self.log(f"run already finished: {self.run_dir} (delete it to train again)")
         else:
             self.prepare_run_dir()
@@ -239,7 +254,7 @@ class Experiment:
             self.log(f"report:   python -m lth.report {self.run_dir}")
         return entries
 
-    def prepare_run_dir(self):
+    def prepare_run_dir(self, finished: bool = False):
         info = {"name": self.c.run_name(), "hash": self.c.hash(),
                 "non_default": self.c.non_default(), "config": self.c.to_dict(),
                 "command": ["python", "-m", "lth.train", *self.argv],
@@ -249,7 +264,7 @@ class Experiment:
         old = None
         if os.path.isfile(existing):
             try:
-                old = _read(checkpoint.read_json, existing)
+                old = _read(checkpoint.read_json, existing, run_files.check_config)
             except UnreadableFile as e:
                 # the folder's name holds the hash of these settings: writing it again is safe
                 if self.dist.main:
@@ -262,7 +277,8 @@ class Experiment:
                 raise UsageError(f"{self.run_dir} holds a run with other settings "
                                  f"({old.get('non_default')}); pass another --name or delete it")
             started = any(os.path.isdir(self.path(p.key)) for p in self.phases)
-            self.log(f"resuming {self.run_dir}" if started else f"run dir: {self.run_dir}")
+            if not finished:
+                self.log(f"resuming {self.run_dir}" if started else f"run dir: {self.run_dir}")
             if self.dist.main:  # files a kill left half-written
                 for name in os.listdir(self.run_dir):
                     if ".tmp." in name:
@@ -275,13 +291,25 @@ class Experiment:
 
     # ------------------------------------------------------------------ finished phases
     def final_checkpoint(self, phase: Phase) -> dict:
-        return self.finished_file(phase, "checkpoint.pt")
+        return self.finished_file(phase, "checkpoint.pt", self.checkpoint_check(phase))
 
-    def finished_file(self, phase: Phase, name: str):
+    def checkpoint_check(self, phase: Phase):
+        return lambda ckpt: run_files.check_checkpoint(ckpt, CHECKPOINT_FORMAT, phase.key,
+                                                       self.c.hash(), self.state_like(phase))
+
+    def state_like(self, phase: Phase) -> dict[str, torch.Tensor]:
+        """The state (names, shapes) of this phase's dense model, which its files must match."""
+        if phase.key not in self._states_like:
+            model = self.transformed(self.fresh_model(derive_seed(self.c.training.seed, "init")),
+                                     phase)
+            self._states_like[phase.key] = model.state_dict()
+        return self._states_like[phase.key]
+
+    def finished_file(self, phase: Phase, name: str, check=None):
         """A file of a finished phase that a later phase starts from; unreadable: one line
         saying how to train that phase again."""
         try:
-            return _read(checkpoint.load, self.path(phase.key, name))
+            return _read(checkpoint.load, self.path(phase.key, name), check)
         except UnreadableFile as e:
             raise UsageError(f"{e}: delete {self.path(phase.key)} and rerun the same command "
                              f"to train {phase.key} again") from None
@@ -320,9 +348,10 @@ class Experiment:
         if phase.round == 0:
             return {}
         path = self.path(phase.key, "masks.pt")
+        like = self.state_like(phase)
         if self.dist.main and os.path.isfile(path):
             try:
-                _read(checkpoint.load, path)
+                _read(checkpoint.load, path, lambda m: run_files.check_masks(m, like))
             except UnreadableFile as e:  # made from finished phases: computed again, the same
                 self.log(f"{e}: computed again")
                 os.remove(path)
@@ -445,15 +474,14 @@ class Experiment:
         ckpt = None
         if os.path.isfile(os.path.join(pdir, "checkpoint.pt")):
             try:
-                ckpt = _read(checkpoint.load, os.path.join(pdir, "checkpoint.pt"))
+                ckpt = _read(checkpoint.load, os.path.join(pdir, "checkpoint.pt"),
+                             self.checkpoint_check(phase))
             except UnreadableFile as e:  # only a resume point: the phase starts over
                 self.log(f"{e}: {phase.key} starts over")
                 d.barrier()
                 if d.main:
                     os.remove(e.path)
                     self._rewrite_metrics(phase, [])
-        if ckpt is not None and ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise RuntimeError(f"{pdir}/checkpoint.pt has an unknown format")
         # a resumed phase trains the masks it was checkpointed with (a dynamic method moves them)
         masks = ckpt["masks"] if ckpt else self.phase_masks(phase)
         model, decisions, timing = self.prepare_model(phase, plan, ckpt, masks)
@@ -666,7 +694,7 @@ class Experiment:
         path = self.path("metrics.jsonl")
         rows = []
         if os.path.isfile(path):
-            with open(path) as f:
+            with open(path, errors="replace") as f:  # bytes a disk error left: lines dropped
                 for line in f:
                     line = line.strip()
                     if not line:
@@ -675,8 +703,8 @@ class Experiment:
                         row = json.loads(line)
                     except json.JSONDecodeError:  # a line cut by a kill
                         continue
-                    if row.get("phase") != phase.key:
-                        rows.append(row)
+                    if isinstance(row, dict) and row.get("phase") != phase.key:
+                        rows.append(row)  # not a dict: no line this loop wrote, dropped
         rows += history
         checkpoint.write_text("".join(json.dumps(r) + "\n" for r in rows), path)
 

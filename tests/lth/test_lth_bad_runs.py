@@ -141,3 +141,116 @@ def test_unreadable_config_json_is_written_again(tmp_path, capsys):
     assert "config.json is unreadable (JSONDecodeError" in out and "written again" in out
     assert json.load(open(os.path.join(run, "config.json")))["non_default"] == \
         info["non_default"]
+
+
+# ---- files that parse but hold something else (lth.run_files) -------------------------------
+
+def test_a_result_json_of_the_wrong_shape_redoes_the_phase(tmp_path, capsys):
+    run, result = _finished(tmp_path)
+    for content, why in (([], "must be a JSON object, got list"), ({}, "has no 'round'"),
+                         ({**result, "test_acc": "abc"}, "'test_acc' is 'abc'"),
+                         ({**result, "round": 0}, "the result of round 0 ticket, not of round 1")):
+        capsys.readouterr()
+        json.dump(content, open(os.path.join(run, "round_01", "result.json"), "w"))
+        code, out, err = _main(SMALL, tmp_path, capsys)
+        assert code == 0, err
+        assert "round_01/result.json is unreadable (ValueError: " in out and why in out, out
+        assert json.load(open(os.path.join(run, "round_01", "result.json")))["test_acc"] == \
+            result["test_acc"]
+
+
+def test_a_checkpoint_of_another_run_or_shape_is_never_resumed(tmp_path, capsys):
+    run, result = _finished(tmp_path)
+    lr = run_inprocess(SMALL + ["--lr", "0.3"], tmp_path / "lr")
+    wide = run_inprocess([*SMALL[:1], "16,16", *SMALL[2:]], tmp_path / "wide")
+    os.remove(os.path.join(run, "round_01", "result.json"))
+    for source in (lr, wide):  # same architecture, other lr; other widths
+        capsys.readouterr()
+        shutil.copy(os.path.join(source, "round_01", "checkpoint.pt"),
+                    os.path.join(run, "round_01", "checkpoint.pt"))
+        code, out, err = _main(SMALL, tmp_path, capsys)
+        assert code == 0, err
+        assert "round_01/checkpoint.pt is unreadable (ValueError: it is a checkpoint of a run " \
+               "with other settings" in out, out
+        assert "starts over" in out
+        again = json.load(open(os.path.join(run, "round_01", "result.json")))
+        assert again["test_acc"] == result["test_acc"]
+        os.remove(os.path.join(run, "round_01", "result.json"))
+    # one a later phase starts from: one line
+    shutil.rmtree(os.path.join(run, "round_01"))
+    shutil.copy(os.path.join(lr, "round_00", "checkpoint.pt"),
+                os.path.join(run, "round_00", "checkpoint.pt"))
+    code, out, err = _main(SMALL, tmp_path, capsys)
+    assert code == 2
+    assert "round_00/checkpoint.pt is unreadable (ValueError: it is a checkpoint of a run " \
+           "with other settings" in _error_line(err)
+
+
+def test_masks_of_the_wrong_shape_are_computed_again(tmp_path, capsys):
+    run, _ = _finished(tmp_path)
+    masks = load(os.path.join(run, "round_01", "masks.pt"))
+    for bad, why in (({}, "non-empty dict of bool masks, got dict (empty)"),
+                     ({n: m[:, :3] for n, m in masks.items()}, "is a bool tensor"),
+                     ({n: m.float() for n, m in masks.items()}, "is a float32 tensor")):
+        capsys.readouterr()
+        for name in ("result.json", "checkpoint.pt"):
+            os.remove(os.path.join(run, "round_01", name))
+        torch.save(bad, os.path.join(run, "round_01", "masks.pt"))
+        code, out, err = _main(SMALL, tmp_path, capsys)
+        assert code == 0, err
+        assert "round_01/masks.pt is unreadable (ValueError: " in out and why in out, out
+        again = load(os.path.join(run, "round_01", "masks.pt"))
+        assert all(torch.equal(again[n], masks[n]) for n in masks)
+
+
+def test_a_config_json_of_the_wrong_shape_is_written_again_even_when_finished(tmp_path, capsys):
+    run, _ = _finished(tmp_path)
+    info = json.load(open(os.path.join(run, "config.json")))
+    for bad in ([], {}, "x"):
+        capsys.readouterr()
+        json.dump(bad, open(os.path.join(run, "config.json"), "w"))
+        code, out, err = _main(SMALL, tmp_path, capsys)
+        assert code == 0, err
+        assert "config.json is unreadable (ValueError: a run's config" in out, out
+        assert "run already finished" in out
+        assert json.load(open(os.path.join(run, "config.json")))["non_default"] == \
+            info["non_default"]
+
+
+def test_metrics_lines_that_are_not_this_loops_are_dropped_on_resume(tmp_path, capsys):
+    run, _ = _finished(tmp_path)
+    os.remove(os.path.join(run, "round_01", "result.json"))
+    with open(os.path.join(run, "metrics.jsonl"), "ab") as f:
+        f.write(b"\x80\xfe garbage\n[1, 2]\n")
+    code, out, err = _main(SMALL, tmp_path, capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert all(isinstance(r, dict) for r in rows)
+
+
+def test_report_on_bad_files_is_one_line_and_changes_nothing(tmp_path, capsys):
+    run, _ = _finished(tmp_path)
+    summary = os.path.join(run, "summary.json")
+    good = open(summary, "rb").read()
+    for bad, why in ((b"\x80\xfe", "UnicodeDecodeError"), (b"{}", "non-empty JSON list"),
+                     (b"[]", "non-empty JSON list"), (b'[{"round": 1}]', "has no 'branch'")):
+        open(summary, "wb").write(bad)
+        assert report.main([run]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("python -m lth.report: error: ") and why in err, err
+        assert "rerun the run's python -m lth.train command" in err and "\n" not in err
+    open(summary, "wb").write(good)
+    # --time: a bad result.json is left out, and stays where it is
+    result = os.path.join(run, "round_01", "result.json")
+    open(result, "w").write("{}")
+    assert report.main(["--time", run]) == 0
+    out = capsys.readouterr().out
+    assert "result.json is unreadable" in out and "left out" in out
+    assert open(result).read() == "{}"
+    # a run killed before it finished a phase: said so, not "not a run folder"
+    os.remove(summary)
+    try:
+        report.main([run])
+    except SystemExit as exc:
+        assert exc.code == 2
+    assert "has no finished phase yet (no summary.json)" in capsys.readouterr().err

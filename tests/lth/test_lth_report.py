@@ -56,7 +56,7 @@ def test_report_cli_prints_and_saves(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         report.main([str(tmp_path)])
     assert exc.value.code == 2
-    assert "summary.json not found" in capsys.readouterr().err
+    assert "config.json not found" in capsys.readouterr().err
 
 
 def _fake_run(root, name, non_default, accs, method="imp"):
