@@ -552,11 +552,11 @@ class Experiment:
                 wrap=self._wrap, autocast=self.autocast)
         except Diverged as e:
             progress.close()
-            flag, lr = (("--lr", c.training.lr) if plan.constant_lr is None else
-                        ("--finetune-lr", plan.constant_lr))
+            flag = plan.lr_flag
+            now = c.method.finetune_lr if flag == "--finetune-lr" else c.training.lr
             raise UsageError(f"{phase.key} (round {phase.round}) diverged in epoch "
                              f"{-(-e.step // spe)} (step {e.step}): {e.what}; lower {flag} "
-                             f"(now {lr:g}) and run again") from None
+                             f"(now {now:g}) and run again") from None
         progress.close()
         if d.enabled:  # DDP kept every rank's weights identical, or something is badly wrong
             digest = sum(float(p.detach().double().sum()) for p in run.model.parameters())

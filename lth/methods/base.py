@@ -130,11 +130,13 @@ class Phase:
 class Plan:
     """What a phase trains: steps [first_step, last_step) of the round's schedule, starting from
     `start` (a label recorded for the reader: init, rewind, previous, ...), at `constant_lr` if
-    set."""
+    set; `lr_flag` is the flag that sets the phase's learning rate, for the error of a diverged
+    phase to name."""
     start: str
     first_step: int
     last_step: int
     constant_lr: float | None = None
+    lr_flag: str = "--lr"
 
 
 @dataclass

@@ -63,10 +63,11 @@ class IMP(Method):
         if rewind == "lr":
             return Plan("previous", rewind_step(c, spe), total)
         epochs = c.method.finetune_epochs or c.training.epochs
-        lr = c.method.finetune_lr
-        if lr is None:
+        lr, flag = c.method.finetune_lr, "--finetune-lr"
+        if lr is None:  # the last epoch's rate of the --lr schedule
+            flag = "--lr"
             lr = c.training.lr * lr_factor(c.training, (c.training.epochs - 1) * spe, spe)
-        return Plan("previous", 0, epochs * spe, constant_lr=lr)
+        return Plan("previous", 0, epochs * spe, constant_lr=lr, lr_flag=flag)
 
     def round_start(self, round_index: int, plan: Plan):
         if plan.start == "init":

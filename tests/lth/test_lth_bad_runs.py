@@ -39,6 +39,19 @@ def test_a_diverged_run_stops_at_the_first_non_finite_loss(tmp_path, capsys):
     assert not os.path.exists(os.path.join(run, "round_00", "result.json"))
 
 
+def test_a_diverged_phase_at_a_constant_lr_names_the_flag_that_set_it(tmp_path, capsys):
+    """RST's penalty phase trains at a constant --lr; IMP's finetune rounds at --finetune-lr
+    when given, else at the last epoch's rate of the --lr schedule."""
+    cases = ((["--method", "rst", "--lr", "1e30", "--rst-stabilize", "2it"], "--lr (now 1e+30)"),
+             (["--rewind", "finetune", "--finetune-lr", "1e30"], "--finetune-lr (now 1e+30)"))
+    at = SMALL.index("--rewind")
+    base = SMALL[:at] + SMALL[at + 2:]  # the cases set their own rewind
+    for flags, named in cases:
+        code, out, err = _main(base + flags, tmp_path, capsys)
+        assert code == 2
+        assert f"lower {named} and run again" in _error_line(err), err
+
+
 def test_blocks_larger_than_every_layer_are_refused_before_training(tmp_path, capsys):
     args = SMALL + ["--granularity", "block", "--block", "64x64", "--widths", "30"]
     code, out, err = _main(args, tmp_path, capsys)
