@@ -43,6 +43,7 @@ from lth.datasets.loader import epoch_order, iterate, num_batches
 from lth.hparams import Config, ConfigError
 from lth.methods import Phase, Plan, RunContext, derive_seed, providers
 from lth.methods.base import lr_factor
+from lth.methods.imp import IMP
 from lth.loop import Diverged, EpochEnd, Progress, SaveRewindPoint, Trainee, fit
 from lth.models import build_model
 from lth.precision import Autocast, autocast_context
@@ -153,6 +154,8 @@ class Experiment:
             raise UsageError("--prune-exclude leaves no layer to prune")
         if c.pruning.granularity == "block" and self.method.last_round(c) >= 1:
             self.check_blocks()
+        if getattr(type(self.method), "prune", None) is IMP.prune and self.method.last_round(c):
+            self.check_rounds_prune()
         try:
             self.method.check_run(self.ctx)
         except ConfigError as e:
@@ -183,6 +186,33 @@ class Experiment:
         warnings.warn(f"--block {bn}x{bk}: {shapes} is a single block and is never pruned "
                       f"(pruning keeps at least one block per layer)", RuntimeWarning,
                       stacklevel=2)
+
+    def check_rounds_prune(self):
+        """Each round of --prune-fraction removes round(fraction x what remains): where that is
+        nothing (a tiny fraction, a layer of few blocks, N:M groups already at N) the round would
+        train on at the previous sparsity, and so would every later one. Refused before
+        training, naming the round."""
+        p, params = self.c.pruning, dict(self.template.named_parameters())
+        if p.granularity == "block":
+            units = {n: pruning.block_pattern(torch.ones(params[n].shape, dtype=torch.bool),
+                                              p.block).numel() for n in self.prunable}
+            what = f"{p.block[0]}x{p.block[1]} blocks"
+        else:
+            units = {n: params[n].numel() for n in self.prunable}
+            what = f"{p.nm[0]}:{p.nm[1]} groups" if p.granularity == "nm" else "weights"
+        rounds = self.method.last_round(self.c)
+        idle = pruning.idle_round(units, p.fraction, rounds, p.scope, p.granularity, p.nm)
+        if idle is None:
+            return
+        if p.granularity == "nm":
+            why = (f"every group of {p.nm[1]} already keeps {p.nm[0]} after round {idle - 1}: "
+                   f"use --rounds {idle - 1}")
+        else:
+            why = (f"--prune-fraction {p.fraction:g} of the {what} left ({sum(units.values())} "
+                   f"at first) rounds to none: raise --prune-fraction"
+                   + (" or use a smaller --block" if p.granularity == "block" else "")
+                   + (f", or use --rounds {idle - 1}" if idle > 1 else ""))
+        raise UsageError(f"round {idle} of --rounds {rounds} would prune nothing: {why}")
 
     # ------------------------------------------------------------------ small helpers
     def log(self, msg: str):

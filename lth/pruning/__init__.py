@@ -196,6 +196,36 @@ def _keep_one_per_layer(new: dict, us: dict, uk: dict) -> dict:
     return new
 
 
+def idle_round(units: dict[str, int], fraction: float, rounds: int, scope: str = "global",
+               granularity: str = "unstructured", nm=(2, 4)) -> int | None:
+    """The first of `rounds` rounds of `prune` from full masks that removes nothing, or None.
+    units: prunable units per layer (weights, blocks, or N:M groups). Counts only (what prune
+    removes: round(fraction * remaining), per layer for layerwise; an N:M group steps down
+    to N and then stays), so it answers before any training."""
+    if granularity == "nm":
+        n_keep, m = nm
+        count = m  # every group of a full mask keeps M
+        for r in range(1, rounds + 1):
+            if count <= n_keep:
+                return r
+            count = max(n_keep, count - max(1, _round(count * fraction)))
+        return None
+    left = dict(units)
+    for r in range(1, rounds + 1):
+        if scope == "global":
+            removed = _round(fraction * sum(left.values()))
+            if removed == 0:
+                return r
+            total = sum(left.values())
+            left = {"all": total - removed}
+        else:
+            step = {n: _round(fraction * u) for n, u in left.items()}
+            if not any(step.values()):
+                return r
+            left = {n: u - step[n] for n, u in left.items()}
+    return None
+
+
 def _units(scores, masks, granularity, block):
     """(unit scores, unit kept) per layer for unstructured / block granularity, flattened."""
     us, uk = {}, {}

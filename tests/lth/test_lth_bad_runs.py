@@ -61,6 +61,36 @@ def test_blocks_larger_than_every_layer_are_refused_before_training(tmp_path, ca
     assert list(tmp_path.iterdir()) == []  # refused before the run folder is made
 
 
+def test_a_round_that_would_prune_nothing_is_refused_before_training(tmp_path, capsys):
+    at = SMALL.index("--rounds")
+    base = SMALL[:at] + SMALL[at + 2:]
+    cases = (  # a fraction that rounds to no weight; two blocks at 20%; N:M reached in round 2
+        (["--rounds", "2", "--prune-fraction", "0.0001"],
+         "round 1 of --rounds 2 would prune nothing: --prune-fraction 0.0001 of the weights"),
+        (["--rounds", "1", "--granularity", "block", "--block", "64x32", "--widths", "30"],
+         "round 1 of --rounds 1 would prune nothing: --prune-fraction 0.2 of the 64x32 blocks "
+         "left (2 at first) rounds to none: raise --prune-fraction or use a smaller --block"),
+        (["--rounds", "4", "--granularity", "nm", "--nm", "2:4"],
+         "round 3 of --rounds 4 would prune nothing: every group of 4 already keeps 2 after "
+         "round 2: use --rounds 2"))
+    for flags, message in cases:
+        code, out, err = _main(base + flags, tmp_path, capsys)
+        assert code == 2
+        assert message in _error_line(err), err
+    assert list(tmp_path.iterdir()) == []  # refused before any run folder is made
+
+
+def test_idle_round_counts_what_each_round_removes():
+    from lth import pruning
+    assert pruning.idle_round({"a": 100}, 0.2, 10) is None
+    assert pruning.idle_round({"a": 8}, 0.2, 10) == 6  # 8 -> 6 -> 5 -> 4 -> 3 -> 2 -> idle
+    assert pruning.idle_round({"a": 3, "b": 200}, 0.2, 3, scope="layerwise") is None
+    assert pruning.idle_round({"a": 2, "b": 2}, 0.2, 1, scope="layerwise") == 1
+    assert pruning.idle_round({}, 0.2, 2, granularity="nm", nm=(2, 4)) is None
+    assert pruning.idle_round({}, 0.2, 3, granularity="nm", nm=(2, 4)) == 3
+    assert pruning.idle_round({}, 0.5, 2, granularity="nm", nm=(1, 4)) is None
+
+
 def test_a_phase_with_an_empty_layer_gets_no_verdict():
     entries = [{"round": 0, "branch": "ticket", "test_acc": 0.95, "sparsity": 0.0},
                {"round": 1, "branch": "ticket", "test_acc": 0.10, "sparsity": 0.96,
