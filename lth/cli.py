@@ -28,8 +28,11 @@ resumes after the last finished epoch, and a finished run is reported, not redon
 def load_config_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"--config: no such file {path!r}")
-    with open(path) as f:
-        text = f.read()
+    try:
+        with open(path) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config: cannot read {path} as text: {e}") from None
     if path.endswith((".yaml", ".yml")):
         try:
             import yaml

@@ -377,7 +377,9 @@ class RunHparams:
     runs_dir: str = hp("runs", "where run folders are created", hashed=False)
     name: str = hp("", "run name prefix; empty = <method>_<model>_<dataset>. The folder "
                    "is <runs-dir>/<name>-<hash of non-default settings>", flag="--name",
-                   hashed=False)
+                   hashed=False, check=lambda v: None if re.fullmatch(r"[\w.+=-]*", v) and
+                   not v.startswith(".") else f"must be a plain folder name (letters, digits, "
+                   f"._+=-, not starting with a dot), got {v!r}")
     progress: bool = hp(True, "tqdm progress bars with live loss/accuracy (when stderr is a "
                          "terminal)", hashed=False)
     device: str = hp("auto", "auto (cuda if available), cpu or cuda[:i]", hashed=False,

@@ -158,6 +158,9 @@ class Experiment:
             self.check_rounds_prune()
         try:
             self.method.check_run(self.ctx)
+            if self.method.last_round(c):  # a tweak that cannot transform this model says so
+                for hook in self.hooks[1:]:  # now, not after round 0 has trained
+                    hook.model_transform(copy.deepcopy(self.template), Phase(1))
         except ConfigError as e:
             raise UsageError(str(e)) from None
         self.phases = self.method.phases(c)
@@ -314,7 +317,11 @@ class Experiment:
                     if ".tmp." in name:
                         os.remove(self.path(name))
         elif self.dist.main:
-            os.makedirs(self.run_dir, exist_ok=True)
+            try:
+                os.makedirs(self.run_dir, exist_ok=True)
+            except OSError as e:
+                raise UsageError(f"--runs-dir {self.c.run.runs_dir}: cannot make the run folder "
+                                 f"{self.run_dir} ({e.strerror})") from None
             checkpoint.write_json(info, existing)
             self.log(f"run dir: {self.run_dir}")
         self.dist.barrier()

@@ -59,7 +59,15 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, tempe
 def load_teacher(path: str, ctx) -> nn.Module:
     """The model of --teacher PATH on the run's device, in eval mode, without gradients."""
     c = ctx.config
-    saved = checkpoint.load(path)
+    try:
+        saved = checkpoint.load(path)
+    except Exception as e:  # not a torch file, a truncated one, or pickled code
+        raise ConfigError(f"--teacher: cannot load {path} as a checkpoint or state_dict "
+                          f"(torch.load, weights_only=True): "
+                          f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:160]}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--teacher: {path} holds a {type(saved).__name__}, not a checkpoint "
+                          f"or state_dict")
     state, masks = (saved["model"], saved.get("masks", {})) if "model" in saved else (saved, {})
     model = ctx.fresh_model(derive_seed(c.training.seed, "init"))
     try:

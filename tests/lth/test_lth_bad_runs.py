@@ -297,3 +297,40 @@ def test_report_on_bad_files_is_one_line_and_changes_nothing(tmp_path, capsys):
     except SystemExit as exc:
         assert exc.code == 2
     assert "has no finished phase yet (no summary.json)" in capsys.readouterr().err
+
+
+def test_usage_errors_are_one_line_before_anything_trains(tmp_path, capsys):
+    garbage = tmp_path / "garbage.json"
+    garbage.write_bytes(b"\x80\xfe\xff")
+    not_a_checkpoint = tmp_path / "teacher.pt"
+    not_a_checkpoint.write_text("x")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = (
+        (["--config", str(garbage)], "--config: cannot read"),
+        (["--method", "kd", "--teacher", str(not_a_checkpoint)],
+         "--teacher: cannot load"),
+        (["--skip-branches"], "--skip-branches: MLP has no conv"),
+        (["--model", "lenet5", "--activation", "swish"], "--activation: torch.fx cannot trace"),
+    )
+    runs = tmp_path / "runs"
+    for flags, message in cases:
+        try:
+            code = train.main(SMALL + flags + ["--runs-dir", str(runs)])
+        except SystemExit as exc:  # a flag's own error: argparse's exit
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and message in err, err
+    assert not runs.exists()  # nothing trained, no folder made
+    code = train.main(SMALL + ["--runs-dir", str(a_file)])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot make the run folder" in _error_line(err) and "Not a directory" in err
+
+
+def test_a_run_name_is_a_plain_folder_name(tmp_path):
+    import pytest
+    from lth.cli import parse_config
+    for bad in ("../escape", "a/b", ".hidden"):
+        with pytest.raises(SystemExit):
+            parse_config(SMALL + ["--name", bad])
+    assert parse_config(SMALL + ["--name", "my_run-1.5"]).run_name().startswith("my_run-1.5-")
