@@ -46,13 +46,9 @@ def read_run_json(path: str, check):
     unreadable or holds something else is a RunFileError: rerunning the run's own command
     writes summary.json and config.json again."""
     try:
-        obj = read_json(path)
-        check(obj)
-        return obj
-    except Exception as e:  # a truncated file, bad bytes or JSON, or the wrong content
-        why = (str(e).strip().splitlines() or [""])[0][:120]
-        raise RunFileError(f"{path} is unreadable ({type(e).__name__}{': ' + why if why else ''}"
-                           f"): rerun the run's python -m lth.train command, which writes it "
+        return run_files.read(read_json, path, check)
+    except run_files.UnreadableFile as e:
+        raise RunFileError(f"{e}: rerun the run's python -m lth.train command, which writes it "
                            f"again") from None
 
 
@@ -140,15 +136,18 @@ def _configurations(run_dirs: list[str]) -> dict[str, list[str]]:
     return groups
 
 
+def _check_compared_summary(entries) -> None:
+    step_ms = {"step_ms_sparse": run_files.NUMBER, "step_ms_dense": run_files.NUMBER}
+    run_files.check_summary(entries, run_files.SUMMARY_FIELDS | step_ms)
+
+
 def compare(run_dirs: list[str]) -> list[dict]:
     """One row per configuration x (round, branch): mean/std over the seeds."""
     rows = []
     for label, runs in _configurations(run_dirs).items():
         cells: dict[tuple, list[dict]] = {}
         for run in runs:
-            step_ms = {"step_ms_sparse": run_files.NUMBER, "step_ms_dense": run_files.NUMBER}
-            for e in read_run_json(os.path.join(run, "summary.json"), lambda s: run_files.
-                                   check_summary(s, run_files.SUMMARY_FIELDS | step_ms)):
+            for e in read_run_json(os.path.join(run, "summary.json"), _check_compared_summary):
                 cells.setdefault((e["round"], e["branch"]), []).append(e)
         for (rnd, branch), es in sorted(cells.items(),  # each round: ticket, then branches
                                         key=lambda kv: (kv[0][0], kv[0][1] != "ticket",
@@ -212,7 +211,7 @@ def _time_main(run_dir: str) -> int:
     from lth.train import UsageError
     try:
         timing = time_run(run_dir)
-    except (UsageError, RunFileError) as e:
+    except (UsageError, RunFileError, run_files.UnreadableFile) as e:
         print(f"python -m lth.report: error: {e}", file=sys.stderr)
         return 2
     text = timing_text(timing)

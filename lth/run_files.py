@@ -7,6 +7,28 @@ from __future__ import annotations
 
 import torch
 
+class UnreadableFile(Exception):
+    """A file of the run folder that a kill, a full disk or an edit left unreadable."""
+
+    def __init__(self, path: str, error: Exception):
+        why = (str(error).strip().splitlines() or [""])[0]
+        self.path = path
+        super().__init__(f"{path} is unreadable ({type(error).__name__}"
+                         f"{': ' + why[:120] if why else ''})")
+
+
+def read(load, path: str, check=None):
+    """load(path) of a run file that exists; any failure to read it, or content that `check`
+    (one of the checks below) refuses, is UnreadableFile."""
+    try:
+        obj = load(path)
+        if check is not None:
+            check(obj)
+        return obj
+    except Exception as e:  # a truncated zip, bad pickle or JSON: whatever the reader raises
+        raise UnreadableFile(path, e) from None
+
+
 NUMBER = (int, float)
 # the fields of a phase's result.json that the summary, the tables and the verdicts read
 RESULT_FIELDS = {"round": int, "branch": str, "method": str, "sparsity": NUMBER,

@@ -43,7 +43,6 @@ from lth.datasets.loader import epoch_order, iterate, num_batches
 from lth.hparams import Config, ConfigError
 from lth.methods import Phase, Plan, RunContext, derive_seed, providers
 from lth.methods.base import lr_factor
-from lth.methods.imp import IMP
 from lth.loop import Diverged, EpochEnd, Progress, SaveRewindPoint, Trainee, fit
 from lth.models import build_model
 from lth.precision import Autocast, autocast_context
@@ -59,28 +58,6 @@ EVAL_BATCH = 512
 
 class UsageError(Exception):
     """A setting that cannot work with this data/model; reported like a bad flag."""
-
-
-class UnreadableFile(UsageError):
-    """A file of the run folder that a kill, a full disk or an edit left unreadable."""
-
-    def __init__(self, path: str, error: Exception):
-        why = (str(error).strip().splitlines() or [""])[0]
-        self.path = path
-        super().__init__(f"{path} is unreadable ({type(error).__name__}"
-                         f"{': ' + why[:120] if why else ''})")
-
-
-def _read(load, path: str, check=None):
-    """load(path) of a run file that exists; any failure to read it, or content that `check`
-    (lth.run_files) refuses, is UnreadableFile."""
-    try:
-        obj = load(path)
-        if check is not None:
-            check(obj)
-        return obj
-    except Exception as e:  # a truncated zip, bad pickle or JSON: whatever the reader raises
-        raise UnreadableFile(path, e) from None
 
 
 def make_optimizer(t, params):
@@ -154,8 +131,6 @@ class Experiment:
             raise UsageError("--prune-exclude leaves no layer to prune")
         if c.pruning.granularity == "block" and self.method.last_round(c) >= 1:
             self.check_blocks()
-        if getattr(type(self.method), "prune", None) is IMP.prune and self.method.last_round(c):
-            self.check_rounds_prune()
         try:
             self.method.check_run(self.ctx)
             if self.method.last_round(c):  # a tweak that cannot transform this model says so
@@ -190,33 +165,6 @@ class Experiment:
                       f"(pruning keeps at least one block per layer)", RuntimeWarning,
                       stacklevel=2)
 
-    def check_rounds_prune(self):
-        """Each round of --prune-fraction removes round(fraction x what remains): where that is
-        nothing (a tiny fraction, a layer of few blocks, N:M groups already at N) the round would
-        train on at the previous sparsity, and so would every later one. Refused before
-        training, naming the round."""
-        p, params = self.c.pruning, dict(self.template.named_parameters())
-        if p.granularity == "block":
-            units = {n: pruning.block_pattern(torch.ones(params[n].shape, dtype=torch.bool),
-                                              p.block).numel() for n in self.prunable}
-            what = f"{p.block[0]}x{p.block[1]} blocks"
-        else:
-            units = {n: params[n].numel() for n in self.prunable}
-            what = f"{p.nm[0]}:{p.nm[1]} groups" if p.granularity == "nm" else "weights"
-        rounds = self.method.last_round(self.c)
-        idle = pruning.idle_round(units, p.fraction, rounds, p.scope, p.granularity, p.nm)
-        if idle is None:
-            return
-        if p.granularity == "nm":
-            why = (f"every group of {p.nm[1]} already keeps {p.nm[0]} after round {idle - 1}: "
-                   f"use --rounds {idle - 1}")
-        else:
-            why = (f"--prune-fraction {p.fraction:g} of the {what} left ({sum(units.values())} "
-                   f"at first) rounds to none: raise --prune-fraction"
-                   + (" or use a smaller --block" if p.granularity == "block" else "")
-                   + (f", or use --rounds {idle - 1}" if idle > 1 else ""))
-        raise UsageError(f"round {idle} of --rounds {rounds} would prune nothing: {why}")
-
     # ------------------------------------------------------------------ small helpers
     def log(self, msg: str):
         if self.dist.main:
@@ -241,9 +189,9 @@ class Experiment:
         if not os.path.isfile(path):
             return None
         try:
-            return _read(checkpoint.read_json, path,
+            return run_files.read(checkpoint.read_json, path,
                          lambda r: run_files.check_result(r, phase.round, phase.branch))
-        except UnreadableFile as e:
+        except run_files.UnreadableFile as e:
             if self.read_only:
                 self.log(f"{e}: left out (rerun the run's python -m lth.train command to redo "
                          f"{phase.key})")
@@ -297,8 +245,8 @@ class Experiment:
         old = None
         if os.path.isfile(existing):
             try:
-                old = _read(checkpoint.read_json, existing, run_files.check_config)
-            except UnreadableFile as e:
+                old = run_files.read(checkpoint.read_json, existing, run_files.check_config)
+            except run_files.UnreadableFile as e:
                 # the folder's name holds the hash of these settings: writing it again is safe
                 if self.dist.main:
                     self.log(f"{e}: written again from these settings (the folder name's hash "
@@ -337,8 +285,7 @@ class Experiment:
     def state_like(self, phase: Phase) -> dict[str, torch.Tensor]:
         """The state (names, shapes) of this phase's dense model, which its files must match."""
         if phase.key not in self._states_like:
-            model = self.transformed(self.fresh_model(derive_seed(self.c.training.seed, "init")),
-                                     phase)
+            model = self.transformed(copy.deepcopy(self.template), phase)
             self._states_like[phase.key] = model.state_dict()
         return self._states_like[phase.key]
 
@@ -346,8 +293,8 @@ class Experiment:
         """A file of a finished phase that a later phase starts from; unreadable: one line
         saying how to train that phase again."""
         try:
-            return _read(checkpoint.load, self.path(phase.key, name), check)
-        except UnreadableFile as e:
+            return run_files.read(checkpoint.load, self.path(phase.key, name), check)
+        except run_files.UnreadableFile as e:
             raise UsageError(f"{e}: delete {self.path(phase.key)} and rerun the same command "
                              f"to train {phase.key} again") from None
 
@@ -388,14 +335,14 @@ class Experiment:
         like = self.state_like(phase)
         if self.dist.main and os.path.isfile(path):
             try:
-                _read(checkpoint.load, path, lambda m: run_files.check_masks(m, like))
-            except UnreadableFile as e:  # made from finished phases: computed again, the same
+                run_files.read(checkpoint.load, path, lambda m: run_files.check_masks(m, like))
+            except run_files.UnreadableFile as e:  # made from finished phases: computed again
                 self.log(f"{e}: computed again")
                 os.remove(path)
         if self.dist.main and not os.path.isfile(path):
             checkpoint.save(self.method.masks(phase), path)
         self.dist.barrier()
-        masks = _read(checkpoint.load, path)
+        masks = run_files.read(checkpoint.load, path)
         digest = sum(float((m.flatten().double() * torch.arange(1, m.numel() + 1,
                                                                  dtype=torch.float64)).sum())
                      for m in masks.values())
@@ -511,9 +458,9 @@ class Experiment:
         ckpt = None
         if os.path.isfile(os.path.join(pdir, "checkpoint.pt")):
             try:
-                ckpt = _read(checkpoint.load, os.path.join(pdir, "checkpoint.pt"),
+                ckpt = run_files.read(checkpoint.load, os.path.join(pdir, "checkpoint.pt"),
                              self.checkpoint_check(phase))
-            except UnreadableFile as e:  # only a resume point: the phase starts over
+            except run_files.UnreadableFile as e:  # only a resume point: the phase starts over
                 self.log(f"{e}: {phase.key} starts over")
                 d.barrier()
                 if d.main:
@@ -767,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         # files alone, and a rank that destroyed its group meanwhile was seen to abort in
         # gloo's teardown ("terminate called without an active exception", SIGABRT).
         dist.barrier()
-    except UsageError as e:
+    except (UsageError, run_files.UnreadableFile) as e:
         if dist.main:
             print(f"python -m lth.train: error: {e}", file=sys.stderr)
         return 2

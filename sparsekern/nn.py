@@ -750,15 +750,17 @@ def _targets(model: nn.Module, masks) -> dict[str, torch.Tensor]:
     if masks is None:
         targets, subclassed = {}, []
         for name, module in modules.items():
-            if type(module) in (nn.Linear, nn.Conv2d) or (isinstance(module, (nn.Linear, nn.Conv2d))
-                                                          and _kind(module) is None):
-                mask = module.weight.detach() != 0
-                if bool(mask.all()):
-                    continue
-                if type(module) in (nn.Linear, nn.Conv2d):
-                    targets[name] = mask
-                else:
-                    subclassed.append(f"{name} ({type(module).__name__})")
+            plain = type(module) in (nn.Linear, nn.Conv2d)
+            foreign = isinstance(module, (nn.Linear, nn.Conv2d)) and _kind(module) is None
+            if not (plain or foreign):
+                continue
+            mask = module.weight.detach() != 0
+            if bool(mask.all()):
+                continue
+            if plain:
+                targets[name] = mask
+            else:
+                subclassed.append(f"{name} ({type(module).__name__})")
         if subclassed:
             warnings.warn(f"sparsify: not converted, as subclasses of nn.Linear / nn.Conv2d: "
                           f"{', '.join(subclassed)}; they hold zeros but stay as they are "

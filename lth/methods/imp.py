@@ -5,6 +5,8 @@ Round 0 trains the dense network; each pruned round scores the previous round's 
 """
 from __future__ import annotations
 
+import torch
+
 from lth import pruning
 from lth.hparams import ConfigError
 from lth.methods.base import METHODS, Method, Phase, Plan, lr_factor
@@ -36,6 +38,36 @@ class IMP(Method):
                 raise ConfigError(f"--rewind-to {c.method.rewind_to}: step {k} is not before "
                                   f"the end of training ({ctx.total_steps} iterations = "
                                   f"{c.training.epochs} epochs x {ctx.steps_per_epoch})")
+        if self.last_round(c):
+            self.check_rounds_prune(ctx)
+
+    def check_rounds_prune(self, ctx) -> None:
+        """Each round of --prune-fraction removes round(fraction x what remains): where that is
+        nothing (a tiny fraction, a layer of few blocks, N:M groups already at N) the round would
+        train on at the previous sparsity, and so would every later one. Refused before
+        training, naming the round."""
+        c = ctx.config
+        p, params = c.pruning, dict(ctx.template.named_parameters())
+        if p.granularity == "block":
+            units = {n: pruning.block_pattern(torch.ones(params[n].shape, dtype=torch.bool),
+                                              p.block).numel() for n in ctx.prunable}
+            what = f"{p.block[0]}x{p.block[1]} blocks"
+        else:
+            units = {n: params[n].numel() for n in ctx.prunable}
+            what = f"{p.nm[0]}:{p.nm[1]} groups" if p.granularity == "nm" else "weights"
+        rounds = self.last_round(c)
+        idle = pruning.idle_round(units, p.fraction, rounds, p.scope, p.granularity, p.nm)
+        if idle is None:
+            return
+        if p.granularity == "nm":
+            why = (f"every group of {p.nm[1]} already keeps {p.nm[0]} after round {idle - 1}: "
+                   f"use --rounds {idle - 1}")
+        else:
+            why = (f"--prune-fraction {p.fraction:g} of the {what} left ({sum(units.values())} "
+                   f"at first) rounds to none: raise --prune-fraction"
+                   + (" or use a smaller --block" if p.granularity == "block" else "")
+                   + (f", or use --rounds {idle - 1}" if idle > 1 else ""))
+        raise ConfigError(f"round {idle} of --rounds {rounds} would prune nothing: {why}")
 
     def prune(self, scores, masks, round_index: int):
         p = self.ctx.config.pruning
@@ -99,6 +131,9 @@ class OneShot(IMP):
     @classmethod
     def last_round(cls, c) -> int:
         return 1
+
+    def check_rounds_prune(self, ctx) -> None:
+        """Nothing to check: one round, straight to the target (not by --prune-fraction)."""
 
     @classmethod
     def check(cls, c) -> None:
