@@ -4,8 +4,10 @@ The rigorous definition (Frankle & Carbin; Ma et al. 2021): a ticket at a sparsi
 when it reaches the dense network's accuracy within its epoch budget (up to --tolerance) AND
 beats the best random baseline trained with the same budget (random_reinit, random_ticket,
 shuffled) by at least --margin. Both numbers are shown; a sparsity without a baseline gets no
-verdict, and neither does a ticket with a layer pruned entirely (`empty_layers` in its summary
-entry: the network is cut in two, its accuracy is no result; such a baseline is left out too).
+verdict, and neither does a ticket whose masks join no output to the input (`signal_outputs` 0
+in its summary entry, lth.pruning.signal; entries written before that field: a layer pruned
+entirely): it trains a constant function, its accuracy is no result, and such a baseline is left
+out too.
 Prints the table and saves report.txt / report.json in the run dir.
 
 `python -m lth.report RUN_DIR RUN_DIR ...` compares runs instead: runs whose settings differ
@@ -52,11 +54,19 @@ def read_run_json(path: str, check):
                            f"again") from None
 
 
+def no_signal(entry: dict) -> bool:
+    """A phase whose masks join no output to the input (older entries: one with a layer pruned
+    entirely, which cuts a plain chain in two)."""
+    if "signal_outputs" in entry:
+        return entry["signal_outputs"] == 0
+    return bool(entry.get("empty_layers"))
+
+
 def verdicts(entries: list[dict], tolerance: float = TOLERANCE, margin: float = MARGIN,
              metric: str = "test_acc") -> list[dict]:
     """Per pruned round: the verdict and both numbers. A run whose round 0 is not plain dense
     training (RST's penalty phase: dense_reference false) is judged on its baselines only.
-    A phase with an empty layer carries no signal: no verdict for it, and no baseline."""
+    A phase that carries no signal gets no verdict and is no baseline."""
     dense = [e for e in entries if e["round"] == 0 and e["branch"] == "ticket"]
     if not dense:
         raise ValueError("no round 0 in this run's summary")
@@ -66,14 +76,15 @@ def verdicts(entries: list[dict], tolerance: float = TOLERANCE, margin: float = 
                     key=lambda e: e["round"]):
         baselines = {e["branch"]: e[metric] for e in entries
                      if e["round"] == t["round"] and e["branch"] != "ticket"
-                     and not e.get("empty_layers")}
+                     and not no_signal(e)}
         best = max(baselines.items(), key=lambda kv: kv[1]) if baselines else None
         reaches = None if dense_acc is None else t[metric] >= dense_acc - tolerance
         beats = best is not None and t[metric] >= best[1] + margin
-        if t.get("empty_layers"):
+        if no_signal(t):
             reaches = beats = None
-            verdict = (f"no result: {', '.join(t['empty_layers'])} pruned entirely (no signal "
-                       f"reaches the output)")
+            empty = t.get("empty_layers") or []
+            verdict = ("no result: no path of kept weights from the input to the output"
+                       + (f" ({', '.join(empty)} pruned entirely)" if empty else ""))
         elif reaches is None:
             verdict = ("no dense reference, no baseline" if best is None else
                        "no dense reference; beats the random baseline" if beats else

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+
 class UnreadableFile(Exception):
     """A file of the run folder that a kill, a full disk or an edit left unreadable."""
 

@@ -46,6 +46,7 @@ from lth.methods.base import lr_factor
 from lth.loop import Diverged, EpochEnd, Progress, SaveRewindPoint, Trainee, fit
 from lth.models import build_model
 from lth.precision import Autocast, autocast_context
+from lth.pruning.signal import outputs_reached
 from lth.requirements import lth_extra_problem
 from lth.results import format_table, write_summary
 from lth.sparse import (check_pruned_zero, cross_entropy, current_masks, dense_state_dict,
@@ -77,6 +78,14 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine")
     return torch.device(name)
+
+
+def no_signal_note(reached: int, outputs: int, empty: list[str]) -> str:
+    """The end of a phase's log line when kept weights join not every output to the input."""
+    if reached == 0:
+        return (f"  NO SIGNAL: no output joined to the input"
+                f"{' (' + ', '.join(empty) + ' fully pruned)' if empty else ''}")
+    return f"  signal reaches {reached} of {outputs} outputs" if reached < outputs else ""
 
 
 class Experiment:
@@ -305,6 +314,12 @@ class Experiment:
         """The masks a finished phase ended with (round 0: none)."""
         return self.final_checkpoint(phase)["masks"]
 
+    def signal(self, phase: Phase, masks) -> tuple[int, int]:
+        """(output units that kept weights join to the input, output units) of this phase's
+        architecture under `masks` (lth.pruning.signal)."""
+        return outputs_reached(self.transformed(copy.deepcopy(self.template), phase), masks,
+                               self.timing_batch()[0])
+
     def transformed(self, model: nn.Module, phase: Phase) -> nn.Module:
         for hook in self.hooks:
             model = hook.model_transform(model, phase)
@@ -468,6 +483,11 @@ class Experiment:
                     self._rewrite_metrics(phase, [])
         # a resumed phase trains the masks it was checkpointed with (a dynamic method moves them)
         masks = ckpt["masks"] if ckpt else self.phase_masks(phase)
+        if masks and self.signal(phase, masks)[0] == 0:
+            empty = pruning.empty_layers(masks)
+            self.log(f"{phase.key}: no path of kept weights joins its input to any output"
+                     f"{' (' + ', '.join(empty) + ' fully pruned)' if empty else ''}: it "
+                     f"trains a constant function, and its accuracy is reported as no result")
         model, decisions, timing = self.prepare_model(phase, plan, ckpt, masks)
 
         optimizer = make_optimizer(c.training, model.parameters())
@@ -612,8 +632,9 @@ class Experiment:
         last = history[-1]
         kernels = sum(1 for v in decisions.values() if v["chosen"] == "sparse")
         sparsity = pruning.sparsity(masks) if masks else 0.0
-        # a layer without a kept weight cuts the network in two: its accuracy is no result
-        empty = sorted(n for n, m in masks.items() if not bool(m.any()))
+        empty = pruning.empty_layers(masks)
+        # masks that join no output to the input train a constant: its accuracy is no result
+        reached, outputs = self.signal(phase, masks)
         result = {
             "round": phase.round, "branch": phase.branch,
             "method": c.method.name if phase.branch == "ticket" else phase.branch,
@@ -639,7 +660,7 @@ class Experiment:
             "wall_s": last["wall_s"], "world_size": d.world,
             "device": str(self.device), "autocast": c.training.autocast,
             "dense_reference": phase == Phase(0) and self.method.dense_round0,
-            "empty_layers": empty,
+            "empty_layers": empty, "signal_outputs": reached, "outputs": outputs,
         }
         for hook in self.hooks:
             extra = hook.summary(phase)
@@ -660,7 +681,7 @@ class Experiment:
                     f"{'' if result['timing_stable'] else ', ratio not settled'}"
                     f"{', busy machine' if result['busy'] else ''}]"
                     if result["timing_rounds"] is not None else "")
-                 + (f"  NO SIGNAL: {', '.join(empty)} fully pruned" if empty else ""))
+                 + no_signal_note(reached, outputs, empty))
         d.barrier()
 
     def _nm(self, masks):

@@ -87,6 +87,11 @@ def sparsity(masks: dict[str, torch.Tensor]) -> float:
     return 1.0 - kept / total if total else 0.0
 
 
+def empty_layers(masks: dict[str, torch.Tensor]) -> list[str]:
+    """The layers whose mask keeps no weight, sorted."""
+    return sorted(n for n, m in masks.items() if not bool(m.any()))
+
+
 def layer_sparsity(masks: dict[str, torch.Tensor]) -> dict[str, float]:
     return {n: 1.0 - int(m.sum()) / m.numel() for n, m in masks.items()}
 

@@ -1,6 +1,6 @@
 """Bad runs fail clearly: a diverged run stops at the first non-finite loss naming the round, epoch
-and flag; pruning that can remove nothing is refused before training; a phase with a layer
-pruned entirely gets no verdict; an unreadable file of a run folder is one line naming it (or the
+and flag; pruning that can remove nothing is refused before training; a phase whose masks join
+no output to the input gets no verdict; an unreadable file of a run folder is one line naming it (or the
 phase is redone where that is safe), never a traceback."""
 import json
 import os
@@ -102,16 +102,58 @@ def test_a_phase_with_an_empty_layer_gets_no_verdict():
                {"round": 2, "branch": "random_ticket", "test_acc": 0.5, "sparsity": 0.97,
                 "empty_layers": ["fc1.weight"]}]
     rows = {r["round"]: r for r in report.verdicts(entries)}
-    assert rows[1]["verdict"].startswith("no result: fc2.weight pruned entirely")
+    assert rows[1]["verdict"] == ("no result: no path of kept weights from the input to the "
+                                  "output (fc2.weight pruned entirely)")
     assert rows[1]["reaches_dense"] is None and rows[1]["best_baseline"] is None
     assert rows[2]["best_baseline"] is None  # a baseline without signal is no baseline
     assert rows[2]["verdict"] == "no baseline"
+
+
+def test_the_signal_check_decides_over_empty_layers():
+    """A cut without an empty layer is no result; an empty branch conv of a residual block,
+    bypassed by its skip path, is a result."""
+    entries = [{"round": 0, "branch": "ticket", "test_acc": 0.95, "sparsity": 0.0,
+                "empty_layers": [], "signal_outputs": 10, "outputs": 10},
+               {"round": 1, "branch": "ticket", "test_acc": 0.10, "sparsity": 0.9,
+                "empty_layers": [], "signal_outputs": 0, "outputs": 10},
+               {"round": 2, "branch": "ticket", "test_acc": 0.93, "sparsity": 0.95,
+                "empty_layers": ["blocks.4.conv2.weight"], "signal_outputs": 10,
+                "outputs": 10}]
+    rows = {r["round"]: r for r in report.verdicts(entries, tolerance=0.05)}
+    assert rows[1]["verdict"] == "no result: no path of kept weights from the input to the output"
+    assert rows[2]["verdict"] == "no baseline" and rows[2]["reaches_dense"] is True
+
+
+def test_masks_that_cut_the_network_without_an_empty_layer_are_no_result(tmp_path, capsys,
+                                                                         monkeypatch):
+    """IMP's pruning made to return masks with a kept weight in every layer but no path: fc1
+    feeds only hidden unit 3, fc2 reads only unit 7."""
+    from lth import pruning
+
+    def cut(scores, masks, *args, **kwargs):
+        out = {n: torch.zeros_like(m) for n, m in masks.items()}
+        out["fcs.0.weight"][3, :] = True
+        out["fcs.1.weight"][:, 7] = True
+        return out
+
+    monkeypatch.setattr(pruning, "prune", cut)
+    code, out, err = _main(SMALL, tmp_path, capsys)
+    assert code == 0, err
+    assert ("round_01: no path of kept weights joins its input to any output: it trains a "
+            "constant function, and its accuracy is reported as no result") in out
+    assert "NO SIGNAL: no output joined to the input" in out
+    run = run_dir_of(SMALL, tmp_path)
+    result = json.load(open(os.path.join(run, "round_01", "result.json")))
+    assert (result["empty_layers"], result["signal_outputs"], result["outputs"]) == ([], 0, 10)
+    rows = report.verdicts(json.load(open(os.path.join(run, "summary.json"))))
+    assert rows[0]["verdict"] == "no result: no path of kept weights from the input to the output"
 
 
 def _finished(tmp_path):
     run = run_inprocess(SMALL, tmp_path)
     result = json.load(open(os.path.join(run, "round_01", "result.json")))
     assert result["empty_layers"] == []
+    assert result["signal_outputs"] == result["outputs"] == 10
     return run, result
 
 
