@@ -102,6 +102,9 @@ def _split(v, seps=",") -> list[str]:
 
 
 def _ints(v) -> tuple[int, ...]:
+    if isinstance(v, str) and v.strip() and any(not p.strip() for p in v.split(",")):
+        raise ValueError(f"expected comma-separated integers like 1024,1024, got {v!r} (an "
+                         f"empty item)")
     parts = _split(v)
     try:
         out = tuple(int(p) for p in parts)
@@ -650,6 +653,30 @@ def validate(c: Config) -> None:
                 _fail("--branch-rounds", f"rounds {bad} are not pruned rounds (1..{last})")
     if t.optimizer != "sgd" and t.nesterov:
         _fail("--nesterov", "applies to --optimizer sgd only")
+    _check_applies(c)
+
+
+# settings that only some values of another setting read: set with any other, they would do
+# nothing but name another run folder (the hash), so a resume would silently start afresh
+_APPLIES_ONLY = (
+    ("pruning.block", "--block", lambda c: c.pruning.granularity == "block",
+     "--granularity block"),
+    ("pruning.nm", "--nm", lambda c: c.pruning.granularity == "nm", "--granularity nm"),
+    ("model.widths", "--widths", lambda c: c.model.name == "mlp", "--model mlp"),
+    ("model.width_mult", "--width-mult", lambda c: c.model.name not in ("mlp", "lenet300"),
+     "the conv models (not mlp or lenet300)"),
+    ("method.rewind_to", "--rewind-to", lambda c: c.method.rewind in ("weights", "lr"),
+     "--rewind weights or lr"),
+    ("method.branch_rounds", "--branch-rounds", lambda c: bool(c.method.branches),
+     "runs with --branches"),
+)
+
+
+def _check_applies(c: Config) -> None:
+    set_ = c.non_default()
+    for key, flag, applies, where in _APPLIES_ONLY:
+        if key in set_ and not applies(c):
+            _fail(flag, f"applies to {where} only")
 
 
 def last_round(c: Config) -> int:

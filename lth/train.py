@@ -50,7 +50,7 @@ from lth.pruning.signal import outputs_reached
 from lth.requirements import lth_extra_problem
 from lth.results import format_table, write_summary
 from lth.sparse import (check_pruned_zero, cross_entropy, current_masks, dense_state_dict,
-                        masked_dense_copy, runs_sparse_kernels, sparse_block,
+                        densify_model, masked_dense_copy, runs_sparse_kernels, sparse_block,
                         sparse_kernels_run_on, sparsify_model, time_train_steps, zero_pruned)
 
 CHECKPOINT_FORMAT = 1
@@ -123,6 +123,12 @@ class Experiment:
         self.steps_per_epoch = num_batches(
             len(epoch_order(len(self.data.train), 0, True, self.dist.rank, self.dist.world)),
             self.batch_size)
+        total = c.training.epochs * self.steps_per_epoch
+        if c.training.warmup_steps >= total:
+            raise UsageError(f"--warmup-steps {c.training.warmup_steps} is not shorter than a "
+                             f"round's training ({c.training.epochs} epochs of "
+                             f"{self.steps_per_epoch} steps = {total}): the lr would never "
+                             f"reach --lr")
         self.run_dir = run_dir or os.path.join(c.run.runs_dir, c.run_name())
         self.ctx = RunContext(
             config=c, device=self.device, steps_per_epoch=self.steps_per_epoch,
@@ -314,10 +320,10 @@ class Experiment:
         """The masks a finished phase ended with (round 0: none)."""
         return self.final_checkpoint(phase)["masks"]
 
-    def signal(self, phase: Phase, masks) -> tuple[int, int]:
-        """(output units that kept weights join to the input, output units) of this phase's
-        architecture under `masks` (lth.pruning.signal)."""
-        return outputs_reached(self.transformed(copy.deepcopy(self.template), phase), masks,
+    def signal(self, model: nn.Module, masks) -> tuple[int, int]:
+        """(output units that kept weights join to the input, output units) of a phase's model
+        (as it trains: packed or masked) under `masks` (lth.pruning.signal)."""
+        return outputs_reached(densify_model(copy.deepcopy(model)), masks,
                                self.timing_batch()[0])
 
     def transformed(self, model: nn.Module, phase: Phase) -> nn.Module:
@@ -483,12 +489,12 @@ class Experiment:
                     self._rewrite_metrics(phase, [])
         # a resumed phase trains the masks it was checkpointed with (a dynamic method moves them)
         masks = ckpt["masks"] if ckpt else self.phase_masks(phase)
-        if masks and self.signal(phase, masks)[0] == 0:
+        model, decisions, timing = self.prepare_model(phase, plan, ckpt, masks)
+        if masks and self.signal(model, masks)[0] == 0:
             empty = pruning.empty_layers(masks)
             self.log(f"{phase.key}: no path of kept weights joins its input to any output"
                      f"{' (' + ', '.join(empty) + ' fully pruned)' if empty else ''}: it "
                      f"trains a constant function, and its accuracy is reported as no result")
-        model, decisions, timing = self.prepare_model(phase, plan, ckpt, masks)
 
         optimizer = make_optimizer(c.training, model.parameters())
         if plan.constant_lr is not None:
@@ -568,8 +574,9 @@ class Experiment:
                 raise RuntimeError(f"{phase.key}: weights differ between DDP ranks")
         if not history:  # a phase with nothing to train cannot happen with validated settings
             raise RuntimeError(f"{phase.key}: no training steps")
-        self.finish_phase(phase, plan, current_masks(run.model) if masks else {}, decisions,
-                          timing, history)
+        final_masks = current_masks(run.model) if masks else {}
+        self.finish_phase(phase, plan, final_masks, decisions, timing, history,
+                          self.signal(run.model, final_masks))
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         """What the loop calls forward on: the model, or its DDP wrapper under torchrun."""
@@ -627,14 +634,14 @@ class Experiment:
                       "step_ms_sparse": timing["step_ms_dense"]}
         return model, decisions, timing
 
-    def finish_phase(self, phase, plan, masks, decisions, timing, history):
+    def finish_phase(self, phase, plan, masks, decisions, timing, history, signal):
         c, d, spe = self.c, self.dist, self.steps_per_epoch
         last = history[-1]
         kernels = sum(1 for v in decisions.values() if v["chosen"] == "sparse")
         sparsity = pruning.sparsity(masks) if masks else 0.0
         empty = pruning.empty_layers(masks)
         # masks that join no output to the input train a constant: its accuracy is no result
-        reached, outputs = self.signal(phase, masks)
+        reached, outputs = signal
         result = {
             "round": phase.round, "branch": phase.branch,
             "method": c.method.name if phase.branch == "ticket" else phase.branch,

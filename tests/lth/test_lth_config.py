@@ -88,6 +88,16 @@ BAD = [
     (["--rounds", "0"], "--branches", "at least one pruned round"),
     (["--device", "tpu"], "--device", "auto, cpu or cuda"),
     (["--optimizer", "adam", "--nesterov"], "--nesterov", "sgd only"),
+    (["--widths", "32,,32"], "--widths", "(an empty item)"),
+    # a setting that the others leave unread would only name another run folder
+    (["--block", "16x16"], "--block", "applies to --granularity block only"),
+    (["--nm", "1:4"], "--nm", "applies to --granularity nm only"),
+    (["--model", "resnet20", "--widths", "64"], "--widths", "applies to --model mlp only"),
+    (["--width-mult", "0.5"], "--width-mult", "applies to the conv models"),
+    (["--rewind", "init", "--rewind-to", "2ep"], "--rewind-to",
+     "applies to --rewind weights or lr only"),
+    (["--branches", "none", "--branch-rounds", "all"], "--branch-rounds",
+     "applies to runs with --branches only"),
 ]
 
 
@@ -133,6 +143,10 @@ def test_setting_errors_found_with_the_data_stop_before_any_work(tmp_path, capsy
     code = train.main(["--granularity", "nm", "--nm", "2:3", "--widths", "8",
                        "--runs-dir", str(runs)])
     assert code == 2 and "not a multiple of M=3" in capsys.readouterr().err
+    code = train.main(["--warmup-steps", "400", "--epochs", "2", "--batch-size", "128",
+                       "--widths", "8", "--runs-dir", str(runs)])
+    assert code == 2 and ("--warmup-steps 400 is not shorter than a round's training (2 epochs "
+                          "of 12 steps = 24)") in capsys.readouterr().err
     assert not runs.exists()
     assert not os.path.exists("data")  # nothing downloaded or created by default
 

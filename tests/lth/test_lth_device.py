@@ -33,8 +33,8 @@ def test_bf16_autocast_trains_masked_dense_on_cpu(tmp_path):
 def test_bf16_autocast_on_sparse_kernels(tmp_path):
     """Sparse layers follow torch.autocast (sparsekern registers its ops for it): a bf16 run
     trains its pruned rounds on the sparse kernels."""
-    run = run_inprocess(ARGS + ["--autocast", "bf16", "--sparse-policy", "sparse",
-                                "--model", "lenet5", "--rewind", "init"], tmp_path)
+    run = run_inprocess(ARGS[2:] + ["--autocast", "bf16", "--sparse-policy", "sparse",
+                                    "--model", "lenet5", "--rewind", "init"], tmp_path)
     ticket = summary(run)[1]
     assert ticket["autocast"] == "bf16" and ticket["sparse_layers"] == "3/3"
     assert ticket["test_acc"] > 0.3
