@@ -2,13 +2,13 @@
 
 Usage (from the repository root, or anywhere with the package installed)::
 
-    python -m benchmarks linear                       # full default sweep -> ./benchmarks/RESULTS.md + results.json
+    python -m benchmarks linear                       # full sweep -> ./benchmarks/RESULTS.md
     python -m benchmarks linear --quick --out /tmp/q  # smoke: a few cases, few repeats
     python -m benchmarks linear --batch-sizes 64,256,1024 --formats bsr32,csr --sparsities 0.9
     python -m benchmarks linear --shapes 768x3072,4096x4096 --batch-sizes 64,256,1024 \
         --formats bsr32,csr --sparsities 0.9 --out benchmarks/avx2_sweep   # several weight shapes
     python -m benchmarks csr-profile --isa avx2 --out benchmarks/avx2_csr_profile  # CSR time split
-    python -m benchmarks cache-profile --isa avx2 --out benchmarks/avx2_cache_profile  # cold, warm, idle
+    python -m benchmarks cache-profile --isa avx2 --out benchmarks/avx2_cache_profile  # cold/warm
 
 Without --out, results go to ./benchmarks/<suite>/ under the current directory: the committed
 folders when run from the repository root, never the installed package's folder.

@@ -5,20 +5,20 @@ For every layer x format x sparsity and for two modes,
   forward  y = conv(x)                               (nothing requires grad)
   train    y = conv(x); y.backward(grad)             (x and the weight/values require grad:
                                                       forward + dX + dW; sparse dW at kept only)
-one interleaved group is timed with `sparsekern.timing.measure` (warm-up first, rounds until
-the ratios to dense settle, median of the rounds, all candidates round-robin in one process): dense F.conv2d (oneDNN) on
-the masked weight, `sparsekern.conv2d` on the packed weight, and SparseProp's SparseConv2d for
-unstructured rows where it is importable. Every candidate gets the same NCHW input; sparsekern
-returns channels_last (its backward gets its gradient in that layout, as it would from the
-next layer of a sparsified model). speedup = dense median / candidate median; ideal =
-1 / (1 - sparsity); fraction of ideal = speedup / ideal (the share of the dense FLOP rate the
-sparse kernel sustains).
+one interleaved group is timed with `sparsekern.timing.measure` (warm-up first, rounds until the
+ratios to dense settle, median of the rounds, all candidates round-robin in one process): dense
+F.conv2d (oneDNN) on the masked weight, `sparsekern.conv2d` on the packed weight, and SparseProp's
+SparseConv2d for unstructured rows where it is importable. Every candidate gets the same NCHW input;
+sparsekern returns channels_last (its backward gets its gradient in that layout, as it would from
+the next layer of a sparsified model). speedup = dense median / candidate median; ideal = 1 / (1 -
+sparsity); fraction of ideal = speedup / ideal (the share of the dense FLOP rate the sparse kernel
+sustains).
 
-Masks have an exact kept count: bsrN rows keep round((1-s) * n_blocks) whole channel blocks
-(N output x N input channels, each spanning the kh x kw window), csr rows round((1-s) * numel)
-random weights. Results go to --out (default ./benchmarks/conv/ under the current directory, the
-committed folder when run from the repository root; with --quick a fresh temporary folder): RESULTS.md, results.json and speedup.png; while it runs, results.partial.json holds
-every row measured so far.
+Masks have an exact kept count: bsrN rows keep round((1-s) * n_blocks) whole channel blocks (N
+output x N input channels, each spanning the kh x kw window), csr rows round((1-s) * numel) random
+weights. Results go to --out (default ./benchmarks/conv/ under the current directory, the committed
+folder when run from the repository root; with --quick a fresh temporary folder): RESULTS.md,
+results.json and speedup.png; while it runs, results.partial.json holds every row measured so far.
 """
 from __future__ import annotations
 

@@ -19,11 +19,11 @@ kernel's loop structure (sparsekern/triton/kernels.py):
 
 predicted time = max(HBM time, L2 time, SM time) + launch overhead.
 
-CSR (unstructured) rows use the same accounting for the CUDA-core kernels: every kept entry
-gathers a BLOCK_M slice of the transposed activation per m-tile (1 FLOP per gathered byte in
-bf16), the longest row of a BLOCK_R group sets its loop, plus the transposes. cuBLAS dense = 2MNK / (peak x
-cuBLAS efficiency); training step = 3 such GEMMs. Every assumption is a named constant in GPUS
-and printed into the report.
+CSR (unstructured) rows use the same accounting for the CUDA-core kernels: every kept entry gathers
+a BLOCK_M slice of the transposed activation per m-tile (1 FLOP per gathered byte in bf16), the
+longest row of a BLOCK_R group sets its loop, plus the transposes. cuBLAS dense = 2MNK / (peak x
+cuBLAS efficiency); training step = 3 such GEMMs. Every assumption is a named constant in GPUS and
+printed into the report.
 
 CSR conv2d rows (ResNet-50's 3x3 layers, batch 32, bf16): the same gather accounting over
 [rows, BLOCK_P] tiles of shifted channel planes; the SM time of a gathered element is the

@@ -358,9 +358,9 @@ class _PackedWeight(nn.Module):
                              f"value_mask (the mask inside its stored blocks or groups), but the "
                              f"state {'lacks' if saved_with else 'holds'} {prefix}value_mask")
         if layer is not None and (layer.bias is not None) != (prefix + "bias" in state_dict):
-            raise ValueError(f"{who}: the model's layer {'has' if layer.bias is not None else 'has no'}"
-                             f" bias, the state {'lacks' if layer.bias is not None else 'holds'} "
-                             f"{prefix}bias")
+            has = layer.bias is not None
+            raise ValueError(f"{who}: the model's layer {'has' if has else 'has no'} bias, the "
+                             f"state {'lacks' if has else 'holds'} {prefix}bias")
         fmt = meta.get("format") if isinstance(meta, dict) else None
         shape = meta.get("weight_shape") if isinstance(meta, dict) else None
         if fmt not in _FORMAT_CLASSES or not isinstance(shape, (list, tuple)) \
@@ -809,18 +809,18 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None,
 
     masks: {"<layer>.weight": bool tensor like the weight}; layers not named stay as they are
     (BatchNorm and everything else is never touched). A layer that an earlier call converted is
-    converted again with the new mask. None: every plain nn.Linear / nn.Conv2d with zeros in
-    its weight is pruned where it is zero (subclasses stay as they are, with a warning naming
-    them). format and block (and nm, for N:M) as in `pack`: format="auto"
-    packs each layer as BSR, NM or CSR by its mask. policy="auto" times a training step of each
-    layer both ways, interleaved until the dense/sparse ratio settles (5 to `repeats` rounds;
-    the decision's `timing` says how many, and whether the machine was busy), and keeps the
-    faster; "sparse" / "dense" force the choice. Grouped / depthwise convs (and padding modes other than zeros) stay dense
-    (MaskedConv2d) under every policy, with the reason in their decision. The timing input is
-    what each layer receives in model(example_input) when one is given (a real batch: its size,
-    and no dX for a layer whose input needs no gradient), else batch_size random rows (linear
-    layers; conv layers need example_input). Each decision is readable afterwards via
-    `decisions(model)` and printable via `report(model)`.
+    converted again with the new mask. None: every plain nn.Linear / nn.Conv2d with zeros in its
+    weight is pruned where it is zero (subclasses stay as they are, with a warning naming them).
+    format and block (and nm, for N:M) as in `pack`: format="auto" packs each layer as BSR, NM or
+    CSR by its mask. policy="auto" times a training step of each layer both ways, interleaved until
+    the dense/sparse ratio settles (5 to `repeats` rounds; the decision's `timing` says how many,
+    and whether the machine was busy), and keeps the faster; "sparse" / "dense" force the choice.
+    Grouped / depthwise convs (and padding modes other than zeros) stay dense (MaskedConv2d) under
+    every policy, with the reason in their decision. The timing input is what each layer receives in
+    model(example_input) when one is given (a real batch: its size, and no dX for a layer whose
+    input needs no gradient), else batch_size random rows (linear layers; conv layers need
+    example_input). Each decision is readable afterwards via `decisions(model)` and printable via
+    `report(model)`.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")

@@ -1,8 +1,8 @@
 """Typed wrappers over torch.ops.sparsekern.*, with their fake (meta) kernels.
 
-The schemas live in csrc/ops.cpp, the autograd formulas in csrc/autograd.cpp (C++: a Python
-formula cost ~130 us per training step of a layer, see there). When the extension is not loaded every wrapper runs the
-matching function of reference.py instead, so callers never need to care.
+The schemas live in csrc/ops.cpp, the autograd formulas in csrc/autograd.cpp (C++: a Python formula
+cost ~130 us per training step of a layer, see there). When the extension is not loaded every
+wrapper runs the matching function of reference.py instead, so callers never need to care.
 
 The ops check every index they read for dtype, size, order and range, so no index makes them
 read out of bounds; they do not check that a transposed index (col_ptr, row_idx, perm) is the
@@ -468,7 +468,8 @@ def _pair(value, name: str) -> tuple[int, int]:
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (a, b)):
             raise TypeError
     except (TypeError, ValueError):
-        raise ValueError(f"conv2d: {name} must be an int or a pair of ints, got {value!r}") from None
+        raise ValueError(f"conv2d: {name} must be an int or a pair of ints, got "
+                         f"{value!r}") from None
     if max(abs(a), abs(b)) >= 2**31:
         raise ValueError(f"conv2d: {name} must be below 2**31, got {value!r}")
     return a, b

@@ -64,7 +64,8 @@ def load_teacher(path: str, ctx) -> nn.Module:
     except Exception as e:  # not a torch file, a truncated one, or pickled code
         raise ConfigError(f"--teacher: cannot load {path} as a checkpoint or state_dict "
                           f"(torch.load, weights_only=True): "
-                          f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:160]}") from None
+                          f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:160]}"
+                          ) from None
     if not isinstance(saved, dict):
         raise ConfigError(f"--teacher: {path} holds a {type(saved).__name__}, not a checkpoint "
                           f"or state_dict")

@@ -3,12 +3,13 @@ backend switch that runs the same kernels on CPU tensors in the Triton interpret
 
 Registration (done when sparsekern is imported, without importing triton): a
 ``torch.library.Library("sparsekern", "IMPL")`` registers, for the CUDA dispatch key, one Python
-function per existing op (``bsr_linear``, ``csr_linear``, ``bsr_conv2d``, ``csr_conv2d`` and
-their ``*_grad_input`` / ``*_grad_weight``). The schemas (csrc/ops.cpp), fake kernels
-(sparsekern/ops.py) and autograd formulas (csrc/autograd.cpp) are the same ones the CPU uses, so ``opcheck``, autograd and ``torch.compile(fullgraph=True)`` behave as on the
-CPU; the autograd backward calls the grad ops, which dispatch by device to these kernels.
-(``triton_op``/``wrap_triton`` would define *new* ops; the ops exist already, so a kernel
-registration is the fit.) Each registered function imports triton and the kernels on first call.
+function per existing op (``bsr_linear``, ``csr_linear``, ``bsr_conv2d``, ``csr_conv2d`` and their
+``*_grad_input`` / ``*_grad_weight``). The schemas (csrc/ops.cpp), fake kernels (sparsekern/ops.py)
+and autograd formulas (csrc/autograd.cpp) are the same ones the CPU uses, so ``opcheck``, autograd
+and ``torch.compile(fullgraph=True)`` behave as on the CPU; the autograd backward calls the grad
+ops, which dispatch by device to these kernels. (``triton_op``/``wrap_triton`` would define *new*
+ops; the ops exist already, so a kernel registration is the fit.) Each registered function imports
+triton and the kernels on first call.
 
 Backend switch: ``SPARSEKERN_BACKEND=triton`` (read at ``import sparsekern``) or
 ``sparsekern.set_backend("triton")`` registers the same launchers for the CPU dispatch key, on a

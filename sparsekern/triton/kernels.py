@@ -156,7 +156,7 @@ def bsr_sddmm_kernel(dy_ptr, x_ptr, row_of_ptr, col_idx_ptr, out_ptr,
              mask=(offs_k < BK)[:, None] & (offs_n < BN)[None, :])
 
 
-# ---- CSR: forward and dX (row-split SpMM on the transposed activation) ----------------------------
+# ---- CSR: forward and dX (row-split SpMM on the transposed activation) -------------------
 
 @triton.autotune(configs=_all("csr_spmm"), key=["M_BUCKET", "OUT_COLS", "SRC_ROWS"],
                  prune_configs_by=_pruner("csr_spmm"))
@@ -203,7 +203,7 @@ def csr_spmm_kernel(srcT_ptr, v_ptr, ptr_ptr, idx_ptr, perm_ptr, bias_ptr, out_p
              acc.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & m_ok[None, :])
 
 
-# ---- CSR: dW at kept positions (SDDMM) -------------------------------------------------------------
+# ---- CSR: dW at kept positions (SDDMM) -----------------------------------------------------
 
 @triton.autotune(configs=_all("csr_sddmm"), key=["M_BUCKET", "NNZ"],
                  prune_configs_by=_pruner("csr_sddmm"))

@@ -1,7 +1,7 @@
 """Bad runs fail clearly: a diverged run stops at the first non-finite loss naming the round, epoch
 and flag; pruning that can remove nothing is refused before training; a phase whose masks join
-no output to the input gets no verdict; an unreadable file of a run folder is one line naming it (or the
-phase is redone where that is safe), never a traceback."""
+no output to the input gets no verdict; an unreadable file of a run folder is one line naming it
+(or the phase is redone where that is safe), never a traceback."""
 import json
 import os
 import shutil
@@ -367,7 +367,8 @@ def test_usage_errors_are_one_line_before_anything_trains(tmp_path, capsys):
     assert not runs.exists()  # nothing trained, no folder made
     code = train.main(SMALL + ["--runs-dir", str(a_file)])
     err = capsys.readouterr().err
-    assert code == 2 and "cannot make the run folder" in _error_line(err) and "Not a directory" in err
+    assert code == 2 and "cannot make the run folder" in _error_line(err)
+    assert "Not a directory" in err
 
 
 def test_a_run_name_is_a_plain_folder_name(tmp_path):

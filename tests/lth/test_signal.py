@@ -61,8 +61,8 @@ def test_an_activation_that_is_not_zero_at_zero_does_not_fake_a_path():
     weight = dict(model.named_parameters())["features.24.weight"]
     x = torch.randn(1, 3, 32, 32)
     assert outputs_reached(model, {}, x) == (10, 10)
-    assert outputs_reached(model, {"features.24.weight": torch.zeros_like(weight, dtype=torch.bool)},
-                           x) == (0, 10)
+    cut = {"features.24.weight": torch.zeros_like(weight, dtype=torch.bool)}
+    assert outputs_reached(model, cut, x) == (0, 10)
 
 
 def test_a_deep_dense_network_neither_overflows_nor_underflows():
