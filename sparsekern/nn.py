@@ -21,6 +21,7 @@ turns the layers the state holds packed into the SparseLinear / SparseConv2d it 
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Mapping
 
@@ -211,8 +212,11 @@ _FORMAT_CLASSES = {name: cls for cls, name in _FORMAT_NAMES.items()}
 
 
 def _plain_value(v):
-    """Tuples as lists: how metadata compares whatever container it was saved in."""
-    return [_plain_value(x) for x in v] if isinstance(v, (list, tuple)) else v
+    """Tuples as lists and integers (numpy's too) as int: how metadata compares whatever
+    container it was saved in, and what torch.load(weights_only=True) reads back."""
+    if isinstance(v, (list, tuple)):
+        return [_plain_value(x) for x in v]
+    return operator.index(v) if hasattr(v, "__index__") and not isinstance(v, bool) else v
 
 
 def _describe(meta) -> str:
@@ -697,8 +701,12 @@ def _choose(module, sparse, mask, x: torch.Tensor, repeats: int):
     """Times a training step both ways, interleaved until the dense/sparse ratio settles
     (sparsekern.timing.measure: 5 to `repeats` rounds), and picks the faster."""
     dense = _masked(module, mask)
+    params = [*dense.parameters(), *sparse.parameters()]
+    grads = [p.grad for p in params]  # the timing steps must not leave gradients behind
     measured = measure({"dense": _train_step_fn(dense, x), "sparse": _train_step_fn(sparse, x)},
                        warmup=2, max_rounds=repeats)
+    for p, g in zip(params, grads):
+        p.grad = g
     times = measured.seconds
     chosen = "sparse" if times["sparse"] < times["dense"] else "dense"
     return chosen, dense, measured

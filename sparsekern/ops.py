@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import operator
 import os
 import warnings
 
@@ -463,10 +464,14 @@ def csr_conv2d_grad_weight(grad_out, x, row_ptr, col_idx, kernel_size, stride, p
 
 def _pair(value, name: str) -> tuple[int, int]:
     """(h, w) of ints in the kernels' int32 range (beyond it the geometry overflows)."""
-    try:
-        a, b = (value, value) if isinstance(value, int) else value
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (a, b)):
-            raise TypeError
+    try:  # any integer (numpy's too, as torch takes them), as a plain int
+        if hasattr(value, "__index__") and not isinstance(value, bool):
+            a = b = operator.index(value)
+        else:
+            a, b = value
+            if isinstance(a, bool) or isinstance(b, bool):
+                raise TypeError
+            a, b = operator.index(a), operator.index(b)
     except (TypeError, ValueError):
         raise ValueError(f"conv2d: {name} must be an int or a pair of ints, got "
                          f"{value!r}") from None
@@ -524,6 +529,9 @@ def sparse_conv2d(x: torch.Tensor, values: torch.Tensor, index: dict, shape, bia
     if x.dim() not in (3, 4) or x.shape[-3] != in_channels:
         raise ValueError(f"conv2d: x must be [N, {in_channels}, H, W] (or unbatched "
                          f"[{in_channels}, H, W]), got shape {tuple(x.shape)}")
+    if x.shape[-2] == 0 or x.shape[-1] == 0:  # as F.conv2d: a zero batch or channel count only
+        raise ValueError(f"conv2d: x must have positive height and width, got shape "
+                         f"{tuple(x.shape)}")
     if x.dim() == 3:
         return sparse_conv2d(x.unsqueeze(0), values, index, shape, bias, stride, padding,
                              dilation, nm).squeeze(0)

@@ -33,6 +33,8 @@ PUBLIC_CASES = {
                    r"x must be \[N, 20, H, W\] .*got shape \(2, 19, 6, 5\)"),
     "x_unbatched_channels": (dict(x=lambda x: x[0, :7]), ValueError,
                              r"x must be \[N, 20, H, W\] .*got shape \(7, 6, 5\)"),
+    "x_zero_height": (dict(x=lambda x: x[:, :, :0]), ValueError,
+                      r"x must have positive height and width, got shape \(2, 20, 0, 5\)"),
     "stride_0": (dict(stride=0), ValueError, "stride and dilation must be >= 1, got stride=\\(0, 0\\)"),
     "stride_pair_0": (dict(stride=(1, 0)), ValueError, r"stride=\(1, 0\)"),
     "stride_negative": (dict(stride=-2), ValueError, "stride and dilation must be >= 1"),
@@ -352,3 +354,17 @@ def _duplicate_positions(op, args):
     rows = torch.repeat_interleave(torch.arange(ptr.numel() - 1), ptr.diff().long())
     keys = rows * 2**32 + idx.long()
     return keys.unique().numel() < keys.numel()
+
+
+def test_numpy_integer_geometry_is_taken_as_torch_takes_it(tmp_path):
+    """nn.Conv2d runs with numpy integers for stride and padding; so do the sparse layer and its
+    saved state (plain ints in the metadata, which torch.load(weights_only=True) reads)."""
+    np = pytest.importorskip("numpy")
+    conv = torch.nn.Conv2d(4, 8, 3, stride=np.int64(2), padding=np.int64(1))
+    x = torch.randn(1, 4, 6, 6)
+    layer = sk.SparseConv2d.from_dense(conv, torch.rand(8, 4, 3, 3) < 0.5, format="csr")
+    expected = torch.nn.functional.conv2d(x, layer.dense_weight(), conv.bias, 2, 1)
+    torch.testing.assert_close(layer(x), expected)
+    torch.save(layer.state_dict(), tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=True)
+    torch.testing.assert_close(sk.nn.SparseConv2d.from_state_dict(state)(x), expected)

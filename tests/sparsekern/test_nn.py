@@ -416,6 +416,15 @@ def test_sparsify_example_input_times_what_each_layer_receives():
                     example_input=torch.randn(2, 4))
 
 
+def test_sparsify_auto_leaves_no_gradient_from_its_timing_steps():
+    """The layers come back with the gradients they had (none): the timed backward passes must
+    not add to the user's first step."""
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 8))
+    masks = {f"{i}.weight": unstructured_mask(*model[i].weight.shape, 0.8) for i in (0, 2)}
+    sk.sparsify(model, masks, policy="auto", example_input=torch.randn(12, 40), repeats=2)
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == []
+
+
 @pytest.mark.parametrize("policy", ["sparse", "dense"])
 def test_sparsify_keeps_frozen_layers_frozen(policy):
     model = _model()
