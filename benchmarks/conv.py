@@ -468,23 +468,12 @@ def progress_line(r: dict) -> str:
 
 # --- CLI ------------------------------------------------------------------------------------------
 
-def _csv(cast, allowed=None, what=""):
-    def parse(text: str):
-        items = tuple(cast(i.strip()) for i in text.split(",") if i.strip())
-        if allowed is not None:
-            bad = [i for i in items if i not in allowed]
-            if bad:
-                raise argparse.ArgumentTypeError(f"unknown {what} {bad}; choose from "
-                                                 f"{', '.join(allowed)}")
-        return items
-    return parse
-
-
 def common_options(p: argparse.ArgumentParser, budget: float, min_repeats: int = MIN_REPEATS,
                    warmup: int = 2):
-    p.add_argument("--out", type=Path, default=None,
-                   help="folder for RESULTS.md, results.json and the PNG (default: see above; "
-                        "with --quick a new temporary folder)")
+    p.add_argument("--out", type=report.out_folder, default=None,
+                   help="folder for RESULTS.md, results.json and the PNG (default "
+                        "./benchmarks/<suite> under the current directory; with --quick a new "
+                        "temporary folder)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--isa", default=None,
                    help="sparsekern kernel instruction set (set_isa), e.g. avx2")
@@ -518,11 +507,11 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: layers {','.join(QUICK_LAYERS)}, formats "
                         f"{','.join(QUICK_FORMATS)}, sparsity 0.9, warm-up 1, 3 repeats")
-    p.add_argument("--layers", type=_csv(str, LAYERS, "layer"), default=None,
+    p.add_argument("--layers", type=report.csv_type(str, LAYERS, "layer"), default=None,
                    help=f"comma list of {', '.join(LAYERS)} (default: all)")
-    p.add_argument("--formats", type=_csv(str, FORMATS, "format"), default=None,
+    p.add_argument("--formats", type=report.csv_type(str, FORMATS, "format"), default=None,
                    help=f"comma list of {','.join(FORMATS)} (default: all)")
-    p.add_argument("--sparsities", type=_csv(float), default=None,
+    p.add_argument("--sparsities", type=report.csv_type(float, what="sparsity"), default=None,
                    help=f"comma list (default: {','.join(map(str, SPARSITIES))})")
     p.add_argument("--batch", type=int, default=None,
                    help="one batch size for every layer instead of each layer's own")

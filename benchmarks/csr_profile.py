@@ -113,7 +113,9 @@ def profile_shape(K: int, N: int, M: int, args, gen: torch.Generator) -> dict:
             row["by_threads"][threads] = {
                 **{f"{k}_ms": v * 1e3 for k, v in s.items()},
                 "fraction": s["dense"] / s["csr"] / ideal,
-                "kernel_fraction": s["dense"] / max(s["csr"] - s["floor"], 1e-12) / ideal,
+                # None when the floor call took as long as the full one: noise, no kernel time
+                "kernel_fraction": (s["dense"] / (s["csr"] - s["floor"]) / ideal
+                                    if s["csr"] > s["floor"] else None),
                 "floor_share": s["floor"] / s["csr"],
                 "even_rows_ms": s_even["even_rows"] * 1e3,
                 # each against its own group's dense run
@@ -129,6 +131,11 @@ def profile_shape(K: int, N: int, M: int, args, gen: torch.Generator) -> dict:
                 "leading_columns_timing": t_lead["timing"]}
     torch.set_num_threads(args.threads)
     return row
+
+
+
+def _fraction(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def panel_rows() -> int:
@@ -186,7 +193,7 @@ def markdown(results: dict) -> str:
         for threads, t in sorted(r["by_threads"].items()):
             lines.append(f"| {r['K']} | {r['N']} | {r['M']} | {threads} | {t['dense_ms']:.2f} | "
                          f"{t['csr_ms']:.2f} | {t['fraction']:.2f} | {t['floor_share']:.0%} | "
-                         f"{t['kernel_fraction']:.2f} | {t['ragged_share']:.0%} | "
+                         f"{_fraction(t['kernel_fraction'])} | {t['ragged_share']:.0%} | "
                          f"{t['gather_share']:.0%} | "
                          f"{t['ns_per_entry_row']:.3f} | "
                          f"{t['dense_ns_per_weight_row']:.4f} |")
@@ -213,7 +220,7 @@ def main(argv: list[str]) -> int:
             row = profile_shape(K, N, M, args, gen)
             t = row["by_threads"][args.threads]
             print(f"K={K} N={N} M={M}: fraction {t['fraction']:.2f}, floor "
-                  f"{t['floor_share']:.0%}, kernel fraction {t['kernel_fraction']:.2f}, ragged "
+                  f"{t['floor_share']:.0%}, kernel fraction {_fraction(t['kernel_fraction'])}, ragged "
                   f"rows {t['ragged_share']:.0%}, gathers {t['gather_share']:.0%}",
                   flush=True)
             results["shapes"].append(row)

@@ -268,15 +268,6 @@ def sweep(args, active_peers: list[peers.Peer], on_row: Callable[[dict], None]) 
 
 # --- CLI --------------------------------------------------------------------------------------
 
-def _csv(cast):
-    def parse(text: str):
-        try:
-            return tuple(cast(item) for item in text.split(",") if item.strip())
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    return parse
-
-
 def _shape(text: str) -> tuple[int, int]:
     """'768x3072' -> (K, N) = (768, 3072)."""
     match = re.fullmatch(r"(\d+)x(\d+)", text.strip().lower())
@@ -298,18 +289,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: formats {','.join(QUICK_FORMATS)}, sparsity "
                         f"{QUICK_SPARSITIES[0]}, warm-up 1, 3 repeats, unless given explicitly")
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=report.out_folder, default=None,
                    help="folder for RESULTS.md and results.json (default: ./benchmarks under "
                         "the current directory; with --quick a new temporary folder)")
-    p.add_argument("--formats", type=_csv(_format_name), default=None,
+    p.add_argument("--formats", type=report.csv_type(_format_name, what="format"), default=None,
                    help=f"comma list of {','.join(FORMATS)} (default: all)")
-    p.add_argument("--sparsities", type=_csv(float), default=None,
+    p.add_argument("--sparsities", type=report.csv_type(float, what="sparsity"), default=None,
                    help=f"comma list (default: {','.join(map(str, SPARSITIES))})")
-    p.add_argument("--batch-sizes", type=_csv(int), default=(256,),
+    p.add_argument("--batch-sizes", type=report.csv_type(int, what="batch size"), default=(256,),
                    help="comma list of M, rows of x (default: 256)")
     p.add_argument("--in-features", type=int, default=None, help="K (default 2048)")
     p.add_argument("--out-features", type=int, default=None, help="N (default 2048)")
-    p.add_argument("--shapes", type=_csv(_shape), default=None,
+    p.add_argument("--shapes", type=report.csv_type(_shape, what="shape"), default=None,
                    help="comma list of KxN weight shapes (in_features x out_features, e.g. "
                         "768x3072,4096x4096) swept in one process, instead of --in-features/"
                         "--out-features; reports the fraction of the dense FLOP rate and "
@@ -358,6 +349,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"--sparsities: each must lie in [0, 1), got {s}")
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or args.retries < 0:
         p.error("--repeats and --threads must be >= 1, --warmup and --retries >= 0")
+    if not 0 <= args.memory_sparsity < 1:
+        p.error(f"--memory-sparsity must lie in [0, 1), got {args.memory_sparsity}")
     if min(args.batch_sizes + sum(args.shapes, ())) < 1:
         p.error("--batch-sizes, --in-features, --out-features and --shapes must be >= 1")
     return args

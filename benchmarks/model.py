@@ -332,17 +332,17 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {','.join(QUICK_MODELS)}, sparsity 0.9, batch 64, both "
                         f"mask kinds, warm-up 1, 3 repeats")
-    p.add_argument("--models", type=conv._csv(str, MODELS, "model"), default=None,
+    p.add_argument("--models", type=report.csv_type(str, MODELS, "model"), default=None,
                    help=f"comma list of {','.join(MODELS)} (default: all)")
-    p.add_argument("--masks", type=conv._csv(str, MASKS, "mask kind"), default=MASKS,
+    p.add_argument("--masks", type=report.csv_type(str, MASKS, "mask kind"), default=MASKS,
                    help="comma list of block,unstructured (default: both)")
     p.add_argument("--block", type=int, default=None, choices=(8, 16, 32, 64),
                    help=f"channel block of block masks (default per model: {BLOCKS})")
-    p.add_argument("--sparsities", type=conv._csv(float), default=None,
+    p.add_argument("--sparsities", type=report.csv_type(float, what="sparsity"), default=None,
                    help=f"comma list (default: {','.join(map(str, SPARSITIES))})")
-    p.add_argument("--batch-sizes", type=conv._csv(int), default=None,
+    p.add_argument("--batch-sizes", type=report.csv_type(int, what="batch size"), default=None,
                    help=f"comma list (default: {','.join(map(str, BATCHES))})")
-    p.add_argument("--modes", type=conv._csv(str, MODES, "mode"), default=MODES,
+    p.add_argument("--modes", type=report.csv_type(str, MODES, "mode"), default=MODES,
                    help="comma list of inference,train (default: both)")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of the other models from the results.json already in "
@@ -362,7 +362,10 @@ def parse_args(argv):
     args.batch_sizes = args.batch_sizes or (QUICK_BATCHES if quick else BATCHES)
     args.group_budget = args.group_budget if args.group_budget is not None else (
         0.5 if quick else 3.0)
-    args.policy_repeats = args.policy_repeats or (2 if quick else 3)
+    if args.policy_repeats is None:
+        args.policy_repeats = 2 if quick else 3
+    if args.policy_repeats < 1:
+        p.error(f"--policy-repeats must be >= 1, got {args.policy_repeats}")
     # the untimed sizing round of each group warms it up too: one more warm-up round is enough
     args.warmup = args.warmup if args.warmup is not None else 1
     conv.finish_options(p, args)

@@ -26,7 +26,7 @@ def parse_args(argv: list[str], name: str, description: str, suite: str) -> argp
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=15, help="most timed rounds per group")
     p.add_argument("--quick", action="store_true", help="one small shape, for a smoke run")
-    p.add_argument("--out", type=Path, help="folder of RESULTS.md and results.json "
+    p.add_argument("--out", type=report.out_folder, help="folder of RESULTS.md and results.json "
                    f"(default ./benchmarks/{suite}; with --quick a fresh temporary folder)")
     args = p.parse_args(argv)
     if args.threads < 1 or args.repeats < 1 or args.warmup < 0:

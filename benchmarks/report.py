@@ -3,6 +3,7 @@ outputs: progress lines, RESULTS.md and results.json. Only numbers measured by t
 flow in here; nothing is typed by hand."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
@@ -12,6 +13,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -83,6 +85,39 @@ def isa_description() -> dict:
     return {"extension_loaded": True, "active": c.active_isa(),
             "available": list(c.available_isas()),
             "extension_built": built.isoformat(timespec="seconds")}
+
+
+def out_folder(text: str) -> Path:
+    """argparse type of --out: a folder that exists or can be made, and that takes a file, so a
+    bad --out is refused before anything is measured rather than after."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write into {text} ({e.strerror})") from None
+    return path
+
+
+def csv_type(cast, allowed=None, what: str = "value"):
+    """argparse type of a comma list: each item cast, at least one (an empty list is an error,
+    not the default list), and each in `allowed` when given."""
+    def parse(text: str):
+        try:
+            items = tuple(cast(i.strip()) for i in text.split(",") if i.strip())
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if not items:
+            raise argparse.ArgumentTypeError(f"give at least one {what}, got {text!r}")
+        if allowed is not None:
+            bad = [i for i in items if i not in allowed]
+            if bad:
+                raise argparse.ArgumentTypeError(f"unknown {what} {bad}; choose from "
+                                                 f"{', '.join(map(str, allowed))}")
+        return items
+    return parse
 
 
 def default_output_dir(suite: str = "") -> Path:

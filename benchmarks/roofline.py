@@ -38,7 +38,7 @@ import argparse
 import math
 import sys
 
-from benchmarks import gpu_report
+from benchmarks import gpu_report, report
 
 M_ROWS, N_OUT, K_IN = 8192, 4096, 4096
 SPARSITIES = (0.80, 0.90, 0.95)
@@ -360,7 +360,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks roofline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", nargs="+", default=["h100", "a100"], choices=list(GPUS))
-    p.add_argument("--out", default=None, help="folder for RESULTS.md / roofline.json "
+    p.add_argument("--out", type=report.out_folder, default=None, help="folder for RESULTS.md / roofline.json "
                    "(default benchmarks/gpu)")
     a = p.parse_args(argv)
     results = [model(g) for g in a.gpu]

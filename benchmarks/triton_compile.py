@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks import cuda_compile, gpu_report
+from benchmarks import cuda_compile, gpu_report, report
 from sparsekern.formats import BLOCK_SIZES
 from sparsekern.triton.aot import DTYPES
 
@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
                    help=f"{', '.join(DTYPES)} or {', '.join(DTYPE_ALIASES)} (default: all)")
     p.add_argument("--block", nargs="+", type=_block, default=["16x16", "32x32", "64x64"],
                    help="BKxBN, or one size for a square block (default 16x16 32x32 64x64)")
-    p.add_argument("--out", default=None, help="output folder (default benchmarks/gpu)")
+    p.add_argument("--out", type=report.out_folder, default=None, help="output folder (default benchmarks/gpu)")
     a = p.parse_args(argv)
     rows = gpu_report.aot_rows(a.arch, a.dtype, a.block)
     spills = [r for r in rows if r["spills"]]

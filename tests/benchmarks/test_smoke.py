@@ -196,6 +196,12 @@ def test_bad_arguments_are_rejected(capsys):
             linear.parse_args(["--shapes", "768x3072", flag, "64"])
         err = capsys.readouterr().err
         assert "--shapes and --in-features/--out-features are mutually exclusive" in err
+    for argv, words in ((["--formats", ","], "--formats: give at least one format"),
+                        (["--batch-sizes", ""], "--batch-sizes: give at least one batch size"),
+                        (["--memory-sparsity", "1.5"], "--memory-sparsity must lie in [0, 1)")):
+        with pytest.raises(SystemExit):  # an empty list is not the default list
+            linear.parse_args(argv)
+        assert words in capsys.readouterr().err
     args = linear.parse_args(["--shapes", "768x3072,2048x2048"])
     assert args.shapes == ((768, 3072), (2048, 2048))
     assert (args.in_features, args.out_features) == report.TARGET_SHAPE  # targets, memory
@@ -327,3 +333,12 @@ def test_cache_profile_verdict_separates_time_memory_and_kernel_misses():
                     "idle_fraction": 0.9}) == "miss warm too"
     assert verdict({**row, "M": 64, "cold_fraction": 0.1, "warm_fraction": 0.1,
                     "idle_fraction": 0.1}).startswith("no target")
+
+
+def test_a_bad_out_is_refused_before_anything_runs(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit):
+        linear.parse_args(["--out", str(a_file)])
+    assert f"--out: {a_file} exists and is not a folder" in capsys.readouterr().err
+    assert linear.parse_args(["--out", str(tmp_path / "new" / "dir")]).out.is_dir()
