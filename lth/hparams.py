@@ -626,8 +626,10 @@ def validate(c: Config) -> None:
     if m.rewind in ("weights", "lr") and method.rewinds and last_round(c) >= 1:
         k, unit = int(m.rewind_to[:-2]), m.rewind_to[-2:]
         if unit == "ep" and k >= t.epochs:
-            _fail("--rewind-to", f"{m.rewind_to} is not before the end of training "
-                  f"(--epochs {t.epochs})")
+            default = "" if "method.rewind_to" in c.non_default() else " (the default)"
+            _fail("--rewind-to", f"{m.rewind_to}{default} is not before the end of training "
+                  f"(--epochs {t.epochs}): rewind to an earlier point (e.g. --rewind-to 10it), "
+                  f"train longer, or use --rewind init")
     if m.rewind != "finetune":
         if m.finetune_epochs is not None:
             _fail("--finetune-epochs", "applies to --rewind finetune only")

@@ -219,10 +219,11 @@ def timing_text(timing: dict) -> str:
 
 def _time_main(run_dir: str) -> int:
     from lth.plots import plot_step_times
+    from lth.hparams import ConfigError
     from lth.train import UsageError
     try:
         timing = time_run(run_dir)
-    except (UsageError, RunFileError, run_files.UnreadableFile) as e:
+    except (UsageError, ConfigError, RunFileError, run_files.UnreadableFile) as e:
         print(f"python -m lth.report: error: {e}", file=sys.stderr)
         return 2
     text = timing_text(timing)
@@ -258,6 +259,17 @@ def main(argv=None) -> int:
                         help="one RUN_DIR: re-time every finished round's model interleaved in "
                         "this one process and write timing.txt / timing.json there")
     args = parser.parse_args(argv)
+    if not all(math.isfinite(v) and 0 <= v < 1 for v in (args.tolerance, args.margin)):
+        parser.error(f"--tolerance and --margin are fractions of accuracy in [0, 1), got "
+                     f"{args.tolerance} and {args.margin}")
+    real = [os.path.realpath(r) for r in args.run_dirs]
+    if len(set(real)) < len(real):
+        parser.error("a RUN_DIR is given twice: each run counts once (seeds are separate runs)")
+    if len(args.run_dirs) > 1 and not args.time:
+        try:  # before reading every run: a bad --out fails now, not after the comparison
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            parser.error(f"--out {args.out}: cannot make the folder ({e.strerror})")
     for run in args.run_dirs:
         if not os.path.isfile(os.path.join(run, "config.json")):
             parser.error(f"{os.path.join(run, 'config.json')} not found: is {run} a run folder "
@@ -281,9 +293,6 @@ def _main(parser, args) -> int:
         return _compare_main(args.run_dirs, args.out)
     args.run_dir = args.run_dirs[0]
     path = os.path.join(args.run_dir, "summary.json")
-    if not all(math.isfinite(v) and v >= 0 for v in (args.tolerance, args.margin)):
-        parser.error(f"--tolerance and --margin must be finite and >= 0, got "
-                     f"{args.tolerance} and {args.margin}")
     entries = read_run_json(path, lambda s: run_files.check_summary(
         s, run_files.SUMMARY_FIELDS | {args.metric: run_files.NUMBER}))
     try:

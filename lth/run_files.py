@@ -5,6 +5,8 @@ again, or a line saying what to do), not a KeyError or a size mismatch deep in t
 reads it. Each check raises ValueError saying what is wrong."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -51,7 +53,8 @@ def check_fields(obj, fields: dict, what: str) -> None:
         if key not in obj:
             raise ValueError(f"{what} has no {key!r}")
         value = obj[key]
-        if isinstance(value, bool) or not isinstance(value, kind):
+        if isinstance(value, bool) or not isinstance(value, kind) or (
+                isinstance(value, float) and not math.isfinite(value)):
             raise ValueError(f"{what}'s {key!r} is {value!r}")
 
 
@@ -68,6 +71,12 @@ def check_summary(obj, fields: dict = SUMMARY_FIELDS) -> None:
                          f"{type(obj).__name__}{'' if obj else ' (empty)'}")
     for entry in obj:
         check_fields(entry, fields, "a summary entry")
+        for key in ("sparsity", "test_acc", "best_test_acc"):
+            if key in entry and not 0 <= entry[key] <= 1:
+                raise ValueError(f"a summary entry's {key!r} is {entry[key]!r}, not in [0, 1]")
+    phases = [(e["round"], e["branch"]) for e in obj]
+    if len(set(phases)) < len(phases):
+        raise ValueError("a summary holds the same round and branch twice")
 
 
 def check_config(obj, fields: dict = CONFIG_FIELDS) -> None:

@@ -156,3 +156,37 @@ def test_time_retimes_every_round_in_one_process(tmp_path, capsys):
     assert os.path.isfile(os.path.join(run, "plots", "step_time_one_process.png"))
     with pytest.raises(SystemExit):
         report.main(["--time", run, run])
+
+
+@pytest.mark.parametrize("edit,why", [
+    (lambda e: e[1].update(test_acc=float("nan")), "'test_acc' is nan"),
+    (lambda e: e[1].update(test_acc=float("inf")), "'test_acc' is inf"),
+    (lambda e: e[1].update(sparsity=7.0), "'sparsity' is 7.0, not in [0, 1]"),
+    (lambda e: e.append(dict(e[1])), "the same round and branch twice"),
+])
+def test_a_summary_with_impossible_numbers_is_unreadable(tmp_path, capsys, edit, why):
+    run = _fake_run(tmp_path, "imp_mlp_digits-a1", {}, [0.9, 0.8, 0.5])
+    path = os.path.join(run, "summary.json")
+    entries = json.load(open(path))
+    edit(entries)
+    json.dump(entries, open(path, "w"))
+    other = _fake_run(tmp_path, "imp_mlp_digits-b2", {"training.seed": 1}, [0.9, 0.8, 0.5])
+    for argv in ([run], [run, other, "--out", str(tmp_path / "cmp")]):  # verdicts, comparison
+        assert report.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "summary.json is unreadable" in err and why in err, err
+
+
+def test_a_run_given_twice_and_a_bad_out_are_refused(tmp_path, capsys):
+    run = _fake_run(tmp_path, "imp_mlp_digits-a1", {}, [0.9, 0.8, 0.5])
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    other = _fake_run(tmp_path, "imp_mlp_digits-b2", {"training.seed": 1}, [0.9, 0.8, 0.5])
+    for argv, words in (([run, run + "/"], "a RUN_DIR is given twice"),
+                        ([run, other, "--out", str(a_file)], f"--out {a_file}: cannot make"),
+                        ([run, "--tolerance", "5"], "fractions of accuracy in [0, 1)"),
+                        ([run, other, "--margin", "nan"], "fractions of accuracy in [0, 1)")):
+        with pytest.raises(SystemExit) as exc:
+            report.main(argv)
+        assert exc.value.code == 2
+        assert words in capsys.readouterr().err
