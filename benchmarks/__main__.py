@@ -23,9 +23,15 @@ BENCHMARKS.update({"roofline": _lazy("roofline"), "triton-compile": _lazy("trito
 
 
 def main(argv: list[str]) -> int:
+    usage = (f"usage: python -m benchmarks {{{','.join(BENCHMARKS)}}} [options]\n"
+             f"       python -m benchmarks <benchmark> --help")
+    if argv[:1] in (["-h"], ["--help"]):
+        import benchmarks
+        print(f"{usage}\n\n{benchmarks.__doc__}")
+        return 0
     if not argv or argv[0] not in BENCHMARKS:
-        print(f"usage: python -m benchmarks {{{','.join(BENCHMARKS)}}} [options]\n"
-              f"       python -m benchmarks linear --help", file=sys.stderr)
+        unknown = f"python -m benchmarks: unknown benchmark {argv[0]!r}\n" if argv else ""
+        print(f"{unknown}{usage}", file=sys.stderr)
         return 2
     return BENCHMARKS[argv[0]](argv[1:])
 

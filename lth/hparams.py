@@ -132,7 +132,10 @@ def _shape(v) -> tuple[int, ...]:
 
 
 def _block(v) -> tuple[int, int]:
-    out = _shape(v)
+    try:
+        out = _shape(v)
+    except ValueError:  # _shape's own example (3x32x32) is not a block
+        out = ()
     if len(out) == 1:
         out = (out[0], out[0])
     if len(out) != 2 or any(b not in BLOCK_SIZES for b in out):

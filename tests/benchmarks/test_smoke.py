@@ -342,3 +342,11 @@ def test_a_bad_out_is_refused_before_anything_runs(tmp_path, capsys):
         linear.parse_args(["--out", str(a_file)])
     assert f"--out: {a_file} exists and is not a folder" in capsys.readouterr().err
     assert linear.parse_args(["--out", str(tmp_path / "new" / "dir")]).out.is_dir()
+
+
+def test_the_benchmarks_entry_point_helps_and_names_an_unknown_benchmark(capsys):
+    from benchmarks.__main__ import main
+    assert main(["--help"]) == 0
+    assert "python -m benchmarks <benchmark> --help" in capsys.readouterr().out
+    assert main(["bogus"]) == 2
+    assert "unknown benchmark 'bogus'" in capsys.readouterr().err

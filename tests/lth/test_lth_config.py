@@ -72,6 +72,7 @@ BAD = [
     (["--prune-fraction", "1.5"], "--prune-fraction", "must be in (0.0, 1.0)"),
     (["--widths", "0,3"], "--widths", "positive integers"),
     (["--block", "24x32"], "--block", "BNxBK"),
+    (["--block", "0x32"], "--block", "expected BNxBK (output x input features)"),
     (["--nm", "4:2"], "--nm", "0 < N < M"),
     (["--sparse-format", "bsr"], "--sparse-format", "needs --granularity block"),
     (["--sparse-format", "nm"], "--sparse-format", "nm needs --granularity nm"),
