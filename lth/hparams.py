@@ -556,18 +556,24 @@ def flat_settings(data: dict, source: str = "config") -> dict[str, Any]:
         if fl is None:
             raise ConfigError(f"{source}: unknown setting {key!r} (see python -m lth.train "
                               f"--help)")
+        if fl.dest in out:  # nested and flat, or two spellings: which one counts is a guess
+            raise ConfigError(f"{source}: {key} ({fl.option}) is set twice")
         try:
             out[fl.dest] = fl.convert(value)
         except ValueError as e:
             raise ConfigError(f"{source}: {key} ({fl.option}): {e}") from None
 
     for key, value in data.items():
+        flat = index.get(str(key).lstrip("-").replace("-", "_"))
+        if key in SECTIONS and not isinstance(value, dict) and flat is None:
+            raise ConfigError(f"{source}: {key} is a section: it holds a mapping of its "
+                              f"settings, got {type(value).__name__}")
         if key in SECTIONS and isinstance(value, dict):
             for sub, v in value.items():  # a field name, or a flag name of this section
                 fl = index.get(f"{key}.{sub}") or index.get(str(sub).replace("-", "_"))
                 put(f"{key}.{sub}", fl if fl is not None and fl.section == key else None, v)
         else:
-            put(key, index.get(str(key).lstrip("-").replace("-", "_")), value)
+            put(key, flat, value)
     return out
 
 

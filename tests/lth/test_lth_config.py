@@ -113,6 +113,13 @@ def test_invalid_settings_are_usage_errors_naming_the_flag(argv, flag, words, ca
 
 def test_config_file_errors_name_file_and_key(tmp_path, capsys):
     bad = tmp_path / "bad.json"
+    for data, words in (({"training": {"epochs": 2}, "epochs": 1}, "epochs (--epochs) is set "
+                         "twice"), ({"training": 5}, "training is a section: it holds a mapping "
+                                    "of its settings, got int")):
+        bad.write_text(json.dumps(data))
+        with pytest.raises(SystemExit):
+            parse_config(["--config", str(bad)])
+        assert words in capsys.readouterr().err
     bad.write_text(json.dumps({"training": {"lr": "fast"}}))
     with pytest.raises(SystemExit):
         parse_config(["--config", str(bad)])
