@@ -220,8 +220,8 @@ def main(argv: list[str]) -> int:
             row = profile_shape(K, N, M, args, gen)
             t = row["by_threads"][args.threads]
             print(f"K={K} N={N} M={M}: fraction {t['fraction']:.2f}, floor "
-                  f"{t['floor_share']:.0%}, kernel fraction {_fraction(t['kernel_fraction'])}, ragged "
-                  f"rows {t['ragged_share']:.0%}, gathers {t['gather_share']:.0%}",
+                  f"{t['floor_share']:.0%}, kernel fraction {_fraction(t['kernel_fraction'])}, "
+                  f"ragged rows {t['ragged_share']:.0%}, gathers {t['gather_share']:.0%}",
                   flush=True)
             results["shapes"].append(row)
     results["panel_reach"] = panel_reach(plan, args, gen)

@@ -214,7 +214,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--conv-batch", type=int, default=32)
     p.add_argument("--conv-csr", action=argparse.BooleanOptionalAction, default=True,
                    help="also the unstructured (CSR) conv at each sparsity")
-    p.add_argument("--out", type=report.out_folder, default=None, help="output folder (default benchmarks/gpu)")
+    p.add_argument("--out", type=report.out_folder, default=None,
+                   help="output folder (default benchmarks/gpu)")
     p.add_argument("--append", action="store_true",
                    help="add these rows to the folder's cuda.json (replacing rows of the same "
                         "case, block, sparsity, mode and dtype) instead of rewriting it")

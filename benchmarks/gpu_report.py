@@ -109,9 +109,10 @@ def _roofline_md(data):
     lines = ["## Roofline model (predicted, not measured)", ""] + _meta_lines(data["meta"])
     lines += ["Model in `benchmarks/roofline.py` (docstring): per kernel and autotune config, "
               "FLOPs, HBM bytes (compulsory), L2->SM bytes (every tile a CTA loads, incl. the "
-              "4-byte block index and dX's perm), SM time (max of tensor-core and shared-memory time per "
-              "kept block + per-block and per-CTA overheads, occupancy from the compiled kernel); "
-              "time = max(HBM, L2, SM) + launch; the fastest config is taken (as the autotuner "
+              "4-byte block index and dX's perm), SM time (max of tensor-core and shared-memory "
+              "time per kept block + per-block and per-CTA overheads, occupancy from the "
+              "compiled kernel); time = max(HBM, L2, SM) + launch; the fastest config is taken "
+              "(as the autotuner "
               "would). Speedup = cuBLAS dense time / predicted sparse time. "
               "Shape: x [8192, 4096] bf16, W [4096, 4096].", ""]
     for model in data["models"]:

@@ -360,8 +360,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks roofline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", nargs="+", default=["h100", "a100"], choices=list(GPUS))
-    p.add_argument("--out", type=report.out_folder, default=None, help="folder for RESULTS.md / roofline.json "
-                   "(default benchmarks/gpu)")
+    p.add_argument("--out", type=report.out_folder, default=None,
+                   help="folder for RESULTS.md / roofline.json (default benchmarks/gpu)")
     a = p.parse_args(argv)
     results = [model(g) for g in a.gpu]
     for res in results:

@@ -56,7 +56,8 @@ def main(argv: list[str]) -> int:
                    help=f"{', '.join(DTYPES)} or {', '.join(DTYPE_ALIASES)} (default: all)")
     p.add_argument("--block", nargs="+", type=_block, default=["16x16", "32x32", "64x64"],
                    help="BKxBN, or one size for a square block (default 16x16 32x32 64x64)")
-    p.add_argument("--out", type=report.out_folder, default=None, help="output folder (default benchmarks/gpu)")
+    p.add_argument("--out", type=report.out_folder, default=None,
+                   help="output folder (default benchmarks/gpu)")
     a = p.parse_args(argv)
     rows = gpu_report.aot_rows(a.arch, a.dtype, a.block)
     spills = [r for r in rows if r["spills"]]

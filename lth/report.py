@@ -218,8 +218,8 @@ def timing_text(timing: dict) -> str:
 
 
 def _time_main(run_dir: str) -> int:
-    from lth.plots import plot_step_times
     from lth.hparams import ConfigError
+    from lth.plots import plot_step_times
     from lth.train import UsageError
     try:
         timing = time_run(run_dir)

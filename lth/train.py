@@ -80,11 +80,14 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def _fully_pruned(empty: list[str]) -> str:
+    return f" ({', '.join(empty)} fully pruned)" if empty else ""
+
+
 def no_signal_note(reached: int, outputs: int, empty: list[str]) -> str:
     """The end of a phase's log line when kept weights join not every output to the input."""
     if reached == 0:
-        return (f"  NO SIGNAL: no output joined to the input"
-                f"{' (' + ', '.join(empty) + ' fully pruned)' if empty else ''}")
+        return f"  NO SIGNAL: no output joined to the input{_fully_pruned(empty)}"
     return f"  signal reaches {reached} of {outputs} outputs" if reached < outputs else ""
 
 
@@ -490,11 +493,11 @@ class Experiment:
         # a resumed phase trains the masks it was checkpointed with (a dynamic method moves them)
         masks = ckpt["masks"] if ckpt else self.phase_masks(phase)
         model, decisions, timing = self.prepare_model(phase, plan, ckpt, masks)
-        if masks and self.signal(model, masks)[0] == 0:
-            empty = pruning.empty_layers(masks)
+        signal = self.signal(model, masks)
+        if masks and signal[0] == 0:
             self.log(f"{phase.key}: no path of kept weights joins its input to any output"
-                     f"{' (' + ', '.join(empty) + ' fully pruned)' if empty else ''}: it "
-                     f"trains a constant function, and its accuracy is reported as no result")
+                     f"{_fully_pruned(pruning.empty_layers(masks))}: it trains a constant "
+                     f"function, and its accuracy is reported as no result")
 
         optimizer = make_optimizer(c.training, model.parameters())
         if plan.constant_lr is not None:
@@ -575,8 +578,9 @@ class Experiment:
         if not history:  # a phase with nothing to train cannot happen with validated settings
             raise RuntimeError(f"{phase.key}: no training steps")
         final_masks = current_masks(run.model) if masks else {}
-        self.finish_phase(phase, plan, final_masks, decisions, timing, history,
-                          self.signal(run.model, final_masks))
+        if any(not torch.equal(final_masks[n].cpu(), m.cpu()) for n, m in masks.items()):
+            signal = self.signal(run.model, final_masks)  # a dynamic method moved the masks
+        self.finish_phase(phase, plan, final_masks, decisions, timing, history, signal)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         """What the loop calls forward on: the model, or its DDP wrapper under torchrun."""

@@ -57,5 +57,5 @@ def outputs_reached(model: nn.Module, masks: dict[str, torch.Tensor],
             p.zero_()
     x = torch.ones_like(example[:1], dtype=torch.float64, device="cpu")
     with _Linearized():
-        out = net(x)
-    return int((out.flatten(1)[0] > 0).sum()), out.flatten(1).shape[1]
+        out = net(x).flatten(1)[0]
+    return int((out > 0).sum()), out.numel()
